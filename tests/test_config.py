@@ -1,0 +1,107 @@
+"""The run-config schema: YAML + overrides, and one-line errors naming file and key (exit 2, no traceback)."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from vlpretrain.config import RunConfig, dump_yaml, load_config, reference_markdown
+from vlpretrain.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlpretrain.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 0.1, steps: 7}\n")
+    cfg = load_config(p, ["train.lr=0.5", "model.moe.num_experts=4", "eval.benchmarks=[cifar10,mnist]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 0.5 and cfg.train.steps == 7
+    assert cfg.model.moe.num_experts == 4
+    assert cfg.eval.benchmarks == ["cifar10", "mnist"]
+    assert cfg.data.train == "a.tar"
+    assert cfg.train.weight_decay == 0.2  # schema default
+
+
+def test_int_widens_to_float(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 1}\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("data: {train: a.tar}\ntrain: {learning_rat: 0.1}\n", "train.learning_rat: unknown key"),
+    ("data: {train: a.tar}\ntrain: {steps: ten}\n", "train.steps: expected int"),
+    ("data: {train: a.tar}\ntrain: {zero_stage: 4}\n", "train.zero_stage: expected"),
+    ("data: {train: a.tar}\nmodle: {name: x}\n", "modle: unknown key"),
+    ("train: {steps: 3}\n", "data.train: required value missing"),
+    ("data: {train: a.tar}\nmodel: {pretrained: /nonexistent/w.pt}\n", "model.pretrained: path does not exist"),
+])
+def test_errors_name_file_and_key(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(p) and key in str(e.value)
+
+
+def test_bad_override_named(tmp_path):
+    p = write(tmp_path, "data: {train: a.tar}\n")
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        load_config(p, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("data: {train: a.tar}\ntrain: {learning_rat: 0.1}\n", "train.learning_rat"),
+    ("data: {train: a.tar}\ntrain: {steps: [1]}\n", "train.steps"),
+])
+def test_cli_exit_2_one_line(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    r = cli("info", "--config", p, "--no-model")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and p in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_file():
+    r = cli("info", "--config", "/nonexistent/run.yaml", "--no-model")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: /nonexistent/run.yaml: config file does not exist"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
+def test_shipped_configs_resolve(path):
+    r = cli("info", "--config", path, "--set", "model.pretrained=null")
+    assert r.returncode == 0, r.stderr
+    assert "# resolved config" in r.stdout and "parameters" in r.stdout
+    assert "total:" in r.stdout
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {train: [a.tar, b.tar], weights: [1, 3]}\n"))
+    again = load_config(write(tmp_path, dump_yaml(cfg), "again.yaml"))
+    assert again == cfg
+
+
+def test_readme_reference_in_step():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert reference_markdown() in readme, "README config reference is stale: paste reference_markdown()"
+
+
+def test_help_lists_subcommands():
+    r = cli("--help")
+    assert r.returncode == 0
+    assert re.search(r"\binfo\b", r.stdout)

@@ -1,0 +1,306 @@
+"""One typed schema for a run: model, data, train and eval sections, loaded from YAML with `--set` overrides.
+
+Every field below is documented by its comment; `vlpretrain info --config FILE` prints the resolved values and the
+README's config reference is kept in step with this file by a test. Unknown keys, wrong types, missing required
+values and paths that do not exist fail in `load_config` before anything starts, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vlpretrain.errors import ConfigError
+
+REQUIRED: Any = "???"  # marker for a value the user must give
+
+
+def _path_field(default: Any = None, *, must_exist: bool = True, help: str = "") -> Any:
+    return field(default=default, metadata={"path": must_exist, "help": help})
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MoEConfig:
+    """Sparse Mixture-of-Experts MLP layers (0 experts means a dense model)."""
+
+    num_experts: int = _f(0, "experts per MoE layer; 0 keeps the model dense")
+    top_k: int = _f(2, "experts each token is routed to")
+    layers: str | list[int] = _f("every_2", "which blocks: 'every_N', 'last_N', 'all' or a list of block indices")
+    towers: Literal["image", "text", "both"] = _f("image", "towers whose blocks get MoE MLPs")
+    capacity_factor: float = _f(1.25, "expert capacity while training, as a multiple of tokens*k/experts")
+    eval_capacity_factor: float = _f(2.0, "expert capacity in eval mode; <=0 means no token is dropped")
+    jitter: float = _f(0.0, "multiplicative jitter noise on router inputs while training")
+    normalize_weights: bool = _f(True, "renormalise the top-k combine weights to sum to 1")
+    batch_priority: bool = _f(False, "tokens with the highest gate fill expert capacity first")
+    aux_loss_weight: float = _f(0.01, "weight of the Switch load-balancing loss")
+    z_loss_weight: float = _f(0.001, "weight of the ST-MoE router z-loss")
+    backend: Literal["native", "deepspeed"] = _f("native", "native layer, or deepspeed.moe for expert parallelism")
+    ep_size: int = _f(1, "expert-parallel group size (deepspeed backend)")
+
+
+@dataclass
+class ModelConfig:
+    """The two towers."""
+
+    name: str = _f("tiny-vit", "open_clip architecture name or a config in configs/models/")
+    pretrained: str | None = _path_field(None, help="local checkpoint (.pt/.bin/.safetensors) to start from")
+    grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    compile: bool = _f(False, "wrap the model in torch.compile")
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse MoE layers"})
+
+
+@dataclass
+class DataConfig:
+    """Training shards and how they are streamed."""
+
+    train: str | list[str] = _f(REQUIRED, "shard pattern(s), brace patterns allowed")
+    weights: list[float] | None = _f(None, "sampling weight per entry of `train` (resampled mode)")
+    mode: Literal["epoch", "resampled"] = _f("epoch", "exact epochs, or sampling with replacement")
+    samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
+    batch_size: int = _f(128, "samples per rank per micro-step")
+    workers: int = _f(1, "loader worker processes per rank")
+    shuffle_buffer: int = _f(2000, "samples held in the shuffle buffer")
+    image_size: int | None = _f(None, "input resolution; default: the model's")
+    augment: bool = _f(True, "random resized crop while training")
+    crop_scale: list[float] = _f([0.9, 1.0], "random resized crop scale range")
+    error_budget: float = _f(0.01, "fraction of bad samples tolerated before the run stops")
+    seed: int = _f(0, "seed of shuffling and caption choice, combined with the epoch")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, engine and checkpoints."""
+
+    output_dir: str = _f("runs/default", "run folder: metrics, checkpoints, plots")
+    steps: int = _f(1000, "optimizer steps in the whole run")
+    lr: float = _f(5e-4, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    weight_decay: float = _f(0.2, "AdamW weight decay (not on biases, norms, embeddings, temperature)")
+    betas: list[float] = _f([0.9, 0.98], "AdamW betas")
+    eps: float = _f(1e-6, "AdamW epsilon")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    clip_grad: float = _f(1.0, "gradient norm clipping; 0 disables")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "training precision (fp32 is faster on CPUs)")
+    zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
+    offload_optimizer: bool = _f(False, "ZeRO optimizer state on the CPU")
+    loss: Literal["clip", "siglip"] = _f("clip", "InfoNCE (CLIP) or sigmoid (SigLIP) loss")
+    local_loss: bool = _f(True, "each rank computes its rows against all columns")
+    loss_chunk: int = _f(0, "column chunk of the logit matrix; 0 computes it whole")
+    seed: int = _f(0, "seed of weights and data order")
+    log_every: int = _f(10, "steps between metric lines")
+    save_every: int = _f(0, "steps between checkpoints; 0 only at the end")
+    keep_last: int = _f(2, "checkpoints kept")
+    max_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot (and linear-probe) evaluation during and after training."""
+
+    every: int = _f(0, "steps between evaluations; 0 only at the end")
+    at_end: bool = _f(True, "evaluate once training ends")
+    benchmarks: list[str] = _f([], "benchmark names from `zeroshot list`")
+    root: str | None = _path_field(None, help="folder holding one sub-folder per benchmark (or the benchmark itself)")
+    batch_size: int = _f(256, "images per evaluation batch")
+    max_images: int | None = _f(None, "cap on images per benchmark (quick checks)")
+    linear_probe: bool = _f(False, "also fit a linear probe at the end")
+    workers: int = _f(0, "evaluation loader workers")
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the towers"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` checked against `tp` (ints widen to floats); raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, where + ".")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], f"{prefix}{f.name}")
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]) and not dataclasses.is_dataclass(v):
+            setattr(obj, f.name, _build(hints[f.name], {}, f"{prefix}{f.name}."))
+    return obj
+
+
+def _check(obj: Any, prefix: str) -> None:
+    """Required values present and existing paths exist."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            _check(v, key + ".")
+        elif v is REQUIRED:
+            raise ConfigError(f"{key}: required value missing")
+        elif f.metadata.get("path") and v is not None:
+            p = Path(os.path.expanduser(v))
+            if not p.exists():
+                raise ConfigError(f"{key}: path does not exist: {v}")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from YAML (or start from defaults), apply `a.b=c` overrides, validate everything."""
+    values: dict[str, Any] = {}
+    src = "<defaults>"
+    if path is not None:
+        src = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{src}: config file does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{src}: top level must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    try:
+        cfg = _build(RunConfig, values, "")
+        _check(cfg, "")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML/JSON output and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain nested dict (e.g. a config stored next to a checkpoint)."""
+    try:
+        return _build(RunConfig, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf of the schema, in order: the config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += reference(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "required" if default is REQUIRED else repr(default)
+        rows.append((f"{prefix}{f.name}", _type_name(tp), shown, f.metadata.get("help", "")))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The config reference as a markdown table (the README carries this exact text)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in reference():
+        lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help_} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,29 @@
+"""Towers from open_clip, sparse MoE layers and upcycling."""
+
+from vlpretrain.models.clip import (
+    build_model,
+    count_parameters,
+    export_model,
+    get_tokenizer,
+    image_size,
+    image_transform,
+    load_model,
+    load_state_dict,
+    load_weights,
+    read_export_config,
+    register_model_configs,
+)
+
+__all__ = [
+    "build_model",
+    "count_parameters",
+    "export_model",
+    "get_tokenizer",
+    "image_size",
+    "image_transform",
+    "load_model",
+    "load_state_dict",
+    "load_weights",
+    "read_export_config",
+    "register_model_configs",
+]

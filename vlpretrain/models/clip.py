@@ -1,0 +1,233 @@
+"""The two towers, built by open_clip from any of its architectures or from a JSON config of ours.
+
+We never fork open_clip's towers: this module only registers our configs, makes the temperature DeepSpeed-friendly,
+loads local checkpoints safely and exports a consolidated file that open_clip itself can load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from vlpretrain.config import ModelConfig
+from vlpretrain.errors import CheckpointError, ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make configs/models/*.json (and $VLPRETRAIN_MODEL_CONFIGS) known to open_clip by file stem."""
+    global _registered
+    if _registered:
+        return
+    for d in [CONFIG_DIR, *filter(None, os.environ.get("VLPRETRAIN_MODEL_CONFIGS", "").split(os.pathsep))]:
+        if Path(d).exists():
+            open_clip.add_model_config(Path(d))
+    _registered = True
+
+
+def model_config_dict(name: str) -> dict[str, Any]:
+    """The open_clip architecture dict of `name` (registry name or path to a JSON file)."""
+    register_model_configs()
+    if name.endswith(".json"):
+        if not Path(name).is_file():
+            raise ConfigError(f"model.name: model config file does not exist: {name}")
+        return json.loads(Path(name).read_text())
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ConfigError(f"model.name: unknown architecture {name!r} (see open_clip.list_models() or configs/models/)")
+    return cfg
+
+
+def _arch_name(name: str) -> str:
+    """Register a JSON file path as an architecture and return the name open_clip knows it by."""
+    register_model_configs()
+    if name.endswith(".json"):
+        model_config_dict(name)  # existence check
+        open_clip.add_model_config(Path(name))
+        return Path(name).stem
+    model_config_dict(name)
+    return name
+
+
+def _flatten_scalars(model: nn.Module) -> None:
+    """DeepSpeed cannot flatten 0-dim parameters: store logit_scale / logit_bias with shape [1]."""
+    for attr in ("logit_scale", "logit_bias"):
+        p = getattr(model, attr, None)
+        if isinstance(p, nn.Parameter) and p.ndim == 0:
+            setattr(model, attr, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a local checkpoint (.safetensors, or .pt/.bin read with weights_only=True)."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        state = open_clip.load_state_dict(path, device="cpu", weights_only=True)
+    except Exception as e:  # corrupt files and pickles that are not plain tensors
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: checkpoint holds no state dict")
+    return state
+
+
+def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: bool = True) -> nn.Module:
+    """Build the open_clip model named by `cfg` (with MoE layers and local weights when configured).
+
+    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values.
+    """
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    arch = _arch_name(cfg.name)
+    kwargs: dict[str, Any] = {}
+    if loss == "siglip":
+        kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+    with _quiet_open_clip():
+        model = open_clip.create_model(arch, device="cpu", precision="fp32", **kwargs)
+    if cfg.moe.num_experts > 0:
+        from vlpretrain.models.moe import convert_to_moe
+
+        convert_to_moe(model, cfg.moe)
+    if cfg.pretrained and load_pretrained:
+        load_weights(model, cfg.pretrained)
+    _flatten_scalars(model)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs 'no pretrained weights' at WARNING on every random init; we load weights ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local checkpoint (ours or open_clip's) into `model`, naming the file when keys do not match."""
+    state = load_state_dict(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    for attr in ("logit_scale", "logit_bias"):
+        if attr in state and attr in own:
+            state[attr] = state[attr].reshape(own[attr].shape)
+    if "logit_bias" in own and "logit_bias" not in state:
+        state["logit_bias"] = own["logit_bias"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: does not match the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
+
+
+def get_tokenizer(cfg: ModelConfig | str):
+    """The model's tokenizer (open_clip's BPE tokenizer; works offline)."""
+    name = cfg if isinstance(cfg, str) else cfg.name
+    return open_clip.get_tokenizer(_arch_name(name))
+
+
+def image_size(model: nn.Module) -> int:
+    """Square input resolution of the image tower."""
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def image_transform(model: nn.Module, train: bool, size: int | None = None,
+                    crop_scale: tuple[float, float] = (0.9, 1.0), augment: bool = True):
+    """open_clip's preprocessing for this model (random resized crop while training when `augment`)."""
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = size or image_size(model)
+    aug = {"scale": tuple(crop_scale)} if (train and augment) else None
+    return open_clip.image_transform(size, is_train=train and augment, mean=pp["mean"], std=pp["std"],
+                                     interpolation=pp.get("interpolation"), resize_mode=pp.get("resize_mode"),
+                                     aug_cfg=aug)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total, per-tower and active-per-token parameter counts (MoE layers count only k of their experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    image = sum(p.numel() for p in model.visual.parameters()) if hasattr(model, "visual") else 0
+    inactive = 0
+    for m in model.modules():
+        fn = getattr(m, "inactive_parameters", None)
+        if callable(fn):
+            inactive += fn()
+    return {"total": total, "image tower": image, "text tower and rest": total - image,
+            "active per token": total - inactive}
+
+
+def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a consolidated safetensors file (config in its metadata) and a config JSON beside it.
+
+    The temperature is written 0-dim, as open_clip stores it, so `open_clip.create_model(arch, pretrained=out)`
+    loads a dense export directly.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().clone() for k, v in (state_dict or model.state_dict()).items()}
+    for attr in ("logit_scale", "logit_bias"):
+        if attr in state and state[attr].numel() == 1:
+            state[attr] = state[attr].reshape(())
+    meta = {"format": "vlpretrain", "model_config": json.dumps(_model_cfg_dict(cfg))}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    out.with_suffix(".json").write_text(json.dumps(_model_cfg_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def _model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    d["pretrained"] = None
+    return d
+
+
+def read_export_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The ModelConfig stored in an exported safetensors file, or None for other checkpoints."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "model_config" not in meta:
+        return None
+    from vlpretrain.config import from_dict
+
+    return from_dict({"model": json.loads(meta["model_config"])}, str(path)).model
+
+
+def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
+    """A model from an exported file of ours, or an architecture name plus an optional local checkpoint."""
+    cfg = read_export_config(path_or_arch)
+    if cfg is not None:
+        cfg.pretrained = str(path_or_arch)
+    else:
+        cfg = ModelConfig(name=path_or_arch, pretrained=pretrained)
+    state_has_bias = False
+    if cfg.pretrained:
+        state_has_bias = "logit_bias" in load_state_dict(cfg.pretrained)
+    return build_model(cfg, loss="siglip" if state_has_bias else "clip")
