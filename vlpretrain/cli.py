@@ -54,9 +54,40 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 
+@command("train", "train a model from a run config (one process, torchrun or the deepspeed launcher)")
+def _train(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--resume", metavar="latest|CKPT", help="continue from the run's latest checkpoint or a given one")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.config import load_config
+        from vlpretrain.train import train
+
+        summary = train(load_config(a.config, a.overrides), resume=a.resume)
+        return 0 if not summary["interrupted"] else 130
+
+    return run
+
+
+@command("export", "write a consolidated safetensors model from a checkpoint of any ZeRO stage")
+def _export(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out", help="output .safetensors file")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.engine import export_checkpoint
+
+        print(export_checkpoint(a.checkpoint, a.out))
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vlpretrain", description="Contrastive vision-language pretraining.")
+    # the deepspeed launcher passes --local_rank before the subcommand; the environment carries it too
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import yaml
 
 from vlpretrain.errors import ConfigError
 
-REQUIRED: Any = "???"  # marker for a value the user must give
+REQUIRED: Any = "???"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # marker for a value the user must give
 
 
 def _path_field(default: Any = None, *, must_exist: bool = True, help: str = "") -> Any:
@@ -102,6 +104,7 @@ class TrainConfig:
     local_loss: bool = _f(True, "each rank computes its rows against all columns")
     loss_chunk: int = _f(0, "column chunk of the logit matrix; 0 computes it whole")
     seed: int = _f(0, "seed of weights and data order")
+    stop_after: int = _f(0, "stop with a checkpoint after this many steps in one invocation (job slots); 0: never")
     log_every: int = _f(10, "steps between metric lines")
     save_every: int = _f(0, "steps between checkpoints; 0 only at the end")
     keep_last: int = _f(2, "checkpoints kept")
@@ -177,6 +180,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-3 as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import open_clip.factory
 import torch
 from torch import nn
 
@@ -74,7 +75,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
-        state = open_clip.load_state_dict(path, device="cpu", weights_only=True)
+        state = open_clip.factory.load_state_dict(path, device="cpu", weights_only=True)
     except Exception as e:  # corrupt files and pickles that are not plain tensors
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not state:
