@@ -320,3 +320,21 @@ def test_large_jpeg_is_draft_decoded():
     assert out["image"].size == (100, 75)  # 1/4 scale: the smallest one still >= 64 px on both sides
     (full,) = decode([dict(sample)], WorkerStats(), draft=None)
     assert full["image"].size == (400, 300) and full["image"].mode == "RGB"
+
+
+def test_shuffle_buffer_mixes_within_a_worker(tmp_path):
+    pattern = make_shards(tmp_path, [8])
+    in_order = ids(run(DataConfig(train=pattern, batch_size=8, workers=0, shuffle_buffer=0))[1])
+    assert in_order == [list(range(8))]
+    mixed = ids(run(DataConfig(train=pattern, batch_size=8, workers=0, shuffle_buffer=4))[1])
+    assert mixed != in_order and sorted(mixed[0]) == list(range(8))
+
+
+def test_shard_gone_after_start_is_counted_unreadable(tmp_path):
+    pattern = make_shards(tmp_path, [6, 6, 6])
+    cfg = DataConfig(train=pattern, batch_size=3, workers=0, error_budget=1.0)
+    loader = build_loader(cfg, to_tensor, number_tokenizer, rank=0, world_size=1)
+    (tmp_path / "s-000001.tar").unlink()
+    batches = list(loader)
+    assert dict(loader.stats.skipped) == {"unreadable shard": 6}
+    assert len(batches) == 6 and set(i for b in ids(batches) for i in b) == set(range(18)) - set(range(6, 12))

@@ -34,7 +34,6 @@ from vlpretrain.data.plan import (
     expand_shards,
     plan_epoch,
     plan_resampled,
-    scan_tar_samples,
     seed_of,
     shard_sample_counts,
 )
@@ -75,10 +74,7 @@ def _transform_size(transform: Any) -> int | None:
 def _local_counts(urls: list[str]) -> dict[str, int | None]:
     """Expected samples per shard where they can be known cheaply (local files); None for remote ones."""
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
-    try:
-        counts = dict(zip(local, shard_sample_counts(local)))
-    except DataError:
-        counts = {u: scan_tar_samples(u) for u in local}
+    counts = dict(zip(local, shard_sample_counts(local)))
     return {u: counts.get(u) for u in urls}
 
 
@@ -94,7 +90,7 @@ class _EpochStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker = self.plan.logical(info.id if info is not None else 0)
-        stats = WorkerStats(stall_limit=self.cfg.shuffle_buffer + STALL_SAMPLES)
+        stats = WorkerStats(stall_limit=self.cfg.shuffle_buffer + self.cfg.batch_size + STALL_SAMPLES)
         try:
             for images, tokens, delta in self._batches(worker, stats, in_main_process=info is None):
                 yield images, tokens, delta, None

@@ -71,11 +71,12 @@ def read_shards(shards: Iterable[tuple[str, int]], stats: WorkerStats,
                     stats.read(url)
                     current = {"__key__": key, "__url__": url, "__seed__": seed_of(shard_seed, key)}
                 current[ext] = read()
-        except FileNotFoundError as e:
-            stats.skip(url, "unreadable shard", e.strerror or str(e), n=max(1, expected.get(url) or 1))
-            continue
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError) as e:
             stats.skip(url, "truncated tar", f"after {count} samples ({e})",
+                       n=max(1, (expected.get(url) or 0) - count))
+            continue
+        except OSError as e:  # missing, unreadable, or an I/O error part way
+            stats.skip(url, "unreadable shard", f"after {count} samples ({e.strerror or e})",
                        n=max(1, (expected.get(url) or 0) - count))
             continue
         if current is not None:
@@ -122,6 +123,9 @@ def with_caption(samples: Iterable[Sample], stats: WorkerStats) -> Iterator[Samp
 
 def shuffle(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
     """A shuffle buffer of `size` samples (undecoded, so it is cheap to hold); drained in random order at the end."""
+    if size <= 1:
+        yield from samples
+        return
     buf: list[Sample] = []
     for s in samples:
         if len(buf) < size:

@@ -183,6 +183,13 @@ class ShardSink:
         self._count += 1
         self._bytes += size
 
+    def abort(self) -> None:
+        """Drop the shard being written (after an error): no half shard is ever left under a final name."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
     def finish(self) -> list[dict[str, Any]]:
         """Close the last shard; the list of written shards with their sample counts and sizes."""
         self._close()
@@ -303,6 +310,9 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
                 continue
             sink.add(f"{n:09d}", sample_files(r))
             n += 1
+    except BaseException:
+        sink.abort()
+        raise
     finally:
         if pool:
             pool.terminate()
