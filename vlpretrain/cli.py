@@ -83,6 +83,51 @@ def _export(p: argparse.ArgumentParser):
     return run
 
 
+@command("make-shards", "write an image-caption source as webdataset tar shards")
+def _make_shards(p: argparse.ArgumentParser):
+    from vlpretrain.data.sources import FORMATS
+
+    p.add_argument("source", help="csv/tsv/jsonl table, COCO captions json, caption folder, or labelled set")
+    p.add_argument("outdir", help="folder for the shards and _manifest.json")
+    p.add_argument("--format", choices=sorted(FORMATS), help="source format (detected when obvious)")
+    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--shard-bytes", type=int, help="also start a new shard before this many bytes")
+    p.add_argument("--max-side", type=int, help="resize images whose longer side exceeds this, keeping aspect")
+    p.add_argument("--reencode", action="store_true", help="store every image as JPEG")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEGs the writer encodes")
+    p.add_argument("--workers", type=int, default=1, help="processes preparing images")
+    p.add_argument("--seed", type=int, default=0, help="seed of template captions")
+    p.add_argument("--templates", help="caption templates file, one per line with {c} (labelled format)")
+    p.add_argument("--classes", help="class names file, one per line in label order (labelled format)")
+    p.add_argument("--split", default="train", help="split of an idx set: train or test (labelled format)")
+    p.add_argument("--image-column", default="image", help="table column with image paths (img2dataset: url)")
+    p.add_argument("--caption-column", default="caption", help="table column with captions")
+    p.add_argument("--image-root", help="folder that relative image paths start from")
+    p.add_argument("--one-sample-per-caption", action="store_true",
+                   help="one sample per caption row instead of one per image with all its captions")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing when OUTDIR holds intact shards written from the same inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.data import write_shards
+
+        m = write_shards(a.source, a.outdir, a.format, prefix=a.prefix, shard_size=a.shard_size,
+                         shard_bytes=a.shard_bytes, max_side=a.max_side, reencode=a.reencode,
+                         jpeg_quality=a.jpeg_quality, workers=a.workers, seed=a.seed, templates=a.templates,
+                         classes=a.classes, split=a.split, image_column=a.image_column,
+                         caption_column=a.caption_column, image_root=a.image_root,
+                         one_sample_per_caption=a.one_sample_per_caption, skip_existing=a.skip_existing,
+                         progress=not a.no_progress)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
+        print(f"{a.outdir}: {m['samples']} samples in {len(m['shards'])} shards; "
+              f"skipped {m['skipped']['count']}{f' ({reasons})' if reasons else ''}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vlpretrain", description="Contrastive vision-language pretraining.")

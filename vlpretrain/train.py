@@ -64,19 +64,23 @@ class StopRequest:
             signal.signal(s, h)
 
 
-def _shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> DataFn:
-    """Batches from the configured webdataset shards for this rank."""
-    from vlpretrain.data import build_loader
+class _ShardData:
+    """The configured webdataset shards for this rank, as a DataFn that also reports skip counters."""
 
-    transform = image_transform(model, train=True, size=cfg.data.image_size, crop_scale=tuple(cfg.data.crop_scale),
-                                augment=cfg.data.augment)
-    tokenizer = get_tokenizer(cfg.model)
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, env: DistEnv):
+        from vlpretrain.data import build_loader
 
-    def batches(epoch: int, start_batch: int):
-        return build_loader(cfg.data, transform, tokenizer, rank=env.rank, world_size=env.world_size,
-                            epoch=epoch, start_batch=start_batch)
+        transform = image_transform(model, train=True, size=cfg.data.image_size,
+                                    crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
+        self.loader = build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank,
+                                   world_size=env.world_size)
 
-    return batches
+    def __call__(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        self.loader.set_epoch(epoch, start_batch)
+        return self.loader
+
+    def stats(self) -> dict[str, float]:
+        return {f"data/{k}": v for k, v in self.loader.stats.as_dict().items()}
 
 
 def _stream(data: DataFn, state: TrainState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,7 +160,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
-    data = data or _shard_loader(cfg, model, env)
+    data = data or _ShardData(cfg, model, env)
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
         engine.compile()
