@@ -5,8 +5,9 @@ turns step by step so that other load on shared cores hits all of them alike; th
 
     PYTHONPATH=. python benchmarks/moe_overhead.py [--arch tiny-vit --batch 128 --experts 8 --towers image]
 
-The ratio has a floor set by compute: top-2 runs every token through two expert MLPs, so an MoE block costs
-(attention + 2 x MLP) / (attention + MLP) of a dense one. The script prints that floor beside the measurement.
+The ratio has a floor set by compute: top-2 runs every token through two expert MLPs, so the step costs about
+1 + (FLOP share of the MLPs made sparse) of the dense one; the script prints that FLOP ratio beside the measurement.
+On a shared machine, compare runs made at the same time; `--threads 1` is the steadiest under load.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main() -> None:
     for n, m in models.items():
         med = statistics.median(times[n])
         counts = count_parameters(m)
-        floor = "" if n == "dense" else f"  (compute floor {1 + (int(n[-1]) - 1) * share:.2f}x)"
+        floor = "" if n == "dense" else f"  (FLOP ratio {1 + (int(n[-1]) - 1) * share:.2f}x)"
         _, stats = moe_losses(m)
         dropped = stats.get(f"moe/{a.towers if a.towers != 'both' else 'image'}/dropped", 0.0)
         print(f"{n:6s} step {med * 1000:8.1f} ms  ratio {med / base:5.2f}x{floor}  params {counts['total']:,} "

@@ -193,3 +193,29 @@ def test_param_groups_native_is_identity(tiny_vit):
     groups = moe_param_groups([{"params": params[:3], "weight_decay": 0.0}, {"params": params[3:]}])
     assert [g["name"] for g in groups] == ["group0", "group1"]
     assert sum(len(g["params"]) for g in groups) == len(params) and groups[0]["weight_decay"] == 0.0
+
+
+def test_gradient_checkpointing_recomputes_the_same_routing(tiny_vit):
+    m = converted(tiny_vit, num_experts=4, top_k=2, towers="both", jitter=0.01)
+    ckpt = converted(tiny_vit, num_experts=4, top_k=2, towers="both", jitter=0.01)
+    ckpt.load_state_dict(m.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 24))
+    grads = []
+    for model in (m, ckpt):
+        torch.manual_seed(1)  # same jitter noise
+        out = model(images, texts)
+        ((out[0] @ out[1].t()).sum() + moe_losses(model)[0]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert grads[1]["visual.transformer.resblocks.1.mlp.router.weight"].abs().sum() > 0
+
+
+def test_bf16_parameters_keep_an_fp32_router():
+    cfg = MoEConfig(num_experts=2, top_k=2, capacity_factor=2.0)
+    layer = scaling_layer(cfg).to(torch.bfloat16).train()
+    out = layer(TOKENS.bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.aux.balance.dtype == torch.float32
+    want = scaling_layer(cfg).train()(TOKENS)
+    assert torch.allclose(out.float(), want, atol=0.05)

@@ -241,7 +241,7 @@ class MoEMLP(MoELayer):
         y = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
         # combine in fp32; a dropped assignment adds nothing, so its token rides the residual path alone
         out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
-        out = out.index_add(0, r.token, y.float() * r.slot_weight.unsqueeze(1))
+        out.index_add_(0, r.token, y.float() * r.slot_weight.unsqueeze(1))
         self.aux = MoEAux(balance=balance_loss(r.probs, r.expert_index), zloss=z_loss(logits),
                           load=r.load.detach(), dropped=1.0 - r.kept.float().mean().detach())
         return out.to(x.dtype).reshape(x.shape)
