@@ -13,4 +13,11 @@ def build_model(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["RunConfig", "VLPretrainError", "build_model", "load_config", "__version__"]
+def upcycle(*args, **kwargs):
+    """Turn a dense model or checkpoint into an MoE model whose experts copy its MLPs (see vlpretrain.models.upcycle)."""
+    from vlpretrain.models.upcycle import upcycle as _upcycle
+
+    return _upcycle(*args, **kwargs)
+
+
+__all__ = ["RunConfig", "VLPretrainError", "build_model", "load_config", "upcycle", "__version__"]

@@ -128,6 +128,34 @@ def _make_shards(p: argparse.ArgumentParser):
     return run
 
 
+@command("upcycle", "turn a dense checkpoint into an MoE one whose experts copy its MLPs (model.moe of --config)")
+def _upcycle(p: argparse.ArgumentParser):
+    p.add_argument("--from", dest="source", required=True, metavar="DENSE",
+                   help="dense checkpoint: an export of ours, or an open_clip .pt/.bin/.safetensors file")
+    p.add_argument("--arch", help="architecture of an open_clip checkpoint (default: model.name of --config)")
+    _config_args(p)
+    p.add_argument("--out", required=True, metavar="MOE_CKPT", help="where to write the MoE export (.safetensors)")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.config import load_config
+        from vlpretrain.errors import ConfigError
+        from vlpretrain.models import count_parameters, read_export_config, upcycle
+
+        cfg = load_config(a.config, a.overrides)
+        if cfg.model.moe.num_experts < 1:
+            raise ConfigError(f"{a.config}: model.moe.num_experts: must be >= 1 to upcycle")
+        arch = a.arch
+        if arch is None and read_export_config(a.source) is None:
+            arch = cfg.model.name
+        model = upcycle(a.source, cfg.model.moe, a.out, arch=arch, seed=cfg.train.seed)
+        counts = count_parameters(model)
+        print(f"wrote {a.out}: {counts['total']:,} parameters, {counts['active per token']:,} active per token")
+        print(f"train it with: vlpretrain train --config {a.config} --set model.pretrained={a.out}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vlpretrain", description="Contrastive vision-language pretraining.")

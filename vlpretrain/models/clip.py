@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import open_clip.factory
 import torch
+from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from torch import nn
 
 from vlpretrain.config import ModelConfig
@@ -75,7 +75,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
-        state = open_clip.factory.load_state_dict(path, device="cpu", weights_only=True)
+        state = _open_clip_load_state_dict(path, device="cpu", weights_only=True)
     except Exception as e:  # corrupt files and pickles that are not plain tensors
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not state:
@@ -130,6 +130,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             state[attr] = state[attr].reshape(own[attr].shape)
     if "logit_bias" in own and "logit_bias" not in state:
         state["logit_bias"] = own["logit_bias"]
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: does not match the model ({len(wrong)} tensors of another shape, e.g. {k} "
+                              f"{tuple(state[k].shape)} vs {tuple(own[k].shape)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
