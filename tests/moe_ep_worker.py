@@ -21,7 +21,7 @@ from vlpretrain.models.moe_deepspeed import setup_expert_parallel
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 49408, (4, 24), generator=g)
+    return torch.randn(4, 3, 28, 28, generator=g), torch.randint(0, 49408, (4, 16), generator=g)
 
 
 def loss_of(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:

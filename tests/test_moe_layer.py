@@ -152,7 +152,7 @@ def test_moe_losses_weights_and_stats(tiny_vit):
     m = converted(tiny_vit, num_experts=4, top_k=2, towers="both", aux_loss_weight=0.5, z_loss_weight=0.25)
     total, stats = moe_losses(m)
     assert total.item() == 0 and stats == {}  # nothing ran yet
-    m(torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 24)))
+    m(torch.randn(2, 3, 28, 28), torch.randint(0, 49408, (2, 16)))
     total, stats = moe_losses(m)
     layers = moe_layers(m)
     want = sum(0.5 * x.aux.balance + 0.25 * x.aux.zloss for x in layers)
@@ -200,7 +200,7 @@ def test_gradient_checkpointing_recomputes_the_same_routing(tiny_vit):
     ckpt = converted(tiny_vit, num_experts=4, top_k=2, towers="both", jitter=0.01)
     ckpt.load_state_dict(m.state_dict())
     ckpt.set_grad_checkpointing(True)
-    images, texts = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 24))
+    images, texts = torch.randn(2, 3, 28, 28), torch.randint(0, 49408, (2, 16))
     grads = []
     for model in (m, ckpt):
         torch.manual_seed(1)  # same jitter noise

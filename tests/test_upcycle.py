@@ -30,7 +30,7 @@ def dense():
 @pytest.fixture(scope="module")
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 49408, (4, 24), generator=g)
+    return torch.randn(4, 3, 28, 28, generator=g), torch.randint(1, 49408, (4, 16), generator=g)
 
 
 def features(model, inputs):

@@ -36,12 +36,12 @@ def main() -> None:
     def data(epoch: int, start: int):
         for b in range(start, BATCHES_PER_EPOCH):
             g = torch.Generator().manual_seed(((epoch * 100 + b) * 8 + rank) * 7919)
-            images = torch.randn(bs, 3, 32, 32, generator=g)
+            images = torch.randn(bs, 3, 28, 28, generator=g)
             if epoch * BATCHES_PER_EPOCH + b in nan:
                 images[:] = float("nan")
             if a.slow:
                 time.sleep(a.slow)
-            yield images, torch.randint(1, 49000, (bs, 24), generator=g)
+            yield images, torch.randint(1, 49000, (bs, 16), generator=g)
 
     try:
         summary = train(cfg, resume=a.resume, data=data)

@@ -142,10 +142,16 @@ def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv):
     return engine
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full model weights on rank 0 (None elsewhere), from any ZeRO stage; collective under ZeRO-3."""
+def consolidated_state_dict(engine, moe: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full model weights on rank 0 (None elsewhere), from any ZeRO stage; collective under ZeRO-3 and for MoE
+    experts split across ranks. MoE weights come out in the one file format both backends load."""
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
+    elif moe:
+        from vlpretrain.models.moe import export_state_dict
+
+        state = export_state_dict(engine.module)  # every rank: gathers expert-parallel experts
+        state = state if torch.distributed.get_rank() == 0 else None
     else:
         state = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
     if state is None:

@@ -137,7 +137,9 @@ class Evaluator:
         if self.model is None:
             from dataclasses import replace
 
-            self.model = build_model(replace(self.cfg.model, pretrained=None), loss=self.cfg.train.loss)
+            # the native MoE layer reads every backend's export and needs no expert-parallel group
+            moe = replace(self.cfg.model.moe, backend="native", ep_size=1)
+            self.model = build_model(replace(self.cfg.model, pretrained=None, moe=moe), loss=self.cfg.train.loss)
         self.model.load_state_dict({k: v.reshape(self.model.state_dict()[k].shape) for k, v in weights.items()})
         tokenizer = get_tokenizer(self.cfg.model)
         results = {}
@@ -184,10 +186,12 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
     window_t, window_samples = time.perf_counter(), 0
 
+    def weights() -> dict[str, torch.Tensor] | None:
+        return consolidated_state_dict(engine, moe=cfg.model.moe.num_experts > 0)
+
     def checkpoint() -> Path:
-        weights = consolidated_state_dict(engine)
         client = {"train_state": asdict(state), "config": _plain(cfg)}
-        return save_checkpoint(engine, out_dir, state.step, client, weights, cfg.model, tc.keep_last, env.is_main)
+        return save_checkpoint(engine, out_dir, state.step, client, weights(), cfg.model, tc.keep_last, env.is_main)
 
     # ---- loop -------------------------------------------------------------------------------------------------
     try:
@@ -228,7 +232,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
             due_eval = cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < tc.steps
             due_ckpt = tc.save_every and state.step % tc.save_every == 0
             if due_eval:
-                eval_results = evaluator(consolidated_state_dict(engine))
+                eval_results = evaluator(weights())
                 metrics.log_eval(state.step, eval_results)
             stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
@@ -237,7 +241,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
                 log.warning("stop requested: checkpoint %s written, exiting", last_ckpt)
                 break
         if state.step >= tc.steps and cfg.eval.at_end and cfg.eval.benchmarks:
-            eval_results = evaluator(consolidated_state_dict(engine))
+            eval_results = evaluator(weights())
             metrics.log_eval(state.step, eval_results)
     finally:
         stop.restore()
