@@ -7,6 +7,7 @@ loads local checkpoints safely and exports a consolidated file that open_clip it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -203,8 +204,6 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
 
 
 def _model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
-    import dataclasses
-
     d = dataclasses.asdict(cfg)
     d["pretrained"] = None
     return d
@@ -231,6 +230,8 @@ def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
     cfg = read_export_config(path_or_arch)
     if cfg is not None:
         cfg.pretrained = str(path_or_arch)
+        # a standalone model uses the native MoE layer: it reads every backend's export, needs no process group
+        cfg.moe = dataclasses.replace(cfg.moe, backend="native", ep_size=1)
     else:
         cfg = ModelConfig(name=path_or_arch, pretrained=pretrained)
     state_has_bias = False
