@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from test_train import losses, run
+
 from vlpretrain.models import load_model
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.towers=both", "model.moe.capacity_factor=8.0",

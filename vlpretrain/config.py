@@ -307,5 +307,21 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+_BEGIN, _END = "<!-- config reference: begin -->", "<!-- config reference: end -->"
+
+
+def update_readme(path: str | os.PathLike) -> None:
+    """Rewrite the config reference between the markers in a README (`python -m vlpretrain.config README.md`)."""
+    text = Path(path).read_text()
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    Path(path).write_text(f"{head}{_BEGIN}\n{reference_markdown()}\n{_END}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if len(sys.argv) > 1:
+        update_readme(sys.argv[1])
+    else:
+        print(reference_markdown())
