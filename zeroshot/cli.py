@@ -77,30 +77,27 @@ def _eval(p: argparse.ArgumentParser):
         import torch
 
         from zeroshot.datasets import get_benchmark
-        from zeroshot.evaluate import run_zeroshot
+        from zeroshot.evaluate import evaluate_suite
         from zeroshot.results import ResultEntry, update_results
 
         names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
         if not names:
             raise ConfigError("--benchmark: give at least one benchmark name")
-        benches = [get_benchmark(n) for n in names]  # unknown names fail before the model loads
+        for name in names:  # unknown names fail before the model loads
+            get_benchmark(name)
         if not Path(a.root).is_dir():
             raise ConfigError(f"--root: {a.root} is not a folder")
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from vlpretrain.models import image_transform
 
-        transform = image_transform(model, train=False)
-        entries = []
-        for bench in benches:
-            data = bench.load(a.root, transform=transform, format=a.format)
-            metrics = run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=a.batch_size,
-                                   workers=a.workers, device=device, max_images=a.max_images,
-                                   progress=not a.no_progress, desc=bench.name, cache_dir=a.cache_dir)
-            entries.append(ResultEntry("zeroshot", bench.name, bench.metric, metrics, str(data.root), data.format))
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("headline", "images"))
-            print(f"{bench.name}: {bench.metric}={metrics['headline']:.4f}  {shown}  images={int(metrics['images'])}"
-                  f"  ({data.format} at {data.root})")
+        def show(e: ResultEntry) -> None:
+            others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items() if k not in ("headline", "images"))
+            print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
+                  f"({e.format} at {e.root})", flush=True)
+
+        entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
+                                 workers=a.workers, device=device, max_images=a.max_images, format=a.format,
+                                 progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
         if a.out:
             update_results(a.out, a.model, a.pretrained, entries)
             print(f"wrote {a.out}")

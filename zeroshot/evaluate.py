@@ -1,12 +1,14 @@
 """Zero-shot evaluation of a model on a registered benchmark: head, image features, logits, metrics.
 
-`encode_images` is the one feature pass (the linear probe reuses it); `evaluate` is the whole task.
+`encode_images` is the one feature pass (the linear probe reuses it); `evaluate` is the whole task on one
+benchmark; `evaluate_suite` runs several and returns results-file entries (what `zeroshot eval` and the trainer
+write).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from vlpretrain.errors import ConfigError
 from zeroshot.classifier import build_classifier, eval_mode, model_device
 from zeroshot.datasets import EvalSet, get_benchmark
 from zeroshot.metrics import classification_metrics
+from zeroshot.results import ResultEntry
 
 
 def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
@@ -84,3 +87,30 @@ def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=No
     return run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                         workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
                         cache_dir=cache_dir)
+
+
+def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path, *, tokenizer=None,
+                   transform: Callable | None = None, batch_size: int = 256, workers: int = 0,
+                   device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
+                   progress: bool = True, cache_dir: str | os.PathLike | None = None,
+                   on_result: Callable[[ResultEntry], None] | None = None) -> list[ResultEntry]:
+    """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
+
+    Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
+    is done.
+    """
+    benches = [get_benchmark(name) for name in benchmarks]
+    if transform is None:
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    entries = []
+    for bench in benches:
+        data = bench.load(root, transform=transform, format=format)
+        metrics = run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+                               workers=workers, device=device, max_images=max_images, progress=progress,
+                               desc=bench.name, cache_dir=cache_dir)
+        entries.append(ResultEntry("zeroshot", bench.name, bench.metric, metrics, str(data.root), data.format))
+        if on_result is not None:
+            on_result(entries[-1])
+    return entries
