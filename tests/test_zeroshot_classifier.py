@@ -66,6 +66,7 @@ def test_fill_placeholders():
 
 def test_head_cache_reused_and_keyed_by_weights(tmp_path):
     model = FakeClip()
+    model.logit_scale = nn.Parameter(torch.tensor(2.3))  # open_clip's own 0-dim temperature hashes too
     first = build_classifier(model, FakeTokenizer(), ["cat"], ["a {c}."], cache_dir=tmp_path)
     files = list(tmp_path.glob("head-*.pt"))
     assert len(files) == 1

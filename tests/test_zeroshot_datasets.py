@@ -186,8 +186,9 @@ def test_missing_root_gives_one_line_naming_expected_files(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "does not exist" in msg
     assert "cifar-10-batches-py/{test_batch}" in msg and "classnames.txt and test/*.tar" in msg
-    with pytest.raises(DataError, match=r"no food101 test data found; expected \[torchvision\] food-101/meta/test.json"):
+    with pytest.raises(DataError, match=r"no food101 test data found; expected \[torchvision\] food-101/meta/test.json") as e:
         get_benchmark("food101").load(tmp_path)
+    assert str(e.value).endswith("(there, or in a food101/ sub-folder)")
 
 
 def test_forced_format(tmp_path):

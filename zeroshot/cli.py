@@ -83,10 +83,10 @@ def _eval(p: argparse.ArgumentParser):
         names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
         if not names:
             raise ConfigError("--benchmark: give at least one benchmark name")
-        for name in names:  # unknown names fail before the model loads
-            get_benchmark(name)
         if not Path(a.root).is_dir():
             raise ConfigError(f"--root: {a.root} is not a folder")
+        for name in names:  # unknown names and missing data fail before the model loads
+            get_benchmark(name).locate(a.root, format=a.format)
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -125,13 +125,23 @@ class Benchmark:
         shown = sorted(layouts or self._all_layouts, key=lambda layout: layout.name == "wds")  # its own first
         return " or ".join(f"[{layout.name}] {layout.expected(self, split)}" for layout in shown)
 
+    def locate(self, root: str | Path, split: str = "test", format: str | None = None) -> tuple[Path, Layout]:
+        """The benchmark's folder under `root` and its layout, found from marker files only (cheap)."""
+        if split not in SPLITS:
+            raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
+        resolved = resolve_root(self, Path(root))
+        try:
+            return resolved, self.layout_for(resolved, split, format)
+        except DataError as e:
+            if resolved == Path(root) and Path(root).is_dir():  # maybe a collection root without our sub-folder
+                raise DataError(f"{e} (there, or in a {self.name}/ sub-folder)") from None
+            raise
+
     def load(self, root: str | Path, split: str = "test", transform: Callable | None = None,
              format: str | None = None) -> EvalSet:
         """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
-        if split not in SPLITS:
-            raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
-        root = resolve_root(self, Path(root))
-        return self.layout_for(root, split, format).open(self, root, split, transform)
+        resolved, layout = self.locate(root, split, format)
+        return layout.open(self, resolved, split, transform)
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
