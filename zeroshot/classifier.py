@@ -137,7 +137,7 @@ def _as_batch(images, transform: Callable | None) -> torch.Tensor:
 
 
 def classify(model: nn.Module, images, classnames: Sequence[ClassName], templates: Sequence[Template] | None = None,
-             *, tokenizer=None, transform: Callable | None = None, device: str | torch.device | None = None,
+             tokenizer=None, transform: Callable | None = None, *, device: str | torch.device | None = None,
              batch_size: int = 64) -> torch.Tensor:
     """Class probabilities (N, classes) for PIL images (one or a list) or preprocessed image tensors.
 
