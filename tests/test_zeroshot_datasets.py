@@ -199,20 +199,29 @@ def test_forced_format(tmp_path):
         get_benchmark("cifar10").load(tmp_path, format="imagefolder")
 
 
-def test_torchvision_reader_dtd(tmp_path):
-    """torchvision's own DTD reader on its layout: dtd/dtd/images/<class>/*.jpg listed in labels/test1.txt."""
-    base = tmp_path / "dtd" / "dtd"
+def write_dtd(root, classes, per_class=1):
+    """torchvision's DTD layout: dtd/dtd/images/<class>/*.jpg listed in dtd/dtd/labels/{train,val,test}1.txt."""
+    base = root / "dtd" / "dtd"
     lines = []
-    for cls in ("banded", "zigzagged"):
+    for i, cls in enumerate(classes):
         (base / "images" / cls).mkdir(parents=True)
-        for j in range(2):
-            drawn_image(j, 24, j).save(base / "images" / cls / f"{cls}_{j}.jpg")
+        for j in range(per_class):
+            drawn_image(i, 16, j).save(base / "images" / cls / f"{cls}_{j}.jpg")
             lines.append(f"{cls}/{cls}_{j}.jpg")
     (base / "labels").mkdir()
     for split in ("train", "val", "test"):
-        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(reversed(lines)) + "\n")
+
+
+def test_torchvision_reader_dtd(tmp_path):
+    classes = [c.replace(" ", "-") for c in get_benchmark("dtd").classnames]  # folder names are the class names
+    write_dtd(tmp_path, classes)
+    ds = get_benchmark("dtd").load(tmp_path)
+    assert ds.format == "torchvision" and sorted(labels_of(ds)) == list(range(47))
+    assert ds.dataset[0][1] == 46 and ds.dataset[0][0].mode == "RGB"  # test1.txt lists zigzagged first here
+    write_dtd(tmp_path / "two", ["banded", "zigzagged"])
     with pytest.raises(DataError, match="torchvision found 2 dtd classes, the benchmark has 47"):
-        get_benchmark("dtd").load(tmp_path)
+        get_benchmark("dtd").load(tmp_path / "two")
 
 
 def test_clevr_scenes_give_vtab_labels(tmp_path):
