@@ -10,7 +10,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ from vlpretrain.engine import (
     save_checkpoint,
     shutdown_distributed,
 )
-from vlpretrain.errors import CheckpointError, TrainingError
+from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.loss import build_loss, reduce_mean
 from vlpretrain.metrics import MetricsLogger
-from vlpretrain.models import build_model, get_tokenizer, image_transform
+from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
 
 log = logging.getLogger("vlpretrain")
 
@@ -124,32 +124,40 @@ def _agree(env: DistEnv, *flags: bool) -> list[bool]:
 
 
 class Evaluator:
-    """Zero-shot evaluation on rank 0 from the consolidated weights (works under every ZeRO stage)."""
+    """Zero-shot evaluation on rank 0 from the consolidated weights (works under every ZeRO stage).
+
+    Benchmark names and the data root are checked when it is built, so a typo fails before training starts.
+    """
 
     def __init__(self, cfg: RunConfig, env: DistEnv):
         self.cfg, self.env, self.model = cfg, env, None
+        if cfg.eval.benchmarks:
+            from zeroshot import get_benchmark
 
-    def __call__(self, weights: dict[str, torch.Tensor] | None) -> dict[str, dict[str, float]]:
+            if not cfg.eval.root:
+                raise ConfigError("eval.root: required when eval.benchmarks is set")
+            for name in cfg.eval.benchmarks:
+                get_benchmark(name)
+
+    def __call__(self, weights: dict[str, torch.Tensor] | None,
+                 results_file: Path | None = None) -> dict[str, dict[str, float]]:
         if not self.env.is_main or not self.cfg.eval.benchmarks:
             return {}
-        from zeroshot import evaluate
+        import zeroshot
 
         if self.model is None:
-            from dataclasses import replace
-
             # the native MoE layer reads every backend's export and needs no expert-parallel group
             moe = replace(self.cfg.model.moe, backend="native", ep_size=1)
             self.model = build_model(replace(self.cfg.model, pretrained=None, moe=moe), loss=self.cfg.train.loss)
-        self.model.load_state_dict({k: v.reshape(self.model.state_dict()[k].shape) for k, v in weights.items()})
-        tokenizer = get_tokenizer(self.cfg.model)
-        results = {}
-        root = Path(self.cfg.eval.root) if self.cfg.eval.root else None
-        for name in self.cfg.eval.benchmarks:
-            bench_root = root / name if root and (root / name).exists() else root
-            results[name] = evaluate(self.model, name, str(bench_root), tokenizer=tokenizer,
-                                     batch_size=self.cfg.eval.batch_size, workers=self.cfg.eval.workers,
-                                     max_images=self.cfg.eval.max_images, progress=False)
-        return results
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: v.reshape(own[k].shape) for k, v in weights.items()})
+        e = self.cfg.eval
+        entries = zeroshot.evaluate_suite(self.model, e.benchmarks, e.root, tokenizer=get_tokenizer(self.cfg.model),
+                                          batch_size=e.batch_size, workers=e.workers, max_images=e.max_images,
+                                          progress=False)
+        if results_file is not None:
+            zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
+        return {entry.benchmark: entry.metrics for entry in entries}
 
 
 def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None) -> dict[str, Any]:
@@ -163,6 +171,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
     data = data or _ShardData(cfg, model, env)
+    evaluator = Evaluator(cfg, env)
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
         engine.compile()
@@ -179,19 +188,19 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
         state = TrainState(**load_checkpoint(engine, path)["train_state"])
         log.info("resumed from %s at step %d", path, state.step)
     metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress)
-    evaluator = Evaluator(cfg, env)
     stop = StopRequest()
     batches = _stream(data, state)
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
+    final_weights = None
     window_t, window_samples = time.perf_counter(), 0
 
     def weights() -> dict[str, torch.Tensor] | None:
         return consolidated_state_dict(engine, moe=cfg.model.moe.num_experts > 0)
 
-    def checkpoint() -> Path:
+    def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
         client = {"train_state": asdict(state), "config": _plain(cfg)}
-        return save_checkpoint(engine, out_dir, state.step, client, weights(), cfg.model, tc.keep_last, env.is_main)
+        return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
 
     # ---- loop -------------------------------------------------------------------------------------------------
     try:
@@ -236,13 +245,18 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
                 metrics.log_eval(state.step, eval_results)
             stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
-                last_ckpt = checkpoint()
+                final_weights = weights()
+                last_ckpt = checkpoint(final_weights)
             if stopping:
                 log.warning("stop requested: checkpoint %s written, exiting", last_ckpt)
                 break
-        if state.step >= tc.steps and cfg.eval.at_end and cfg.eval.benchmarks:
-            eval_results = evaluator(weights())
-            metrics.log_eval(state.step, eval_results)
+        if state.step >= tc.steps:
+            final_weights = final_weights if final_weights is not None else weights()
+            if env.is_main:  # the run's model, beside its results
+                export_model(None, cfg.model, out_dir / "model.safetensors", state_dict=final_weights)
+            if cfg.eval.at_end:
+                eval_results = evaluator(final_weights, results_file=out_dir / "results.json")
+                metrics.log_eval(state.step, eval_results)
     finally:
         stop.restore()
         metrics.close()
