@@ -23,9 +23,13 @@ class MetricsLogger:
         except ImportError:  # TensorBoard is optional at run time
             self._tb = None
         if progress:
+            import sys
+
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            # a log file gets a line every 30 s instead of every step
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def log(self, row: dict[str, Any]) -> None:
         """One training metrics line."""
