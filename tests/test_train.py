@@ -31,14 +31,7 @@ def run(out, *overrides, nproc=1, extra=(), check=True, timeout=300):
         # a real free port: with --master_port=0 DeepSpeed's CPU shared-memory comm never rendezvous
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                SCRIPT, str(out), *extra, *overrides]
-    try:
-        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        if nproc == 1:
-            raise
-        # a 2-process ZeRO-3 run was once seen hanging in a fresh clone (cause not yet found): retry once, fresh port
-        cmd[4] = f"--master_port={free_port()}"
-        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -192,7 +192,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     batches = _stream(data, state)
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
-    final_weights = None
+    final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
 
     def weights() -> dict[str, torch.Tensor] | None:
@@ -245,13 +245,14 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
                 metrics.log_eval(state.step, eval_results)
             stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
-                final_weights = weights()
+                final_weights, have_final = weights(), True
                 last_ckpt = checkpoint(final_weights)
             if stopping:
                 log.warning("stop requested: checkpoint %s written, exiting", last_ckpt)
                 break
         if state.step >= tc.steps:
-            final_weights = final_weights if final_weights is not None else weights()
+            if not have_final:  # collective: every rank decides alike
+                final_weights = weights()
             if env.is_main:  # the run's model, beside its results
                 export_model(None, cfg.model, out_dir / "model.safetensors", state_dict=final_weights)
             if cfg.eval.at_end:
