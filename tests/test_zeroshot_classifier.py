@@ -100,4 +100,6 @@ def test_classify_pil_images_with_tiny_vit():
     probs = classify(model, images, ["red square", "blue square", "green square"])
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
     assert len(DEFAULT_TEMPLATES) == 7
-    assert default_tokenizer(model).context_length == 24  # tiny-vit's text context, not open_clip's 77
+    # the tokenizer follows the model's own text context (16 for tiny-vit), not open_clip's default 77
+    assert model.context_length == 16
+    assert default_tokenizer(model).context_length == model.context_length
