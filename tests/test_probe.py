@@ -93,13 +93,16 @@ def test_bias_is_not_penalised():
     assert float(clf.bias[0] - clf.bias[1]) == pytest.approx(math.log(3), abs=1e-4)
 
 
-def test_warm_start_reaches_the_cold_optimum(data):
+@pytest.mark.parametrize("l2, neighbour", [(0.01, 0.0133), (1.0, 0.75), (0.3, 30.0)])
+def test_warm_start_from_a_neighbouring_strength_keeps_going(data, l2, neighbour):
+    # A sweep's neighbouring strengths start within ~1e-10 of each other's objective: the fit must not mistake
+    # that small first gain for convergence and return the neighbour's solution.
     train_x, train_y, _, _ = data
-    strong = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 30.0, tol=1e-6, device="cpu")
-    cold = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 0.3, tol=1e-6, device="cpu")
-    warm = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 0.3, tol=1e-6, device="cpu", init=strong)
-    assert warm.objective == pytest.approx(cold.objective, rel=1e-5)
-    assert warm.n_iter < cold.n_iter
+    start = fit_logistic_regression(train_x, train_y, NUM_CLASSES, neighbour, tol=1e-6, device="cpu")
+    cold = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, device="cpu")
+    warm = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, device="cpu", init=start)
+    assert warm.objective == pytest.approx(cold.objective, rel=1e-6)
+    assert warm.n_iter > 1
 
 
 def test_chunked_objective_equals_one_chunk(data, monkeypatch):

@@ -65,7 +65,10 @@ def extract_features(model: nn.Module, data: Dataset | DataLoader | Iterable, *,
     The model runs in eval mode under no_grad (its training flag is restored afterwards); the caller gives `data`
     an eval-mode transform, since augmentation would make the features of a frozen model noisy.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     feats, labels = [], []

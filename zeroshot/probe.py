@@ -123,8 +123,8 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
     """Multinomial logistic regression minimising sum CE + l2/2 ||W||^2 by full-batch L-BFGS (strong Wolfe).
 
     Same optimum as scikit-learn's `LogisticRegression(C=1/l2)`. It stops when the largest gradient entry falls
-    under `tol` times its value at zero weights: a relative test, since an absolute one (scikit-learn's) stops
-    almost at once on many classes of unit-norm features, and right at a warm start when l2 is small.
+    under `tol` times its value at zero weights (a relative test: an absolute one, like scikit-learn's, stops
+    almost at once on many classes of unit-norm features), or when an iteration no longer changes the objective.
     Features are used as given (normalise them first for the CLIP protocol). `init` warm-starts from another
     fit, which makes a sweep of l2 much cheaper.
     """
@@ -152,20 +152,22 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
         nonlocal evals
         evals += 1
         w.grad, b.grad = None, None
-        total = torch.zeros((), device=device, dtype=dtype)
+        # Sums in float64: a warm start's first steps gain ~1e-10, below what a float32 total can resolve, and
+        # L-BFGS would take that for convergence.
+        total = torch.zeros((), device=device, dtype=torch.float64)
         for s in range(0, n, chunk):
             logits = torch.addmm(b, x[s:s + chunk], w.t())
-            part = F.cross_entropy(logits, y[s:s + chunk], reduction="sum") / n
+            part = F.cross_entropy(logits, y[s:s + chunk], reduction="none").double().sum() / n
             part.backward()  # per chunk, so only one chunk's logits are alive at a time
             total += part.detach()
-        reg = 0.5 * lam * w.pow(2).sum()
+        reg = 0.5 * lam * w.double().pow(2).sum()
         reg.backward()
         return total + reg.detach()
 
     max_eval = max_iter * 5 // 4 + 1
     g0 = gradient_scale_at_zero(x, y, num_classes)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=max_eval,
-                            tolerance_grad=tol * g0 if g0 > 0 else tol, tolerance_change=1e-9,
+                            tolerance_grad=tol * g0 if g0 > 0 else tol, tolerance_change=1e-12,
                             history_size=history_size, line_search_fn="strong_wolfe")
     with _flush_subnormals(device):
         opt.step(closure)
