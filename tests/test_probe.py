@@ -1,6 +1,7 @@
 """Linear probes: the torch L-BFGS fit against scikit-learn, the l2 sweep, few-shot sampling, metrics, and the
 feature cache."""
 
+import functools
 import math
 
 import numpy as np
@@ -57,7 +58,7 @@ def sklearn_objective(x, y, coef, intercept, l2):
 @pytest.mark.parametrize("l2", [0.1, 3.0, 100.0])
 def test_fit_matches_sklearn_at_same_regularisation(data, l2):
     train_x, train_y, test_x, test_y = data
-    ours = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, device="cpu")
+    ours = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, rtol=1e-9, device="cpu")
     sk = LogisticRegression(C=1.0 / l2, tol=1e-9, max_iter=5000).fit(train_x.double().numpy(), train_y.numpy())
 
     obj_sk = sklearn_objective(train_x, train_y, sk.coef_, sk.intercept_, l2)
@@ -72,6 +73,16 @@ def test_fit_matches_sklearn_at_same_regularisation(data, l2):
         assert abs(acc_ours - sk.score(x.double().numpy(), y.numpy())) <= 0.005
     w_sk = torch.from_numpy(sk.coef_)
     assert (ours.weight.double() - w_sk).norm() / w_sk.norm() < 1e-2
+
+
+def test_default_tolerances_are_close_enough(data):
+    # The defaults stop early for speed; accuracy must still match a tight scikit-learn fit within 0.5 points.
+    train_x, train_y, test_x, test_y = data
+    ours = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 0.03, device="cpu")
+    sk = LogisticRegression(C=1 / 0.03, tol=1e-9, max_iter=5000).fit(train_x.double().numpy(), train_y.numpy())
+    obj_sk = sklearn_objective(train_x, train_y, sk.coef_, sk.intercept_, 0.03)
+    assert ours.converged and ours.objective == pytest.approx(obj_sk, rel=1e-3)
+    assert abs(accuracy_and_loss(ours, test_x, test_y)[0] - sk.score(test_x.numpy(), test_y.numpy())) <= 0.005
 
 
 def test_objective_and_loss_by_hand():
@@ -98,19 +109,20 @@ def test_warm_start_from_a_neighbouring_strength_keeps_going(data, l2, neighbour
     # A sweep's neighbouring strengths start within ~1e-10 of each other's objective: the fit must not mistake
     # that small first gain for convergence and return the neighbour's solution.
     train_x, train_y, _, _ = data
-    start = fit_logistic_regression(train_x, train_y, NUM_CLASSES, neighbour, tol=1e-6, device="cpu")
-    cold = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, device="cpu")
-    warm = fit_logistic_regression(train_x, train_y, NUM_CLASSES, l2, tol=1e-6, device="cpu", init=start)
+    fit = functools.partial(fit_logistic_regression, train_x, train_y, NUM_CLASSES, tol=1e-6, rtol=1e-9,
+                            device="cpu")
+    start, cold = fit(neighbour), fit(l2)
+    warm = fit(l2, init=start)
     assert warm.objective == pytest.approx(cold.objective, rel=1e-6)
     assert warm.n_iter > 1
 
 
 def test_chunked_objective_equals_one_chunk(data, monkeypatch):
     train_x, train_y, _, _ = data
-    whole = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 1.0, device="cpu", tol=1e-6)
+    whole = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 1.0, device="cpu", tol=1e-6, rtol=1e-9)
     monkeypatch.setattr(probe, "_MAX_CHUNK_ELEMENTS", 300 * NUM_CLASSES)  # 1024-row floor: 2 chunks of 2000
     assert probe._chunk_rows(NUM_CLASSES) < len(train_x)
-    chunked = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 1.0, device="cpu", tol=1e-6)
+    chunked = fit_logistic_regression(train_x, train_y, NUM_CLASSES, 1.0, device="cpu", tol=1e-6, rtol=1e-9)
     assert chunked.objective == pytest.approx(whole.objective, rel=1e-6)
     assert (chunked.weight - whole.weight).norm() / whole.weight.norm() < 1e-3
 
