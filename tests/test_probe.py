@@ -75,6 +75,28 @@ def test_fit_matches_sklearn_at_same_regularisation(data, l2):
     assert (ours.weight.double() - w_sk).norm() / w_sk.norm() < 1e-2
 
 
+@pytest.mark.parametrize("l2", [1e-4, 1.0])
+def test_fewer_samples_than_dimensions(data, l2):
+    # Few-shot probes have a rank-deficient feature covariance: the preconditioner must still reach the optimum.
+    train_x, train_y, _, _ = data
+    keep = few_shot_indices(train_y, 3, NUM_CLASSES, seed=0)
+    x, y = train_x[keep], train_y[keep]
+    ours = fit_logistic_regression(x, y, NUM_CLASSES, l2, tol=1e-6, rtol=1e-9, device="cpu")
+    sk = LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=20000).fit(x.double().numpy(), y.numpy())
+    obj_sk = sklearn_objective(x, y, sk.coef_, sk.intercept_, l2)
+    assert ours.objective == pytest.approx(obj_sk, rel=1e-3)  # near-separable: the objective is close to 0
+
+
+def test_preconditioner_round_trip(data):
+    train_x, _, _, _ = data
+    pre = probe._Preconditioner.fit(train_x, 1e-3, NUM_CLASSES)
+    torch.testing.assert_close(pre.basis.T @ pre.basis, torch.eye(train_x.shape[1]), atol=1e-5, rtol=0)
+    w, b = torch.randn(NUM_CLASSES, train_x.shape[1]), torch.randn(NUM_CLASSES)
+    w2, b2 = pre.to_original(*pre.from_original(w, b))
+    torch.testing.assert_close(w2, w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b2, b, atol=1e-4, rtol=1e-4)
+
+
 def test_default_tolerances_are_close_enough(data):
     # The defaults stop early for speed; accuracy must still match a tight scikit-learn fit within 0.5 points.
     train_x, train_y, test_x, test_y = data

@@ -109,13 +109,52 @@ def _flush_subnormals(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def gradient_scale_at_zero(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
-    """Largest entry of the mean-CE gradient at W = 0, b = 0, where every class has probability 1/C."""
+def _gradient_at_zero(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the mean cross-entropy at W = 0, b = 0 (every class at probability 1/C), in closed form."""
     n = len(x)
     class_sums = torch.zeros(num_classes, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, y, x)
     grad_w = (x.sum(0, keepdim=True) / num_classes - class_sums) / n
     grad_b = 1.0 / num_classes - torch.bincount(y, minlength=num_classes).to(x.dtype) / n
+    return grad_w, grad_b
+
+
+def gradient_scale_at_zero(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
+    """Largest entry of the mean-CE gradient with respect to (W, b) at zero weights."""
+    grad_w, grad_b = _gradient_at_zero(x, y, num_classes)
     return max(float(grad_w.abs().max()), float(grad_b.abs().max()))
+
+
+@dataclass(frozen=True)
+class _Preconditioner:
+    """A change of variables W = (V * scale) @ basis.T, b = c - W @ mean that leaves the objective unchanged.
+
+    Unit-norm image features are far from isotropic (a large shared component, a decaying spectrum), which makes
+    plain L-BFGS crawl. In the feature covariance's eigenbasis, scaling each direction by 1/sqrt(eigenvalue +
+    delta) makes the Hessian in V close to a multiple of the identity: the data term's curvature is about
+    eigenvalue / C, the penalty's is lam, and delta = lam * C balances the two. Because the penalty is computed
+    on W itself, this only changes the speed of the fit, never its optimum.
+    """
+
+    mean: torch.Tensor  # [D]
+    basis: torch.Tensor  # [D, D], orthonormal columns
+    scale: torch.Tensor  # [D]
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, lam: float, num_classes: int) -> _Preconditioner:
+        mean = x.mean(0)
+        cov = (x.t() @ x).double() / len(x) - torch.outer(mean.double(), mean.double())
+        eigvals, basis = torch.linalg.eigh(cov)
+        eigvals = eigvals.clamp_min(0)
+        # The floor keeps the scale finite in float32 when lam is tiny and the features are rank-deficient.
+        delta = max(lam * num_classes, 1e-6 * float(eigvals.max()), 1e-30)
+        return cls(mean, basis.to(x.dtype), (eigvals + delta).rsqrt().to(x.dtype))
+
+    def to_original(self, v: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = (v * self.scale) @ self.basis.t()
+        return w, c - w @ self.mean
+
+    def from_original(self, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (w @ self.basis) / self.scale, b + w @ self.mean
 
 
 def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, l2: float, *,
@@ -124,11 +163,11 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
                             init: LinearClassifier | None = None) -> LinearClassifier:
     """Multinomial logistic regression minimising sum CE + l2/2 ||W||^2 by full-batch L-BFGS (strong Wolfe).
 
-    Same optimum as scikit-learn's `LogisticRegression(C=1/l2)`. It stops when the largest gradient entry falls
-    under `tol` times its value at zero weights (relative, as an absolute bound means little across feature scales
-    and class counts), or once 50 iterations together gain less than `rtol` of the objective.
-    Features are used as given (normalise them first for the CLIP protocol). `init` warm-starts from another
-    fit, which makes a sweep of l2 much cheaper.
+    Same optimum as scikit-learn's `LogisticRegression(C=1/l2)`; L-BFGS runs on preconditioned variables (see
+    _Preconditioner). It stops when the largest gradient entry falls under `tol` times its value at zero weights
+    (relative, as an absolute bound means little across feature scales and class counts), or once 50 iterations
+    together gain less than `rtol` of the objective. Features are used as given (normalise them first for the
+    CLIP protocol). `init` warm-starts from another fit, which makes a sweep of l2 cheaper.
     """
     if not l2 > 0 or not math.isfinite(l2):
         raise ConfigError(f"l2: the regularisation strength must be a positive number, got {l2}")
@@ -137,22 +176,26 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
     x = train_x.to(device=device, dtype=dtype)
     y = train_y.to(device=device, dtype=torch.long)
     n, dim = x.shape
+    # The optimiser sees the objective divided by n (mean CE + lam/2 ||W||^2): well scaled whatever n is.
+    lam = l2 / n
+    pre = _Preconditioner.fit(x, lam, num_classes)
     if init is not None:
         assert init.weight.shape == (num_classes, dim), "warm start from a classifier of another shape"
-        w = init.weight.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
-        b = init.bias.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+        v, c = pre.from_original(init.weight.to(device=device, dtype=dtype), init.bias.to(device=device, dtype=dtype))
     else:
-        w = torch.zeros(num_classes, dim, device=device, dtype=dtype, requires_grad=True)
-        b = torch.zeros(num_classes, device=device, dtype=dtype, requires_grad=True)
-    # The optimiser sees the objective divided by n (mean CE + lam/2 ||W||^2): well scaled whatever n is,
-    # and the scale on which scikit-learn's tolerance is defined.
-    lam = l2 / n
+        v = torch.zeros(num_classes, dim, device=device, dtype=dtype)
+        c = torch.zeros(num_classes, device=device, dtype=dtype)
+    v, c = v.detach().clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
     chunk = _chunk_rows(num_classes)
     evals, best = 0, math.inf
 
     def closure() -> torch.Tensor:
         nonlocal evals, best
-        w.grad, b.grad = None, None
+        v.grad, c.grad = None, None
+        w_graph, b_graph = pre.to_original(v, c)
+        # Gradients with respect to (W, b) are accumulated chunk by chunk on detached copies, then sent back
+        # through the small change of variables once.
+        w, b = w_graph.detach().requires_grad_(True), b_graph.detach().requires_grad_(True)
         # Sums in float64: a warm start's first steps gain ~1e-10, below what a float32 total can resolve, and
         # L-BFGS would take that for convergence.
         total = torch.zeros((), device=device, dtype=torch.float64)
@@ -163,13 +206,17 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
             total += part.detach()
         reg = 0.5 * lam * w.double().pow(2).sum()
         reg.backward()
+        torch.autograd.backward([w_graph, b_graph], [w.grad, b.grad])
         value = total + reg.detach()
         evals += 1
         best = min(best, float(value))
         return value
 
-    g0 = gradient_scale_at_zero(x, y, num_classes)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=_CHECK_EVERY, max_eval=2 * _CHECK_EVERY + 25,
+    grad_w0, grad_b0 = _gradient_at_zero(x, y, num_classes)
+    # Chain rule through the change of variables: b = c - W @ mean, then dL/dV = (dL/dW @ basis) * scale.
+    grad_v0 = ((grad_w0 - torch.outer(grad_b0, pre.mean)) @ pre.basis) * pre.scale
+    g0 = max(float(grad_v0.abs().max()), float(grad_b0.abs().max()))
+    opt = torch.optim.LBFGS([v, c], lr=1.0, max_iter=_CHECK_EVERY, max_eval=2 * _CHECK_EVERY + 25,
                             tolerance_grad=tol * g0 if g0 > 0 else tol, tolerance_change=1e-12,
                             history_size=history_size, line_search_fn="strong_wolfe")
     # L-BFGS runs in rounds of _CHECK_EVERY iterations (its state carries over), so that we can stop once a
@@ -181,11 +228,12 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
             group["max_iter"] = min(_CHECK_EVERY, max_iter - n_iter)
             best_before, evals_before = best, evals
             opt.step(closure)
-            ran = opt.state[w]["n_iter"] - n_iter
+            ran = opt.state[v]["n_iter"] - n_iter
             n_iter += ran
             stopped_on_tolerance = ran < group["max_iter"] and evals - evals_before < group["max_eval"]
             converged = stopped_on_tolerance or best_before - best <= rtol * abs(best)
-    w, b = w.detach(), b.detach()
+    with torch.no_grad():
+        w, b = pre.to_original(v, c)
     ce_sum = float(cross_entropy_sum(x, y, w, b))
     objective = ce_sum + 0.5 * l2 * float(w.double().pow(2).sum())
     return LinearClassifier(weight=w, bias=b, l2=float(l2), loss=ce_sum / n, objective=objective,
