@@ -89,7 +89,7 @@ def test_fewer_samples_than_dimensions(data, l2):
 
 def test_preconditioner_round_trip(data):
     train_x, _, _, _ = data
-    pre = probe._Preconditioner.fit(train_x, 1e-3, NUM_CLASSES)
+    pre = probe._Preconditioner.fit(probe.FeatureSpectrum.of(train_x), 1e-3, NUM_CLASSES)
     torch.testing.assert_close(pre.basis.T @ pre.basis, torch.eye(train_x.shape[1]), atol=1e-5, rtol=0)
     w, b = torch.randn(NUM_CLASSES, train_x.shape[1]), torch.randn(NUM_CLASSES)
     w2, b2 = pre.to_original(*pre.from_original(w, b))

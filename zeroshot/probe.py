@@ -126,6 +126,26 @@ def gradient_scale_at_zero(x: torch.Tensor, y: torch.Tensor, num_classes: int) -
 
 
 @dataclass(frozen=True)
+class FeatureSpectrum:
+    """Mean and covariance eigendecomposition of a set of training features (what preconditioning needs)."""
+
+    mean: torch.Tensor  # [D]
+    eigvals: torch.Tensor  # [D], ascending, float64
+    basis: torch.Tensor  # [D, D], orthonormal eigenvector columns
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> FeatureSpectrum:
+        mean = x.mean(0)
+        cov = (x.t() @ x).double() / len(x) - torch.outer(mean.double(), mean.double())
+        eigvals, basis = torch.linalg.eigh(cov)
+        return cls(mean, eigvals.clamp_min(0), basis.to(x.dtype))
+
+    def like(self, x: torch.Tensor) -> FeatureSpectrum:
+        """The same spectrum on the device (and in the dtype) of features `x`."""
+        return FeatureSpectrum(self.mean.to(x), self.eigvals.to(x.device), self.basis.to(x))
+
+
+@dataclass(frozen=True)
 class _Preconditioner:
     """A change of variables W = (V * scale) @ basis.T, b = c - W @ mean that leaves the objective unchanged.
 
@@ -141,14 +161,11 @@ class _Preconditioner:
     scale: torch.Tensor  # [D]
 
     @classmethod
-    def fit(cls, x: torch.Tensor, lam: float, num_classes: int) -> _Preconditioner:
-        mean = x.mean(0)
-        cov = (x.t() @ x).double() / len(x) - torch.outer(mean.double(), mean.double())
-        eigvals, basis = torch.linalg.eigh(cov)
-        eigvals = eigvals.clamp_min(0)
+    def fit(cls, spectrum: FeatureSpectrum, lam: float, num_classes: int) -> _Preconditioner:
         # The floor keeps the scale finite in float32 when lam is tiny and the features are rank-deficient.
-        delta = max(lam * num_classes, 1e-6 * float(eigvals.max()), 1e-30)
-        return cls(mean, basis.to(x.dtype), (eigvals + delta).rsqrt().to(x.dtype))
+        delta = max(lam * num_classes, 1e-6 * float(spectrum.eigvals.max()), 1e-30)
+        scale = (spectrum.eigvals + delta).rsqrt().to(spectrum.basis.dtype)
+        return cls(spectrum.mean, spectrum.basis, scale)
 
     def to_original(self, v: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = (v * self.scale) @ self.basis.t()
@@ -161,14 +178,16 @@ class _Preconditioner:
 def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, l2: float, *,
                             max_iter: int = 1000, tol: float = 1e-4, rtol: float = 1e-4, history_size: int = 10,
                             device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                            init: LinearClassifier | None = None) -> LinearClassifier:
+                            init: LinearClassifier | None = None,
+                            spectrum: FeatureSpectrum | None = None) -> LinearClassifier:
     """Multinomial logistic regression minimising sum CE + l2/2 ||W||^2 by full-batch L-BFGS (strong Wolfe).
 
     Same optimum as scikit-learn's `LogisticRegression(C=1/l2)`; L-BFGS runs on preconditioned variables (see
     _Preconditioner). It stops when the largest gradient entry falls under `tol` times its value at zero weights
     (relative, as an absolute bound means little across feature scales and class counts), or once 50 iterations
     together gain less than `rtol` of the objective. Features are used as given (normalise them first for the
-    CLIP protocol). `init` warm-starts from another fit, which makes a sweep of l2 cheaper.
+    CLIP protocol). `init` warm-starts from another fit, which makes a sweep of l2 cheaper; `spectrum`
+    (`FeatureSpectrum.of(train_x)`) saves recomputing the covariance when fitting the same features again.
     """
     if not l2 > 0 or not math.isfinite(l2):
         raise ConfigError(f"l2: the regularisation strength must be a positive number, got {l2}")
@@ -179,7 +198,9 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
     n, dim = x.shape
     # The optimiser sees the objective divided by n (mean CE + lam/2 ||W||^2): well scaled whatever n is.
     lam = l2 / n
-    pre = _Preconditioner.fit(x, lam, num_classes)
+    spectrum = FeatureSpectrum.of(x) if spectrum is None else spectrum.like(x)
+    assert spectrum.basis.shape == (dim, dim), "spectrum of features of another width"
+    pre = _Preconditioner.fit(spectrum, lam, num_classes)
     if init is not None:
         assert init.weight.shape == (num_classes, dim), "warm start from a classifier of another shape"
         v, c = pre.from_original(init.weight.to(device=device, dtype=dtype), init.bias.to(device=device, dtype=dtype))
@@ -298,6 +319,8 @@ def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
     if coarse_steps < 2:
         raise ConfigError(f"coarse_steps: the sweep needs at least 2 grid points, got {coarse_steps}")
     step = (hi - lo) / (coarse_steps - 1)
+    spectrum = FeatureSpectrum.of(train_x.to(device=_resolve_device(fit_kwargs.get("device")),
+                                             dtype=fit_kwargs.get("dtype", torch.float32)))
     fits: dict[float, LinearClassifier] = {}
     scores: dict[float, tuple[float, float]] = {}
     order: list[float] = []
@@ -310,7 +333,8 @@ def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
         if e in fits or not lo - 1e-9 <= e <= hi + 1e-9:
             return
         init = fits[min(fits, key=lambda f: abs(f - e))] if fits else None
-        fits[e] = fit_logistic_regression(train_x, train_y, num_classes, 10.0 ** e, init=init, **fit_kwargs)
+        fits[e] = fit_logistic_regression(train_x, train_y, num_classes, 10.0 ** e, init=init, spectrum=spectrum,
+                                          **fit_kwargs)
         scores[e] = accuracy_and_loss(fits[e], val_x, val_y)
         order.append(e)
 
