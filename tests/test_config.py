@@ -105,3 +105,8 @@ def test_help_lists_subcommands():
     r = cli("--help")
     assert r.returncode == 0
     assert re.search(r"\binfo\b", r.stdout)
+
+
+def test_exponent_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 1e-3}\n"), ["train.min_lr=5e-6"])
+    assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 5e-6

@@ -54,9 +54,113 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 
+@command("train", "train a model from a run config (one process, torchrun or the deepspeed launcher)")
+def _train(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--resume", metavar="latest|CKPT", help="continue from the run's latest checkpoint or a given one")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.config import load_config
+        from vlpretrain.train import train
+
+        summary = train(load_config(a.config, a.overrides), resume=a.resume)
+        return 0 if not summary["interrupted"] else 130
+
+    return run
+
+
+@command("export", "write a consolidated safetensors model from a checkpoint of any ZeRO stage")
+def _export(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out", help="output .safetensors file")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.engine import export_checkpoint
+
+        print(export_checkpoint(a.checkpoint, a.out))
+        return 0
+
+    return run
+
+
+@command("make-shards", "write an image-caption source as webdataset tar shards")
+def _make_shards(p: argparse.ArgumentParser):
+    from vlpretrain.data.sources import FORMATS
+
+    p.add_argument("source", help="csv/tsv/jsonl table, COCO captions json, caption folder, or labelled set")
+    p.add_argument("outdir", help="folder for the shards and _manifest.json")
+    p.add_argument("--format", choices=sorted(FORMATS), help="source format (detected when obvious)")
+    p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--shard-bytes", type=int, help="also start a new shard before this many bytes")
+    p.add_argument("--max-side", type=int, help="resize images whose longer side exceeds this, keeping aspect")
+    p.add_argument("--reencode", action="store_true", help="store every image as JPEG")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEGs the writer encodes")
+    p.add_argument("--workers", type=int, default=1, help="processes preparing images")
+    p.add_argument("--seed", type=int, default=0, help="seed of template captions")
+    p.add_argument("--templates", help="caption templates file, one per line with {c} (labelled format)")
+    p.add_argument("--classes", help="class names file, one per line in label order (labelled format)")
+    p.add_argument("--split", default="train", help="split of an idx set: train or test (labelled format)")
+    p.add_argument("--image-column", default="image", help="table column with image paths (img2dataset: url)")
+    p.add_argument("--caption-column", default="caption", help="table column with captions")
+    p.add_argument("--image-root", help="folder that relative image paths start from")
+    p.add_argument("--one-sample-per-caption", action="store_true",
+                   help="one sample per caption row instead of one per image with all its captions")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing when OUTDIR holds intact shards written from the same inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.data import write_shards
+
+        m = write_shards(a.source, a.outdir, a.format, prefix=a.prefix, shard_size=a.shard_size,
+                         shard_bytes=a.shard_bytes, max_side=a.max_side, reencode=a.reencode,
+                         jpeg_quality=a.jpeg_quality, workers=a.workers, seed=a.seed, templates=a.templates,
+                         classes=a.classes, split=a.split, image_column=a.image_column,
+                         caption_column=a.caption_column, image_root=a.image_root,
+                         one_sample_per_caption=a.one_sample_per_caption, skip_existing=a.skip_existing,
+                         progress=not a.no_progress)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
+        print(f"{a.outdir}: {m['samples']} samples in {len(m['shards'])} shards; "
+              f"skipped {m['skipped']['count']}{f' ({reasons})' if reasons else ''}")
+        return 0
+
+    return run
+
+
+@command("upcycle", "turn a dense checkpoint into an MoE one whose experts copy its MLPs (model.moe of --config)")
+def _upcycle(p: argparse.ArgumentParser):
+    p.add_argument("--from", dest="source", required=True, metavar="DENSE",
+                   help="dense checkpoint: an export of ours, or an open_clip .pt/.bin/.safetensors file")
+    p.add_argument("--arch", help="architecture of an open_clip checkpoint (default: model.name of --config)")
+    _config_args(p)
+    p.add_argument("--out", required=True, metavar="MOE_CKPT", help="where to write the MoE export (.safetensors)")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.config import load_config
+        from vlpretrain.errors import ConfigError
+        from vlpretrain.models import count_parameters, read_export_config, upcycle
+
+        cfg = load_config(a.config, a.overrides)
+        if cfg.model.moe.num_experts < 1:
+            raise ConfigError(f"{a.config}: model.moe.num_experts: must be >= 1 to upcycle")
+        arch = a.arch
+        if arch is None and read_export_config(a.source) is None:
+            arch = cfg.model.name
+        model = upcycle(a.source, cfg.model.moe, a.out, arch=arch, seed=cfg.train.seed)
+        counts = count_parameters(model)
+        print(f"wrote {a.out}: {counts['total']:,} parameters, {counts['active per token']:,} active per token")
+        print(f"train it with: vlpretrain train --config {a.config} --set model.pretrained={a.out}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vlpretrain", description="Contrastive vision-language pretraining.")
+    # the deepspeed launcher passes --local_rank before the subcommand; the environment carries it too
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import yaml
 
 from vlpretrain.errors import ConfigError
 
-REQUIRED: Any = "???"  # marker for a value the user must give
+REQUIRED: Any = "???"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # marker for a value the user must give
 
 
 def _path_field(default: Any = None, *, must_exist: bool = True, help: str = "") -> Any:
@@ -102,6 +104,7 @@ class TrainConfig:
     local_loss: bool = _f(True, "each rank computes its rows against all columns")
     loss_chunk: int = _f(0, "column chunk of the logit matrix; 0 computes it whole")
     seed: int = _f(0, "seed of weights and data order")
+    stop_after: int = _f(0, "stop with a checkpoint after this many steps in one invocation (job slots); 0: never")
     log_every: int = _f(10, "steps between metric lines")
     save_every: int = _f(0, "steps between checkpoints; 0 only at the end")
     keep_last: int = _f(2, "checkpoints kept")
@@ -177,6 +180,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-3 as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -302,5 +307,21 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+_BEGIN, _END = "<!-- config reference: begin -->", "<!-- config reference: end -->"
+
+
+def update_readme(path: str | os.PathLike) -> None:
+    """Rewrite the config reference between the markers in a README (`python -m vlpretrain.config README.md`)."""
+    text = Path(path).read_text()
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    Path(path).write_text(f"{head}{_BEGIN}\n{reference_markdown()}\n{_END}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if len(sys.argv) > 1:
+        update_readme(sys.argv[1])
+    else:
+        print(reference_markdown())

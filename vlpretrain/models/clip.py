@@ -7,6 +7,7 @@ loads local checkpoints safely and exports a consolidated file that open_clip it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from torch import nn
 
 from vlpretrain.config import ModelConfig
@@ -74,7 +76,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
-        state = open_clip.load_state_dict(path, device="cpu", weights_only=True)
+        state = _open_clip_load_state_dict(path, device="cpu", weights_only=True)
     except Exception as e:  # corrupt files and pickles that are not plain tensors
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not state:
@@ -129,6 +131,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             state[attr] = state[attr].reshape(own[attr].shape)
     if "logit_bias" in own and "logit_bias" not in state:
         state["logit_bias"] = own["logit_bias"]
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: does not match the model ({len(wrong)} tensors of another shape, e.g. {k} "
+                              f"{tuple(state[k].shape)} vs {tuple(own[k].shape)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -197,8 +204,6 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
 
 
 def _model_cfg_dict(cfg: ModelConfig) -> dict[str, Any]:
-    import dataclasses
-
     d = dataclasses.asdict(cfg)
     d["pretrained"] = None
     return d
@@ -225,6 +230,8 @@ def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
     cfg = read_export_config(path_or_arch)
     if cfg is not None:
         cfg.pretrained = str(path_or_arch)
+        # a standalone model uses the native MoE layer: it reads every backend's export, needs no process group
+        cfg.moe = dataclasses.replace(cfg.moe, backend="native", ep_size=1)
     else:
         cfg = ModelConfig(name=path_or_arch, pretrained=pretrained)
     state_has_bias = False

@@ -1,0 +1,175 @@
+"""The trainer under DeepSpeed: ZeRO stages agree, resume is exact, kills and signals lose nothing, export loads."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from vlpretrain.models import load_model, load_state_dict, register_model_configs
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SCRIPT = str(HERE / "train_synthetic.py")
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(k, None)
+
+
+def run(out, *overrides, nproc=1, extra=(), check=True, timeout=300):
+    if nproc == 1:
+        cmd = [sys.executable, SCRIPT, str(out), *extra, *overrides]
+    else:
+        # a real free port: with --master_port=0 DeepSpeed's CPU shared-memory comm never rendezvous
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               SCRIPT, str(out), *extra, *overrides]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out):
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_single_process_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    run(out, "train.steps=4", "train.save_every=2", "train.keep_last=1")
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["steps"] == 4 and s["samples"] == 16 and not s["interrupted"]
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000004"]  # keep_last=1 pruned step 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_zero_stages_same_fp32_trajectory(tmp_path):
+    traj = {}
+    for stage in (0, 1, 2, 3):
+        out = tmp_path / f"z{stage}"
+        run(out, "train.steps=5", f"train.zero_stage={stage}", "train.grad_accum=2", nproc=2)
+        traj[stage] = losses(out)
+    assert sorted(traj[0]) == [1, 2, 3, 4, 5]
+    ref = np.array([traj[0][k] for k in sorted(traj[0])])
+    for stage in (1, 2, 3):
+        got = np.array([traj[stage][k] for k in sorted(traj[stage])])
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=f"ZeRO-{stage} differs from ZeRO-0")
+    assert ref[-1] != ref[0]  # training moved
+    # the exported consolidated weights agree across stages too
+    w0 = load_state_dict(tmp_path / "z0" / "checkpoints" / "step_00000005" / "model.safetensors")
+    for stage in (1, 2, 3):
+        w = load_state_dict(tmp_path / f"z{stage}" / "checkpoints" / "step_00000005" / "model.safetensors")
+        assert w.keys() == w0.keys()
+        for k in w0:
+            torch.testing.assert_close(w[k], w0[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{stage} {k}")
+
+
+def test_resume_equals_straight_run(tmp_path):
+    common = ["train.steps=8", "train.warmup_steps=3"]
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "split", *common, "train.stop_after=4", check=False)
+    first = json.loads((tmp_path / "split" / "summary_rank0.json").read_text())
+    assert first["steps"] == 4 and first["interrupted"]
+    run(tmp_path / "split", *common, extra=["--resume", "latest"])
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    s = json.loads((tmp_path / "split" / "summary_rank0.json").read_text())
+    assert s["samples"] == 32  # the data position continued: 8 steps x 4 samples, nothing replayed
+
+
+def test_nonfinite_losses_skipped_then_stop(tmp_path):
+    out = tmp_path / "skip"
+    run(out, "train.steps=4", extra=["--nan-batches", "1,2"])
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["steps"] == 4 and s["nonfinite_skipped"] == 2
+    assert all(np.isfinite(v) for v in losses(out).values())
+
+    out = tmp_path / "stop"
+    r = run(out, "train.steps=6", "train.save_every=1", "train.max_nonfinite=3", check=False,
+            extra=["--nan-batches", "2,3,4,5,6"])
+    assert r.returncode == 2
+    assert "3 non-finite losses in a row at step 2" in r.stderr
+    assert "step_00000002" in r.stderr  # names the last good checkpoint, which stays latest
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def _wait_for(path: Path, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_intact_latest(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, SCRIPT, str(out), "--slow", "0.2", "train.steps=1000", "train.save_every=2"]
+    p = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(out / "checkpoints" / "step_00000004" / "COMPLETE")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 4 and (out / "checkpoints" / latest / "COMPLETE").is_file()
+    run(out, f"train.steps={step + 2}", "train.save_every=2", extra=["--resume", "latest"])
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["steps"] == step + 2 and not s["interrupted"]
+    assert min(k for k in losses(out) if k > step) == step + 1
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, SCRIPT, str(out), "--slow", "0.2", "train.steps=1000"]
+    p = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl")
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["interrupted"] and 0 < s["steps"] < 1000
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{s['steps']:08d}"
+
+
+def test_export_loads_in_open_clip(tmp_path):
+    out = tmp_path / "exp"
+    run(out, "train.steps=2")
+    target = tmp_path / "model.safetensors"
+    r = subprocess.run([sys.executable, "-m", "vlpretrain.cli", "export", str(out), str(target)],
+                       env=ENV, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    register_model_configs()
+    ref = open_clip.create_model("tiny-vit", pretrained=str(target)).eval()
+    ours = load_model(str(target)).eval()
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    text = open_clip.get_tokenizer("tiny-vit")(["a photo of a bag", "a sandal", "a coat"])
+    with torch.no_grad():
+        torch.testing.assert_close(ref.encode_image(images), ours.encode_image(images))
+        torch.testing.assert_close(ref.encode_text(text), ours.encode_text(text))
+    trained = load_state_dict(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    torch.testing.assert_close(ref.state_dict()["visual.conv1.weight"], trained["visual.conv1.weight"])
+    assert not torch.equal(trained["visual.conv1.weight"],
+                           open_clip.create_model("tiny-vit").state_dict()["visual.conv1.weight"])

@@ -1,0 +1,57 @@
+"""Run `vlpretrain.train` on deterministic synthetic batches (used by the trainer tests, one or more processes).
+
+usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--resume latest] [k=v ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from vlpretrain.config import load_config
+from vlpretrain.errors import VLPretrainError
+from vlpretrain.train import train
+
+BATCHES_PER_EPOCH = 5
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--nan-batches", default="")
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_intermixed_args()
+    cfg = load_config(None, ["data.train=unused", f"train.output_dir={a.out}", "data.batch_size=4",
+                             "train.progress=false", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
+                             *a.overrides])
+    rank = int(os.environ.get("RANK", "0"))
+    nan = {int(x) for x in a.nan_batches.split(",") if x}
+    bs = cfg.data.batch_size
+
+    def data(epoch: int, start: int):
+        for b in range(start, BATCHES_PER_EPOCH):
+            g = torch.Generator().manual_seed(((epoch * 100 + b) * 8 + rank) * 7919)
+            images = torch.randn(bs, 3, 28, 28, generator=g)
+            if epoch * BATCHES_PER_EPOCH + b in nan:
+                images[:] = float("nan")
+            if a.slow:
+                time.sleep(a.slow)
+            yield images, torch.randint(1, 49000, (bs, 16), generator=g)
+
+    try:
+        summary = train(cfg, resume=a.resume, data=data)
+    except VLPretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with open(os.path.join(a.out, f"summary_rank{rank}.json"), "w") as f:
+        json.dump(summary, f)
+    sys.exit(0 if not summary["interrupted"] else 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Writers of small fake benchmark data in each on-disk format the zeroshot loaders read (for the tests)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 215, 0), (148, 0, 211), (255, 140, 0),
+           (0, 206, 209), (139, 69, 19), (255, 105, 180), (128, 128, 128)]
+
+
+def drawn_image(label: int, size: int = 32, seed: int = 0) -> Image.Image:
+    """A PIL image whose colour and square position depend on the label (and jitter on the seed)."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (size, size), (int(rng.integers(0, 40)),) * 3)
+    d = ImageDraw.Draw(im)
+    off = int(rng.integers(0, size // 4))
+    d.rectangle([off, off, off + size // 2, off + size // 2], fill=COLOURS[label % len(COLOURS)])
+    return im
+
+
+def write_cifar(folder: Path, labels: list[int], name: str, key: str = "labels") -> np.ndarray:
+    """One CIFAR python batch (a pickled dict with bytes keys, 'data' rows of R, G, B planes); returns images."""
+    images = np.stack([np.asarray(drawn_image(y, 32, i)) for i, y in enumerate(labels)])
+    data = images.transpose(0, 3, 1, 2).reshape(len(labels), 3072)
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = {b"batch_label": b"testing batch 1 of 1", key.encode(): list(labels), b"data": data,
+             b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return images
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """MNIST's idx encoding of a uint8 array."""
+    assert array.dtype == np.uint8
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An idx file, gzipped when the name ends in .gz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def mnist_arrays(labels: list[int]) -> np.ndarray:
+    return np.stack([np.asarray(drawn_image(y, 28, i).convert("L")) for i, y in enumerate(labels)])
+
+
+def write_folder_tree(base: Path, folders: list[str], per_class: int, ext: str = ".JPEG") -> dict[str, int]:
+    """ImageFolder tree `base/<folder>/<n><ext>`; returns folder -> number of images."""
+    counts = {}
+    for i, f in enumerate(folders):
+        (base / f).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            drawn_image(i, 24, j).save(base / f / f"{f}_{j}{ext}", format="JPEG" if ext.lower() in (".jpeg", ".jpg")
+                                       else "PNG")
+        counts[f] = per_class
+    return counts
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_wds(root: Path, classnames: list[str], labels: list[int], templates: list[str] | None = None,
+              shards: int = 2, ext: str = "webp", split: str = "test", nshards_file: bool = True) -> Path:
+    """CLIP_benchmark's webdataset layout: classnames.txt, templates, <split>/{0..n-1}.tar of <key>.<ext> + .cls."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    if templates is not None:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    (root / split).mkdir(exist_ok=True)
+    per = -(-len(labels) // shards)
+    for s in range(shards):
+        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
+            for i in range(s * per, min(len(labels), (s + 1) * per)):
+                buf = io.BytesIO()
+                drawn_image(labels[i], 24, i).save(buf, format={"jpg": "JPEG"}.get(ext, ext.upper()))
+                _add(tar, f"s{i:06d}.{ext}", buf.getvalue())
+                _add(tar, f"s{i:06d}.cls", str(labels[i]).encode())
+    if nshards_file:
+        (root / split / "nshards.txt").write_text(f"{shards}\n")
+    return root
+
+
+def write_clevr(root: Path, object_depths: list[list[float]]) -> Path:
+    """torchvision's CLEVR layout with one val scene per entry (object depths as pixel_coords[2])."""
+    base = root / "clevr" / "CLEVR_v1.0"
+    (base / "images" / "val").mkdir(parents=True, exist_ok=True)
+    (base / "scenes").mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for i, depths in enumerate(object_depths):
+        name = f"CLEVR_val_{i:06d}.png"
+        drawn_image(len(depths), 32, i).save(base / "images" / "val" / name)
+        scenes.append({"image_filename": name, "objects": [{"pixel_coords": [10, 20, d]} for d in depths]})
+    (base / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"scenes": scenes}))
+    return root
+
+
+def write_kitti(root: Path, frames: list[list[tuple[str, float]]]) -> Path:
+    """torchvision's Kitti layout: training/image_2/<id>.png and label_2/<id>.txt with (type, depth) objects."""
+    base = root / "Kitti" / "raw" / "training"
+    (base / "image_2").mkdir(parents=True, exist_ok=True)
+    (base / "label_2").mkdir(parents=True, exist_ok=True)
+    for i, objects in enumerate(frames):
+        drawn_image(i, 32, i).save(base / "image_2" / f"{i:06d}.png")
+        lines = [f"{t} 0.00 0 -1.57 100.0 150.0 200.0 250.0 1.5 1.6 3.9 2.0 1.7 {z:.2f} -1.5" for t, z in objects]
+        (base / "label_2" / f"{i:06d}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_voc(root: Path, images: dict[str, list[tuple[str, tuple[int, int, int, int]]]]) -> Path:
+    """torchvision's VOC2007 layout: ImageSets/Main/test.txt, Annotations/<id>.xml, JPEGImages/<id>.jpg."""
+    base = root / "VOCdevkit" / "VOC2007"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    for n, (image_id, objects) in enumerate(images.items()):
+        drawn_image(n, 64, n).save(base / "JPEGImages" / f"{image_id}.jpg")
+        objs = "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                       f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for c, b in objects)
+        (base / "Annotations" / f"{image_id}.xml").write_text(f"<annotation><filename>{image_id}.jpg</filename>"
+                                                             f"{objs}</annotation>")
+    (base / "ImageSets" / "Main" / "test.txt").write_text("\n".join(images) + "\n")
+    return root

@@ -1,0 +1,261 @@
+"""The streaming loader: webdataset shards -> (images, tokens) batches for one rank, through DataLoader workers.
+
+Each DataLoader worker runs the stages of `stages.py` on the shards its plan (`plan.py`) gives it and yields whole
+batches with the counts of what it skipped; this process sums those counts in `loader.stats`, logs each skip
+reason once, and stops the run with a DataError when the error budget is exceeded.
+
+Use (the trainer keeps the epoch and the batches consumed in it, and passes both on resume):
+
+    loader = build_loader(cfg.data, transform, tokenizer, epoch=e, start_batch=b)
+    for images, tokens in loader:      # len(loader) == loader.batches_per_epoch - b
+        ...
+    loader.set_epoch(e + 1)            # then iterate again
+
+or, across epochs: `for epoch, index, images, tokens in loader.forever(e, b): ...`, saving (epoch, index + 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from functools import partial, reduce
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlpretrain.config import DataConfig
+from vlpretrain.data import stages
+from vlpretrain.data.plan import (
+    EpochPlan,
+    expand_shards,
+    plan_epoch,
+    plan_resampled,
+    seed_of,
+    shard_sample_counts,
+)
+from vlpretrain.data.stats import LoaderStats, WorkerStats
+from vlpretrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# The error budget is judged once this many samples were met (or at the end of an epoch): a bad first batch
+# alone does not stop a run.
+BUDGET_MIN_SAMPLES = 1000
+# A worker that reads this many samples beyond its shuffle buffer without one usable sample gives up.
+STALL_SAMPLES = 10_000
+
+
+def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Rank and world size: as given, else torch.distributed's when initialised, else $RANK/$WORLD_SIZE, else 0/1."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+def _transform_size(transform: Any) -> int | None:
+    """The output size of an open_clip/torchvision transform (first sub-transform with an int or square `size`)."""
+    for t in getattr(transform, "transforms", [transform]):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, list | tuple) and size and all(isinstance(v, int) for v in size):
+            return max(size)
+    return None
+
+
+def _local_counts(urls: list[str]) -> dict[str, int | None]:
+    """Expected samples per shard where they can be known cheaply (local files); None for remote ones."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
+    counts = dict(zip(local, shard_sample_counts(local)))
+    return {u: counts.get(u) for u in urls}
+
+
+class _EpochStream(IterableDataset):
+    """What every DataLoader worker runs for one epoch of one rank: its share of the plan, as whole batches."""
+
+    def __init__(self, loader: ShardLoader, plan: EpochPlan, epoch: int):
+        self.cfg, self.plan, self.epoch = loader.cfg, plan, epoch
+        self.rank, self.urls, self.groups = loader.rank, loader.urls, loader.groups
+        self.expected, self.draft = loader.expected, loader.draft_size
+        self.transform, self.tokenizer = loader.transform, loader.tokenizer
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker = self.plan.logical(info.id if info is not None else 0)
+        stats = WorkerStats(stall_limit=self.cfg.shuffle_buffer + self.cfg.batch_size + STALL_SAMPLES)
+        try:
+            for images, tokens, delta in self._batches(worker, stats, in_main_process=info is None):
+                yield images, tokens, delta, None
+        except DataError as e:  # handed over as data: the main process raises it with a clean one-line message
+            yield None, None, stats.take(), str(e)
+
+    def _pipeline(self, shards, stats: WorkerStats, skipper: stages.Skipper, shuffle_rng: random.Random,
+                  in_main_process: bool) -> Iterator[dict]:
+        steps: list[Callable] = [
+            partial(stages.read_shards, stats=stats, expected=self.expected),
+            partial(stages.with_caption, stats=stats),
+            partial(stages.shuffle, size=self.cfg.shuffle_buffer, rng=shuffle_rng),
+            partial(stages.skip, skipper=skipper),
+            partial(stages.decode, stats=stats, draft=self.draft),
+            partial(stages.transform, fn=self.transform, keep_global_rng=in_main_process),
+        ]
+        return reduce(lambda stream, step: step(stream), steps, shards)
+
+    def _batches(self, worker: int, stats: WorkerStats, in_main_process: bool) -> Iterator[tuple]:
+        cfg, plan, epoch, rank = self.cfg, self.plan, self.epoch, self.rank
+        mine = plan.workers[worker]
+        skipper = stages.Skipper(mine.skip_batches * cfg.batch_size)
+        if cfg.mode == "epoch":
+            def one_pass(p: int) -> Iterator[dict]:
+                shards = [(self.urls[i], seed_of("shard", cfg.seed, epoch, self.urls[i], p)) for i in mine.shards]
+                rng = random.Random(seed_of("shuffle", cfg.seed, epoch, rank, worker, p))
+                return self._pipeline(shards, stats, skipper, rng, in_main_process)
+
+            samples = stages.repeat_passes(one_pass, stats, f"rank {rank} worker {worker}")
+        else:
+            draws = stages.resampled_shards(self.groups, cfg.weights,
+                                            random.Random(seed_of("draw", cfg.seed, epoch, rank, worker)),
+                                            lambda d: seed_of("draw", cfg.seed, epoch, rank, worker, d))
+            rng = random.Random(seed_of("shuffle", cfg.seed, epoch, rank, worker))
+            samples = self._pipeline(draws, stats, skipper, rng, in_main_process)
+        yield from stages.batches(samples, cfg.batch_size, mine.batches - mine.skip_batches, self.tokenizer, stats)
+
+
+def _passthrough(item: Any) -> Any:
+    return item
+
+
+class ShardLoader:
+    """Batches `(images FloatTensor[B,3,H,W], tokens LongTensor[B,ctx])` of one epoch for one rank.
+
+    `batches_per_epoch` is the same on every rank (ranks step together); `len()` is what is left of this epoch after
+    `start_batch`. `stats` sums good and skipped samples since the loader was built.
+    """
+
+    def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
+                 rank: int, world_size: int, epoch: int = 0, start_batch: int = 0, image_size: int | None = None,
+                 pin_memory: bool = False):
+        _check_config(cfg)
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.groups = expand_shards(cfg.train)
+        self.urls = [u for g in self.groups for u in g]
+        for url in self.urls:
+            if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url.removeprefix("file:")):
+                raise DataError(f"{url}: shard does not exist (data.train {cfg.train!r})")
+        self.counts = shard_sample_counts(self.urls) if cfg.mode == "epoch" else None
+        self.expected = dict(zip(self.urls, self.counts)) if self.counts else _local_counts(self.urls)
+        size = image_size or cfg.image_size or _transform_size(transform)
+        # a random crop of area fraction s needs size/sqrt(s) source pixels to stay sharp
+        self.draft_size = math.ceil(size / math.sqrt(max(cfg.crop_scale[0], 0.05))) if size and cfg.augment \
+            else size
+        self.stats = LoaderStats()
+        self._logged: set[str] = set()
+        self.set_epoch(epoch, start_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to `epoch`, resuming after its first `start_batch` batches (which are skipped undecoded)."""
+        self.epoch, self.start_batch = epoch, start_batch
+        cfg, workers = self.cfg, max(1, self.cfg.workers)
+        if cfg.mode == "epoch":
+            assert self.counts is not None
+            self.plan = plan_epoch(self.counts, seed=cfg.seed, epoch=epoch, rank=self.rank,
+                                   world_size=self.world_size, workers=workers, batch_size=cfg.batch_size,
+                                   start_batch=start_batch)
+        else:
+            assert cfg.samples_per_epoch is not None
+            self.plan = plan_resampled(cfg.samples_per_epoch, world_size=self.world_size, workers=workers,
+                                       batch_size=cfg.batch_size, start_batch=start_batch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in the whole current epoch, equal on every rank."""
+        return self.plan.batches
+
+    def __len__(self) -> int:
+        return max(0, self.plan.batches - self.start_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        workers = self.cfg.workers
+        loader = DataLoader(_EpochStream(self, self.plan, self.epoch), batch_size=None, num_workers=workers,
+                            collate_fn=_passthrough, pin_memory=self.pin_memory,
+                            prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+                            # its own generator: drawing worker seeds must not move the trainer's global RNG
+                            generator=torch.Generator().manual_seed(seed_of("loader", self.cfg.seed, self.epoch)))
+        for images, tokens, delta, error in loader:
+            self._absorb(delta)
+            if error is not None:
+                raise DataError(error)
+            self._check_budget(final=False)
+            yield images, tokens
+        self._check_budget(final=True)
+
+    def forever(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(epoch, batch index in epoch, images, tokens) from `epoch`/`start_batch` on, epoch after epoch.
+
+        A trainer that saves the last (epoch, index + 1) it trained on resumes exactly where it stopped.
+        """
+        while True:
+            self.set_epoch(epoch, start_batch)
+            for i, (images, tokens) in enumerate(self, start=start_batch):
+                yield epoch, i, images, tokens
+            epoch, start_batch = epoch + 1, 0
+
+    def _absorb(self, delta: dict[str, Any]) -> None:
+        for reason, example in self.stats.merge(delta):
+            if reason not in self._logged:
+                self._logged.add(reason)
+                log.warning("skipping samples: %s (first: %s); later ones are only counted in loader.stats",
+                            reason, example)
+
+    def _check_budget(self, final: bool) -> None:
+        total = self.stats.samples + self.stats.bad
+        if not total or (not final and total < BUDGET_MIN_SAMPLES):
+            return
+        if self.stats.bad_fraction() > self.cfg.error_budget:
+            worst = self.stats.worst_shard()
+            assert worst is not None
+            name, counts = worst
+            raise DataError(f"{self.stats.bad} of {total} samples ({self.stats.bad_fraction():.1%}) were bad, over "
+                            f"data.error_budget {self.cfg.error_budget:.1%}; worst shard {name} "
+                            f"({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})")
+
+
+def _check_config(cfg: DataConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"data.batch_size: must be positive, got {cfg.batch_size}")
+    if cfg.workers < 0:
+        raise ConfigError(f"data.workers: must be >= 0, got {cfg.workers}")
+    if cfg.mode == "epoch" and cfg.weights is not None:
+        raise ConfigError("data.weights: sampling weights apply to data.mode: resampled only")
+    if cfg.mode == "resampled" and cfg.samples_per_epoch is None:
+        raise ConfigError("data.samples_per_epoch: required in resampled mode")
+    if cfg.weights is not None:
+        n = 1 if isinstance(cfg.train, str) else len(cfg.train)
+        if len(cfg.weights) != n or any(w < 0 for w in cfg.weights) or not sum(cfg.weights) > 0:
+            raise ConfigError(f"data.weights: need {n} non-negative weight(s), one per data.train entry, "
+                              f"not all zero; got {cfg.weights}")
+
+
+def build_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
+                 rank: int | None = None, world_size: int | None = None, epoch: int = 0, start_batch: int = 0,
+                 image_size: int | None = None, pin_memory: bool = False) -> ShardLoader:
+    """The loader of `cfg` for this rank (see `ShardLoader`); rank/world size default to torch.distributed or env.
+
+    `transform` maps a PIL RGB image to a tensor (e.g. `vlpretrain.models.image_transform(model, train=True)`),
+    `tokenizer` maps a list of captions to token ids. `image_size` (else `cfg.image_size`, else the transform's)
+    sets how far large JPEGs may be draft-decoded.
+    """
+    rank, world_size = dist_rank_world(rank, world_size)
+    return ShardLoader(cfg, transform, tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+                       start_batch=start_batch, image_size=image_size, pin_memory=pin_memory)

@@ -1,0 +1,338 @@
+"""Write image-caption sources as webdataset tar shards: `{key}.jpg` (or the image's own encoding), `.txt`, `.json`.
+
+Records are prepared (read, checked, optionally resized or re-encoded) in a process pool but written in source order,
+and every tar header field that could vary (mtime, owner, mode) is fixed, so the same input and seed give the same
+shards byte for byte. Shards and the manifest are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlpretrain.data.sources import (
+    Record,
+    Skip,
+    SourceOptions,
+    detect_format,
+    load_classes,
+    load_templates,
+    read_source,
+)
+from vlpretrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+MANIFEST_VERSION = 1
+# PIL format name -> file extension kept in the shard (and recognised by the loader)
+EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+                 "PPM": "ppm"}
+_LOSSLESS = {"png", "webp"}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How images are stored: resize above `max_side`, force JPEG with `reencode`."""
+
+    max_side: int | None = None
+    reencode: bool = False
+    jpeg_quality: int = 95
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A record ready to be written: encoded image, its extension and size, captions and label."""
+
+    source_id: str
+    ext: str
+    image: bytes
+    width: int
+    height: int
+    captions: tuple[str, ...]
+    label: int | None
+    classname: str | None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one record (runs in the worker processes)
+
+
+def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if ext == "jpg":
+        if img.mode in ("RGBA", "LA", "P"):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))  # transparent pixels become white, not black
+        elif img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format={"png": "PNG", "webp": "WEBP"}[ext], **({"lossless": True} if ext == "webp" else {}))
+    return buf.getvalue()
+
+
+def prepare_record(item: Record | Skip, opts: EncodeOptions) -> Prepared | Skip:
+    """Read and check one record's image (a full decode catches truncated files); encode only when needed."""
+    if isinstance(item, Skip):
+        return item
+    captions = tuple(c.strip() for c in item.captions if c and c.strip())
+    if not captions:
+        return Skip(item.where, "empty caption")
+    raw: bytes | None = None
+    if isinstance(item.image, np.ndarray):
+        img = Image.fromarray(item.image)
+        ext = "jpg" if opts.reencode else "png"  # raw arrays have no encoding of their own: PNG is lossless
+        must_encode = True
+    else:
+        if isinstance(item.image, str):
+            try:
+                raw = Path(item.image).read_bytes()
+            except FileNotFoundError:
+                return Skip(item.where, "missing file", item.image)
+            except OSError as e:
+                return Skip(item.where, "missing file", f"{item.image}: {e.strerror}")
+        else:
+            raw = item.image
+        try:
+            img = Image.open(io.BytesIO(raw))
+            img.load()
+        except Exception as e:  # PIL raises many types for bad data
+            return Skip(item.where, "undecodable image", f"{type(e).__name__}: {e}")
+        ext = EXT_BY_FORMAT.get(img.format or "", (img.format or "img").lower())
+        must_encode = opts.reencode
+        if opts.reencode:
+            ext = "jpg"
+    if opts.max_side and max(img.size) > opts.max_side:
+        scale = opts.max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        ext = ext if ext in _LOSSLESS and not opts.reencode else "jpg"
+        must_encode = True
+    data = _encode(img, ext, opts.jpeg_quality) if must_encode else raw
+    assert data is not None
+    return Prepared(item.source_id, ext, data, img.width, img.height, captions, item.label, item.classname)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tar shards
+
+
+def _member_bytes(size: int) -> int:
+    return 512 + -(-size // 512) * 512
+
+
+class ShardSink:
+    """Writes samples into numbered tar shards, starting a new one at `shard_size` samples or `shard_bytes`."""
+
+    def __init__(self, outdir: Path, prefix: str, shard_size: int, shard_bytes: int | None):
+        self.outdir, self.prefix = outdir, prefix
+        self.shard_size, self.shard_bytes = shard_size, shard_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = self._bytes = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.outdir / f".{name}.tmp"
+        self._name = name
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._count = self._bytes = 0
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp, self.outdir / self._name)
+        self.shards.append({"name": self._name, "samples": self._count,
+                            "bytes": (self.outdir / self._name).stat().st_size})
+        self._tar = None
+
+    def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        """Append one sample (its files share `key`), rolling over to a new shard when this one is full."""
+        size = sum(_member_bytes(len(data)) for _, data in files)
+        full = self._count >= self.shard_size or (
+            self.shard_bytes is not None and self._count > 0 and self._bytes + size > self.shard_bytes)
+        if self._tar is not None and full:
+            self._close()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        for ext, data in files:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._bytes += size
+
+    def abort(self) -> None:
+        """Drop the shard being written (after an error): no half shard is ever left under a final name."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Close the last shard; the list of written shards with their sample counts and sizes."""
+        self._close()
+        return self.shards
+
+
+def sample_files(p: Prepared) -> list[tuple[str, bytes]]:
+    """The tar members of one sample: image, first caption, metadata json (sorted keys: stable bytes)."""
+    meta: dict[str, Any] = {"source": p.source_id, "width": p.width, "height": p.height, "captions": list(p.captions)}
+    if p.label is not None:
+        meta["label"] = p.label
+        meta["class"] = p.classname
+    return [(p.ext, p.image), ("txt", p.captions[0].encode("utf-8")),
+            ("json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def _prepare_chunk(items: list[Record | Skip], prepare) -> list[Prepared | Skip]:
+    return [prepare(item) for item in items]
+
+
+def _ordered_map(pool, workers: int, prepare, items, chunk: int = 64) -> Iterator[Prepared | Skip]:
+    """Results in source order whatever the scheduling (keeps shards reproducible), with a bounded backlog."""
+    pending: collections.deque = collections.deque()
+    window = 4 * workers
+    it = iter(items)
+    while True:
+        while len(pending) < window and (part := list(itertools.islice(it, chunk))):
+            pending.append(pool.apply_async(_prepare_chunk, (part, prepare)))
+        if not pending:
+            return
+        yield from pending.popleft().get()
+
+
+def _fingerprint(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _up_to_date(outdir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest when it was written from the same inputs and all its shards are intact."""
+    path = outdir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("version") != MANIFEST_VERSION or manifest.get("inputs") != inputs:
+        return None
+    for s in manifest.get("shards", []):
+        f = outdir / s["name"]
+        if not f.is_file() or f.stat().st_size != s["bytes"]:
+            return None
+    return manifest
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: str | None = None, *,
+                 prefix: str = "shard", shard_size: int = 10000, shard_bytes: int | None = None,
+                 max_side: int | None = None, reencode: bool = False, jpeg_quality: int = 95, workers: int = 1,
+                 seed: int = 0, templates: str | os.PathLike | list[str] | None = None,
+                 classes: str | os.PathLike | list[str] | None = None, split: str = "train",
+                 image_column: str = "image", caption_column: str = "caption",
+                 image_root: str | os.PathLike | None = None, one_sample_per_caption: bool = False,
+                 skip_existing: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write `source` as `outdir/{prefix}-NNNNNN.tar` shards plus `outdir/_manifest.json`; returns the manifest.
+
+    The manifest holds the inputs, sample count, each shard's samples and bytes, and every skipped source row with
+    its reason. With `skip_existing`, a manifest written from the same inputs whose shards are intact is returned
+    without writing anything.
+    """
+    if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
+        raise ConfigError("shard_size and shard_bytes must be positive")
+    src = Path(source)
+    out = Path(outdir)
+    tmpl = list(templates) if isinstance(templates, list) else load_templates(templates) if templates else []
+    names = list(classes) if isinstance(classes, list) else load_classes(classes) if classes else None
+    opts = SourceOptions(image_column, caption_column, str(image_root) if image_root else None,
+                         one_sample_per_caption, tmpl, names, split, seed)
+    if not src.exists():
+        raise DataError(f"{source}: source does not exist")
+    fmt = format or detect_format(src)
+    inputs = {"source": str(src.resolve()), "source_stat": _fingerprint(src), "format": fmt, "prefix": prefix,
+              "shard_size": shard_size, "shard_bytes": shard_bytes, "max_side": max_side, "reencode": reencode,
+              "jpeg_quality": jpeg_quality, "seed": seed, "split": split, "classes": names,
+              "templates_sha256": hashlib.sha256("\n".join(tmpl).encode()).hexdigest() if tmpl else None,
+              "image_column": image_column, "caption_column": caption_column,
+              "image_root": str(Path(image_root).resolve()) if image_root else None,
+              "one_sample_per_caption": one_sample_per_caption}
+    out.mkdir(parents=True, exist_ok=True)
+    if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
+        log.info("%s: shards already written from the same inputs; nothing to do", out)
+        return manifest
+    previous = _read_previous_shards(out)
+    _, records = read_source(src, fmt, opts)
+
+    from tqdm import tqdm
+
+    sink = ShardSink(out, prefix, shard_size, shard_bytes)
+    skipped: list[dict[str, str]] = []
+    prepare = functools.partial(prepare_record, opts=EncodeOptions(max_side, reencode, jpeg_quality))
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        results = _ordered_map(pool, workers, prepare, records.items) if pool else map(prepare, records.items)
+        bar = tqdm(results, total=records.total, unit="img", desc=f"make-shards {out}", disable=not progress,
+                   mininterval=1.0)
+        n = 0
+        for r in bar:
+            if isinstance(r, Skip):
+                skipped.append({"where": r.where, "reason": r.reason, "detail": r.detail})
+                continue
+            sink.add(f"{n:09d}", sample_files(r))
+            n += 1
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+    shards = sink.finish()
+    by_reason: dict[str, int] = {}
+    for s in skipped:
+        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "samples": n, "shards": shards,
+                "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
+    _write_json_atomic(out / MANIFEST, manifest)
+    for name in previous - {s["name"] for s in shards}:
+        (out / name).unlink(missing_ok=True)  # shards of an earlier, longer run would otherwise look current
+    if skipped:
+        log.warning("%s: skipped %d source rows (%s); see %s", src, len(skipped),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())), out / MANIFEST)
+    return manifest
+
+
+def _read_previous_shards(outdir: Path) -> set[str]:
+    try:
+        return {s["name"] for s in json.loads((outdir / MANIFEST).read_text()).get("shards", [])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return set()

@@ -1,0 +1,163 @@
+"""Zero-shot heads from prompt ensembles, and ad hoc classification of a user's own images.
+
+The head of a class is the mean of its L2-normalised prompt embeddings (every template filled with the class name,
+or with each of its synonyms), normalised again: the CLIP paper's ensembling in embedding space. Heads can be
+cached on disk, keyed by a digest of the model weights, the tokenizer, the class names and the templates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vlpretrain.errors import ConfigError
+
+Template = str | Callable[[str], str]
+ClassName = str | Sequence[str]  # a name, or synonyms whose prompts are averaged together (CLIP's FER2013 list)
+
+_DEFAULTS = Path(__file__).resolve().parent / "assets" / "default_templates.json"
+DEFAULT_TEMPLATES: tuple[str, ...] = tuple(json.loads(_DEFAULTS.read_text())["templates"])
+
+
+def fill(template: Template, classname: str) -> str:
+    """The prompt of `template` for one class: `{c}` (or a bare `{}`) replaced by the name, or a callable's result."""
+    if callable(template):
+        return template(classname)
+    if "{c}" in template:
+        return template.replace("{c}", classname)
+    if "{}" in template:
+        return template.replace("{}", classname)
+    raise ConfigError(f"template {template!r} has no {{c}} placeholder for the class name")
+
+
+def default_tokenizer(model: nn.Module):
+    """open_clip's BPE tokenizer at the model's text context length (works offline)."""
+    ctx = getattr(model, "context_length", None)
+    if ctx is None and getattr(model, "positional_embedding", None) is not None:
+        ctx = model.positional_embedding.shape[0]
+    return open_clip.tokenizer.SimpleTokenizer(context_length=int(ctx or 77))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients for the block, then the model's previous mode (a trainer may call us mid-run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes, values) of `model`."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim cannot view
+    return h.hexdigest()
+
+
+def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, classnames: Sequence[ClassName],
+                templates: Sequence[Template]) -> Path:
+    key = {"weights": weights_digest(model), "tokenizer": [type(tokenizer).__name__,
+                                                           getattr(tokenizer, "context_length", None)],
+           "classnames": [c if isinstance(c, str) else list(c) for c in classnames], "templates": list(templates)}
+    digest = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
+    return Path(cache_dir) / f"head-{digest}.pt"
+
+
+def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName], templates: Sequence[Template], *,
+                     batch_size: int = 256, device: str | torch.device | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """The zero-shot head, a float32 (embed_dim, classes) tensor on `device` (default: the model's).
+
+    Prompts are embedded `batch_size` at a time. With `cache_dir`, a head built before for the same weights,
+    tokenizer, class names and templates is read back instead (not when a template is a callable, which has no
+    stable identity). The model is moved to `device` and left in the mode it was in.
+    """
+    if not classnames or not templates:
+        raise ConfigError("build_classifier needs at least one class name and one template")
+    device = torch.device(device) if device is not None else model_device(model)
+    tokenizer = tokenizer or default_tokenizer(model)
+    cache = None
+    if cache_dir is not None and all(isinstance(t, str) for t in templates):
+        cache = _cache_file(cache_dir, model, tokenizer, classnames, templates)
+        if cache.is_file():
+            return torch.load(cache, map_location=device, weights_only=True)["head"]
+    prompts, owners = [], []
+    for i, c in enumerate(classnames):
+        for name in ([c] if isinstance(c, str) else c):
+            prompts += [fill(t, name) for t in templates]
+            owners += [i] * len(templates)
+    model.to(device)
+    sums = None
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            if sums is None:
+                sums = torch.zeros(len(classnames), emb.shape[1], device=device)
+            sums.index_add_(0, torch.tensor(owners[start:start + batch_size], device=device), emb)
+    assert sums is not None
+    counts = torch.bincount(torch.tensor(owners, device=device), minlength=len(classnames)).unsqueeze(1)
+    head = F.normalize(sums / counts, dim=-1).T.contiguous()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        torch.save({"head": head.cpu()}, tmp)
+        os.replace(tmp, cache)
+    return head
+
+
+def _as_batch(images, transform: Callable | None) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.unsqueeze(0) if images.ndim == 3 else images
+    if isinstance(images, Image.Image):
+        images = [images]
+    if transform is None:
+        raise ConfigError("classify: PIL images need a transform (none given and none could be built)")
+    return torch.stack([transform(im.convert("RGB")) for im in images])
+
+
+def classify(model: nn.Module, images, classnames: Sequence[ClassName], templates: Sequence[Template] | None = None,
+             tokenizer=None, transform: Callable | None = None, *, device: str | torch.device | None = None,
+             batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities (N, classes) for PIL images (one or a list) or preprocessed image tensors.
+
+    PIL images go through `transform` (default: the model's evaluation preprocessing); tensors are used as
+    they are. Templates default to the 7 ImageNet prompts the CLIP authors selected. Probabilities are the
+    softmax of the model's scaled cosine logits, or for a model with a logit bias (SigLIP) the per-class sigmoid.
+    """
+    if transform is None and not isinstance(images, torch.Tensor):
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    device = torch.device(device) if device is not None else model_device(model)
+    head = build_classifier(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device=device)
+    batch = _as_batch(images, transform)
+    with eval_mode(model):
+        feats = torch.cat([F.normalize(model.encode_image(batch[i:i + batch_size].to(device)).float(), dim=-1)
+                           for i in range(0, len(batch), batch_size)])
+        scale = model.logit_scale.exp().float().reshape(())
+        logits = scale * feats @ head
+        bias = getattr(model, "logit_bias", None)
+        if bias is not None:
+            return torch.sigmoid(logits + bias.float().reshape(()))
+        return logits.softmax(dim=-1)

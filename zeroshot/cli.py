@@ -1,0 +1,149 @@
+"""`zeroshot` console script: list | eval | report. Parse, look up, call; subcommands register with @command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from vlpretrain.errors import ConfigError, VLPretrainError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand: the decorated function adds its arguments to the parser and returns the runner."""
+
+    def wrap(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+
+    return wrap
+
+
+@command("list", "list the benchmarks: classes, templates, headline metric, readable formats")
+def _list(p: argparse.ArgumentParser):
+    p.add_argument("--sources", action="store_true", help="also print where class names and templates come from")
+
+    def run(a: argparse.Namespace) -> int:
+        from zeroshot.datasets import list_benchmarks
+
+        benches = list_benchmarks()
+        width = max(len(b.name) for b in benches)
+        print(f"{'benchmark':<{width}}  classes  templates  {'metric':<21}  formats")
+        for b in benches:
+            print(f"{b.name:<{width}}  {len(b.classnames):>7}  {len(b.templates):>9}  {b.metric:<21}  "
+                  f"{', '.join(b.formats)}")
+            if a.sources:
+                for what, src in b.sources.items():
+                    print(f"{'':<{width}}    {what}: {src}")
+        print(f"{len(benches)} benchmarks")
+        return 0
+
+    return run
+
+
+def _model_and_tokenizer(model_arg: str, pretrained: str | None):
+    """Load the model; its tokenizer by architecture name when that is known, else open_clip's default."""
+    from vlpretrain.models import get_tokenizer, load_model, read_export_config
+
+    model = load_model(model_arg, pretrained)
+    cfg = read_export_config(model_arg)
+    try:
+        tokenizer = get_tokenizer(cfg.name if cfg is not None else model_arg)
+    except VLPretrainError:
+        tokenizer = None  # a checkpoint of an unknown architecture: fall back to the default BPE tokenizer
+    return model, tokenizer
+
+
+@command("eval", "zero-shot evaluation of a model on benchmarks")
+def _eval(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="exported checkpoint (.safetensors) or open_clip architecture name")
+    p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
+    p.add_argument("--benchmark", required=True, help="comma-separated benchmark names (see `zeroshot list`)")
+    p.add_argument("--root", required=True,
+                   help="folder with one sub-folder per benchmark, or the benchmark's own folder for one benchmark")
+    p.add_argument("--out", help="results JSON to write or update")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
+    p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        import torch
+
+        from zeroshot.datasets import get_benchmark
+        from zeroshot.evaluate import evaluate_suite
+        from zeroshot.results import ResultEntry, update_results
+
+        names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--benchmark: give at least one benchmark name")
+        if not Path(a.root).is_dir():
+            raise ConfigError(f"--root: {a.root} is not a folder")
+        for name in names:  # unknown names and missing data fail before the model loads
+            get_benchmark(name).locate(a.root, format=a.format)
+        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+        def show(e: ResultEntry) -> None:
+            others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items() if k not in ("headline", "images"))
+            print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
+                  f"({e.format} at {e.root})", flush=True)
+
+        entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
+                                 workers=a.workers, device=device, max_images=a.max_images, format=a.format,
+                                 progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
+        if a.out:
+            update_results(a.out, a.model, a.pretrained, entries)
+            print(f"wrote {a.out}")
+        return 0
+
+    return run
+
+
+@command("report", "compare results files: a markdown table and a bar chart")
+def _report(p: argparse.ArgumentParser):
+    p.add_argument("results", nargs="+", help="results JSON files written by `zeroshot eval` (or the trainer)")
+    p.add_argument("--out", required=True, help="folder for report.md and report.png")
+
+    def run(a: argparse.Namespace) -> int:
+        from zeroshot.report import write_report
+
+        md, png = write_report(a.results, a.out)
+        print(md.read_text(), end="")
+        print(f"wrote {md} and {png}")
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="zeroshot", description="Zero-shot evaluation of CLIP-style models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_run=add(sp))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line `error: ...` and exit 2, without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except VLPretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

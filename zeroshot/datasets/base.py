@@ -1,0 +1,186 @@
+"""The benchmark registry: what a benchmark is, the on-disk layouts it can be read from, and lookup by name.
+
+A benchmark is data (class names, templates, folder names in `zeroshot/assets/<name>.json`) plus a headline
+metric plus the layouts it can be read from. Every benchmark can also be read from CLIP_benchmark's webdataset
+layout, which is added to its own layouts here, so a new entry only names the layouts that are particular to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from vlpretrain.errors import ConfigError, DataError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SPLITS = ("test", "train")
+METRICS = ("top1", "mean_per_class_recall")
+
+
+@dataclass
+class EvalSet:
+    """A benchmark split opened from disk: (image, label) pairs plus the prompts to classify them with."""
+
+    dataset: Dataset
+    classnames: list[str]
+    templates: list[str]
+    format: str
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+class Layout:
+    """One way a benchmark can sit on disk (torchvision's files, class folders, webdataset shards)."""
+
+    name: str = ""
+
+    def expected(self, bench: Benchmark, split: str) -> str:
+        """One line naming the files this layout needs, relative to the benchmark root."""
+        raise NotImplementedError
+
+    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
+        """Whether the files marking this layout are under `root` (the rest is checked by `open`)."""
+        raise NotImplementedError
+
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+        """Index the split; raise DataError naming the missing or broken file."""
+        raise NotImplementedError
+
+    def evalset(self, bench: Benchmark, root: Path, dataset: Dataset) -> EvalSet:
+        return EvalSet(dataset, bench.classnames, bench.templates, self.name, root)
+
+
+@functools.cache
+def load_asset(name: str) -> dict[str, Any]:
+    """The class names, templates and optional folder names of a benchmark, from zeroshot/assets/<name>.json."""
+    path = ASSETS / f"{name}.json"
+    data = json.loads(path.read_text())
+    assert data["classnames"] and data["templates"], f"{path}: empty class names or templates"
+    return data
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A zero-shot classification benchmark: prompts (from its asset file), headline metric and on-disk layouts."""
+
+    name: str
+    layouts: tuple[Layout, ...] = ()
+    metric: str = "top1"
+    aliases: tuple[str, ...] = ()  # sub-folder names tried under a collection root (CLIP_benchmark's dataset names)
+    notes: str = ""
+    _all_layouts: tuple[Layout, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        assert self.metric in METRICS, f"{self.name}: unknown metric {self.metric}"
+        from zeroshot.datasets.wds import WebDatasetLayout
+
+        # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
+        # shards) are specific, while a class-folder layout would take a shard folder for a class.
+        object.__setattr__(self, "_all_layouts", (WebDatasetLayout(), *self.layouts))
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(load_asset(self.name)["classnames"])
+
+    @property
+    def templates(self) -> list[str]:
+        return list(load_asset(self.name)["templates"])
+
+    @property
+    def folders(self) -> list[str] | None:
+        """On-disk folder name of each class, in class order, where the dataset's folders are not sorted names."""
+        return load_asset(self.name).get("folders")
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return dict(load_asset(self.name)["sources"])
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*(layout.name for layout in self.layouts), "wds"]))
+
+    def layout_for(self, root: Path, split: str = "test", format: str | None = None) -> Layout:
+        """The layout named by `format`, else the first whose marker files are under `root`."""
+        candidates = self._all_layouts
+        if format is not None:
+            candidates = tuple(layout for layout in candidates if layout.name == format)
+            if not candidates:
+                raise ConfigError(f"format: {self.name} cannot be read as {format!r} (formats: {', '.join(self.formats)})")
+        if not root.is_dir():
+            raise DataError(f"{root}: {self.name} data root does not exist; expected {self.expected(split, candidates)}")
+        for layout in candidates:
+            if layout.detect(self, root, split):
+                return layout
+        raise DataError(f"{root}: no {self.name} {split} data found; expected {self.expected(split, candidates)}")
+
+    def expected(self, split: str = "test", layouts: Sequence[Layout] | None = None) -> str:
+        shown = sorted(layouts or self._all_layouts, key=lambda layout: layout.name == "wds")  # its own first
+        return " or ".join(f"[{layout.name}] {layout.expected(self, split)}" for layout in shown)
+
+    def locate(self, root: str | Path, split: str = "test", format: str | None = None) -> tuple[Path, Layout]:
+        """The benchmark's folder under `root` and its layout, found from marker files only (cheap)."""
+        if split not in SPLITS:
+            raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
+        resolved = resolve_root(self, Path(root))
+        try:
+            return resolved, self.layout_for(resolved, split, format)
+        except DataError as e:
+            if resolved == Path(root) and Path(root).is_dir():  # maybe a collection root without our sub-folder
+                raise DataError(f"{e} (there, or in a {self.name}/ sub-folder)") from None
+            raise
+
+    def load(self, root: str | Path, split: str = "test", transform: Callable | None = None,
+             format: str | None = None) -> EvalSet:
+        """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
+        resolved, layout = self.locate(root, split, format)
+        return layout.open(self, resolved, split, transform)
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register(bench: Benchmark) -> Benchmark:
+    """Add a benchmark to the registry under its name (names are unique)."""
+    assert bench.name not in BENCHMARKS, f"benchmark {bench.name} registered twice"
+    load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
+    BENCHMARKS[bench.name] = bench
+    return bench
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark called `name` (its CLIP_benchmark alias works too)."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    for bench in BENCHMARKS.values():
+        if name in bench.aliases:
+            return bench
+    raise ConfigError(f"benchmark: unknown benchmark {name!r} (see `zeroshot list`)")
+
+
+def resolve_root(bench: Benchmark, root: Path) -> Path:
+    """`root/<name>` (or an alias sub-folder) when `root` is a collection of benchmarks, else `root` itself.
+
+    CLIP_benchmark's webdataset collection names its folders wds_<name> and wds_vtab-<name>; those work too.
+    """
+    names = (bench.name, *bench.aliases)
+    for sub in (*names, *(f"wds_{n}" for n in names), *(f"wds_vtab-{n}" for n in names)):
+        if (root / sub).is_dir():
+            return root / sub
+    return root
+
+
+def first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
+    """The first of `root/c` that exists (an empty candidate means `root` itself)."""
+    for c in candidates:
+        p = root / c if c else root
+        if p.exists():
+            return p
+    return None

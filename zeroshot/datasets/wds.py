@@ -1,0 +1,131 @@
+"""CLIP_benchmark's webdataset layout, which every benchmark can be read from.
+
+    <root>/classnames.txt                          one class name a line, in label order
+    <root>/zeroshot_classification_templates.txt   one template a line with {c} (optional: the registry's otherwise)
+    <root>/test/*.tar                              samples <key>.webp|png|jpg|jpeg + <key>.cls (the label as text)
+    <root>/test/nshards.txt                        optional: shards 0..n-1.tar, as CLIP_benchmark reads them
+
+The shards are indexed once (tar headers only) into a map-style dataset that reads each image by offset, so it
+works with DataLoader workers, subsets and progress bars like the other layouts. Class names and templates found
+beside the shards win over the registry's, as in CLIP_benchmark, so scores match on the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlpretrain.errors import DataError
+from zeroshot.datasets.base import Benchmark, EvalSet, Layout
+
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order when a sample has several
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _shards(folder: Path) -> list[Path]:
+    nshards = folder / "nshards.txt"
+    if nshards.is_file():
+        try:
+            n = int(nshards.read_text().strip())
+        except ValueError:
+            raise DataError(f"{nshards}: expected the number of shards, got {nshards.read_text()[:40]!r}") from None
+        shards = [folder / f"{i}.tar" for i in range(n)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise DataError(f"{folder}: nshards.txt says {n} shards but {', '.join(missing[:3])} "
+                            f"{'is' if len(missing) == 1 else 'are'} missing")
+        return shards
+    return sorted(folder.glob("*.tar"), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name, the rest is the extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def index_shards(shards: list[Path]) -> list[tuple[Path, int, int, int]]:
+    """(shard, byte offset, size, label) of every sample's image, in shard order."""
+    samples = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for member in tar:
+                    if member.isfile():
+                        key, ext = _split_key(member.name)
+                        groups.setdefault(key, {})[ext] = member
+                for key, files in groups.items():
+                    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+                    if image is None or "cls" not in files:
+                        raise DataError(f"{shard}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and a .cls "
+                                        f"label, has {sorted(files)}")
+                    text = tar.extractfile(files["cls"]).read().decode().strip()  # type: ignore[union-attr]
+                    if not text.lstrip("-").isdigit():
+                        raise DataError(f"{shard}: sample {key!r} has label {text[:20]!r}, expected an integer")
+                    samples.append((shard, image.offset_data, image.size, int(text)))
+        except tarfile.TarError as e:
+            raise DataError(f"{shard}: not a readable tar file ({e})") from None
+    return samples
+
+
+class ShardSamples(Dataset):
+    """Images read straight from tar shards by byte offset (each read opens the shard, so workers share nothing)."""
+
+    def __init__(self, samples: list[tuple[Path, int, int, int]], transform: Callable | None = None):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        shard, offset, size, label = self.samples[i]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except OSError as e:
+            raise DataError(f"{shard}: cannot decode the image at byte {offset} ({e})") from None
+        return (self.transform(image) if self.transform else image), label
+
+
+class WebDatasetLayout(Layout):
+    """CLIP_benchmark's `clip_benchmark_export_wds` output, for any benchmark."""
+
+    name = "wds"
+
+    def expected(self, bench: Benchmark, split: str) -> str:
+        return f"{CLASSNAMES} and {split}/*.tar (CLIP_benchmark webdataset)"
+
+    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
+        return (root / CLASSNAMES).is_file() or any((root / split).glob("*.tar"))
+
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+        missing = [str(root / p) for p in (CLASSNAMES,) if not (root / p).is_file()]
+        shards = _shards(root / split) if (root / split).is_dir() else []
+        if not shards:
+            missing.append(str(root / split / "*.tar"))
+        if missing:
+            raise DataError(f"{root}: incomplete CLIP_benchmark webdataset for {bench.name}; missing {', '.join(missing)}")
+        classnames = _read_lines(root / CLASSNAMES)
+        templates = _read_lines(root / TEMPLATES) if (root / TEMPLATES).is_file() else bench.templates
+        samples = index_shards(shards)
+        if not samples:
+            raise DataError(f"{root / split}: the shards hold no samples")
+        bad = next((s for s in samples if not 0 <= s[3] < len(classnames)), None)
+        if bad is not None:
+            raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
+        return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root)

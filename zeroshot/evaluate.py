@@ -1,0 +1,116 @@
+"""Zero-shot evaluation of a model on a registered benchmark: head, image features, logits, metrics.
+
+`encode_images` is the one feature pass (the linear probe reuses it); `evaluate` is the whole task on one
+benchmark; `evaluate_suite` runs several and returns results-file entries (what `zeroshot eval` and the trainer
+write).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from vlpretrain.errors import ConfigError
+from zeroshot.classifier import build_classifier, eval_mode, model_device
+from zeroshot.datasets import EvalSet, get_benchmark
+from zeroshot.metrics import classification_metrics
+from zeroshot.results import ResultEntry
+
+
+def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
+    """At most `max_images` evenly spaced items: class-folder layouts list images class by class, so a prefix
+    would cover only the first classes."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_images is None or max_images >= n:
+        return dataset
+    if max_images < 1:
+        raise ConfigError(f"max_images: expected a positive number, got {max_images}")
+    return Subset(dataset, torch.linspace(0, n - 1, max_images).round().long().unique().tolist())
+
+
+def encode_images(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, workers: int = 0,
+                  device: str | torch.device | None = None, progress: bool = False,
+                  desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image features (N, embed_dim) and labels (N,), both on the CPU, for (image, label) items."""
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    feats, labels = [], []
+    with eval_mode(model), tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress,  # type: ignore[arg-type]
+                                leave=False) as bar:
+        for images, targets in loader:
+            out = model.encode_image(images.to(device, non_blocking=True))
+            feats.append(F.normalize(out.float(), dim=-1).cpu())
+            labels.append(torch.as_tensor(targets))
+            bar.update(len(targets))
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
+                 workers: int = 0, device: str | torch.device | None = None, max_images: int | None = None,
+                 progress: bool = False, desc: str = "zeroshot",
+                 cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Metrics of the zero-shot head built from `data`'s prompts on `data`'s images (see evaluate)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
+    feats, labels = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
+                                  workers=workers, device=device, progress=progress, desc=desc)
+    return classification_metrics(feats @ head.cpu(), labels, headline=headline)
+
+
+def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
+             batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
+             max_images: int | None = None, format: str | None = None, progress: bool = True,
+             split: str = "test", cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Zero-shot metrics of `model` on a registered benchmark read from `root`.
+
+    Returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's headline
+    metric, named by `get_benchmark(benchmark).metric`) and images. `transform` defaults to the model's evaluation
+    preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly
+    spaced subset; `format` forces a layout (default: detected from the files under `root`). The model is moved
+    to `device` (default: where it is) and left in the mode it was in.
+    """
+    bench = get_benchmark(benchmark)
+    if transform is None:
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    data = bench.load(root, split=split, transform=transform, format=format)
+    return run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+                        workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
+                        cache_dir=cache_dir)
+
+
+def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path, *, tokenizer=None,
+                   transform: Callable | None = None, batch_size: int = 256, workers: int = 0,
+                   device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
+                   progress: bool = True, cache_dir: str | os.PathLike | None = None,
+                   on_result: Callable[[ResultEntry], None] | None = None) -> list[ResultEntry]:
+    """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
+
+    Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
+    is done.
+    """
+    benches = [get_benchmark(name) for name in benchmarks]
+    if transform is None:
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    entries = []
+    for bench in benches:
+        data = bench.load(root, transform=transform, format=format)
+        metrics = run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+                               workers=workers, device=device, max_images=max_images, progress=progress,
+                               desc=bench.name, cache_dir=cache_dir)
+        entries.append(ResultEntry("zeroshot", bench.name, bench.metric, metrics, str(data.root), data.format))
+        if on_result is not None:
+            on_result(entries[-1])
+    return entries
