@@ -65,6 +65,28 @@ def test_trainer_run_scores_well_above_chance(fmnist_run, capsys):
 
 
 @pytest.mark.slow
+def test_trainer_run_linear_probe(fmnist_run, tmp_path, capsys):
+    """configs/demo.yaml asks for a linear probe at the end; the CLI probes the exported model the same way."""
+    results = json.loads((fmnist_run / "results.json").read_text())
+    (probe,) = [e for e in results["results"] if e["task"] == "linear_probe"]
+    m = probe["metrics"]
+    with capsys.disabled():
+        print(f"\nfashion-mnist linear probe (2000 train / 2000 test images): top1={m['top1']:.4f} l2={m['l2']:.3g}")
+    assert m["images"] == 2000 and m["num_train"] == 2000 and m["top1"] > 0.6 and m["l2"] > 0
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "zeroshot.cli", "probe", "--model", str(fmnist_run / "model.safetensors"),
+                        "--benchmark", "fashion-mnist", "--root", str(FMNIST), "--max-images", "1000",
+                        "--shots", "20", "--l2", "1.0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["task"] == "linear_probe" and entry["metrics"]["num_train"] == 200  # 20 shots x 10 classes
+    assert entry["metrics"]["l2"] == 1.0 and entry["metrics"]["top1"] > 0.4
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # train and test features cached
+
+
+@pytest.mark.slow
 def test_classify_own_images_with_own_labels(fmnist_run):
     """Ad hoc use: PIL images and the user's label strings, probabilities over them."""
     model = load_model(str(fmnist_run / "model.safetensors"))

@@ -155,9 +155,17 @@ class Evaluator:
         entries = zeroshot.evaluate_suite(self.model, e.benchmarks, e.root, tokenizer=get_tokenizer(self.cfg.model),
                                           batch_size=e.batch_size, workers=e.workers, max_images=e.max_images,
                                           progress=False)
-        if results_file is not None:
+        out = {entry.benchmark: entry.metrics for entry in entries}
+        if results_file is not None:  # the end of the run: linear probes too, when configured
+            if e.linear_probe:
+                for name in e.benchmarks:
+                    bench = zeroshot.get_benchmark(name)
+                    m = zeroshot.linear_probe(self.model, name, e.root, batch_size=e.batch_size, workers=e.workers,
+                                              max_images=e.max_images)
+                    entries.append(zeroshot.ResultEntry("linear_probe", name, bench.metric, m, str(e.root)))
+                    out[f"{name}/linear_probe"] = m
             zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
-        return {entry.benchmark: entry.metrics for entry in entries}
+        return out
 
 
 def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None) -> dict[str, Any]:

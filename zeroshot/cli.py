@@ -106,6 +106,55 @@ def _eval(p: argparse.ArgumentParser):
     return run
 
 
+@command("probe", "linear-probe benchmarking on frozen image features (CLIP protocol)")
+def _probe(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="exported checkpoint (.safetensors) or open_clip architecture name")
+    p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
+    p.add_argument("--benchmark", required=True, help="comma-separated benchmark names (see `zeroshot list`)")
+    p.add_argument("--root", required=True,
+                   help="folder with one sub-folder per benchmark, or the benchmark's own folder for one benchmark")
+    p.add_argument("--out", help="results JSON to write or update (task linear_probe)")
+    p.add_argument("--shots", type=int, help="training images per class (few-shot); default: all")
+    p.add_argument("--l2", type=float, help="fixed L2 strength; default: swept on a validation split of train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and few-shot sampling")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--max-images", type=int, help="cap each split at this many evenly spaced images")
+    p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/vlpretrain/features)")
+
+    def run(a: argparse.Namespace) -> int:
+        import torch
+
+        from zeroshot.datasets import get_benchmark
+        from zeroshot.probing import linear_probe
+        from zeroshot.results import ResultEntry, update_results
+
+        names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--benchmark: give at least one benchmark name")
+        for name in names:  # unknown names and missing data fail before the model loads
+            get_benchmark(name).locate(a.root, split="train", format=a.format)
+        model, _ = _model_and_tokenizer(a.model, a.pretrained)
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        entries = []
+        for name in names:
+            bench = get_benchmark(name)
+            m = linear_probe(model, name, a.root, shots=a.shots, l2=a.l2, seed=a.seed, batch_size=a.batch_size,
+                             workers=a.workers, device=device, max_images=a.max_images, format=a.format,
+                             cache_dir=a.cache_dir)
+            print(f"{name}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
+                  f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
+            entries.append(ResultEntry("linear_probe", name, bench.metric, m, str(a.root), a.format))
+        if a.out:
+            update_results(a.out, a.model, a.pretrained, entries)
+            print(f"wrote {a.out}")
+        return 0
+
+    return run
+
+
 @command("report", "compare results files: a markdown table and a bar chart")
 def _report(p: argparse.ArgumentParser):
     p.add_argument("results", nargs="+", help="results JSON files written by `zeroshot eval` (or the trainer)")

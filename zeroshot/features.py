@@ -1,0 +1,146 @@
+"""Frozen image features for linear probes: extraction with the image tower in eval mode, and an on-disk cache.
+
+Features are extracted once per (model weights, benchmark, split) and stored as safetensors (never pickle), so a
+sweep of probe settings, or a second run, never runs the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlpretrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "vlpretrain-features-v1"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the image tower's weights (names, dtypes, shapes and bytes): the cache key of a model.
+
+    Only the tower that makes the features is hashed (`model.visual` when the model has one), so retraining the
+    text tower alone keeps the cached image features valid.
+    """
+    tower = getattr(model, "visual", model)
+    h = hashlib.sha256()
+    for name, t in sorted(tower.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: int) -> Iterable:
+    """A DataLoader over `data` in its own order (no shuffling), or `data` itself when it already yields batches."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          pin_memory=torch.cuda.is_available())
+    return data
+
+
+def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Image features from an open_clip-style model (`encode_image`) or from any plain image encoder."""
+    encode = getattr(model, "encode_image", None)
+    return encode(images) if callable(encode) else model(images)
+
+
+def extract_features(model: nn.Module, data: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
+                     device: str | torch.device | None = None,
+                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised float32 image features [N, D] and int64 labels [N] of every (image, label) sample, on the CPU.
+
+    The model runs in eval mode under no_grad (its training flag is restored afterwards); the caller gives `data`
+    an eval-mode transform, since augmentation would make the features of a frozen model noisy.
+    """
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(_batches(data, batch_size, workers)):
+                if not isinstance(batch, list | tuple) or len(batch) < 2:
+                    raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
+                images, y = batch[0], batch[1]
+                out = _encode(model, images.to(device, non_blocking=True))
+                feats.append(out.float().cpu())
+                labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1).cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise DataError("no samples to extract features from (the dataset is empty)")
+    x, y = torch.cat(feats), torch.cat(labels)
+    if len(x) != len(y):
+        raise DataError(f"{len(x)} features but {len(y)} labels: each sample must carry one label")
+    return x, y
+
+
+def cache_path(cache_dir: str | os.PathLike, digest: str, key: str) -> Path:
+    """Where the features of `key` (e.g. "cifar10/test") for weights `digest` live.
+
+    The file name keeps a readable form of the key plus a hash of it, so distinct keys never share a file.
+    """
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_")[:80] or "features"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(cache_dir) / digest[:16] / f"{readable}-{tag}.safetensors"
+
+
+def _read_cache(path: Path, digest: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (features, labels), or None when the file is missing, unreadable or for another model/key."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        log.warning("%s: unreadable feature cache (%s); extracting again", path, e)
+        return None
+    if meta.get("format") != CACHE_FORMAT or meta.get("digest") != digest or meta.get("key") != key:
+        log.warning("%s: feature cache belongs to another model or key; extracting again", path)
+        return None
+    x, y = tensors.get("features"), tensors.get("labels")
+    if x is None or y is None or x.ndim != 2 or y.shape != (x.shape[0],):
+        log.warning("%s: feature cache has wrong tensors; extracting again", path)
+        return None
+    return x, y
+
+
+def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset | DataLoader | Iterable],
+                    cache_dir: str | os.PathLike, *, digest: str | None = None, batch_size: int = 256,
+                    device: str | torch.device | None = None,
+                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of `key` (benchmark/split) from the cache, extracting and storing them on a miss.
+
+    `loader_fn` is only called on a miss, so a cached split needs neither its images nor the model to run.
+    Pass `digest` (from `weights_digest`) when probing several splits to hash the weights once.
+    """
+    digest = digest or weights_digest(model)
+    path = cache_path(cache_dir, digest, key)
+    hit = _read_cache(path, digest, key)
+    if hit is not None:
+        return hit
+    x, y = extract_features(model, loader_fn(), batch_size=batch_size, device=device, workers=workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so an interrupted run never leaves a half file that a later run would trust.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({"features": x.contiguous(), "labels": y.contiguous()}, str(tmp),
+              metadata={"format": CACHE_FORMAT, "digest": digest, "key": key})
+    os.replace(tmp, path)
+    return x, y

@@ -1,0 +1,54 @@
+"""`linear_probe`: the CLIP paper's logistic-regression probe on a registered benchmark, from a model and a root.
+
+Features of the train and test splits are extracted once per (model weights, benchmark, split) and cached; the
+fit itself is in `zeroshot.probe`. Results use the zero-shot metric names, so one results file holds both tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zeroshot.datasets import get_benchmark
+from zeroshot.evaluate import spread_subset
+from zeroshot.features import cached_features, weights_digest
+from zeroshot.probe import linear_probe_features
+
+DEFAULT_CACHE = Path(os.environ.get("VLPRETRAIN_CACHE", Path.home() / ".cache" / "vlpretrain")) / "features"
+
+
+def linear_probe(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int | None = None,
+                 l2: float | None = None, seed: int = 0, batch_size: int = 256, workers: int = 0,
+                 device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Linear-probe metrics of `model`'s frozen image features on `benchmark` (train split -> test split).
+
+    Without `l2` the strength is swept on a validation split held out from train (CLIP protocol), then refitted on
+    train + validation; `shots` keeps k training images per class. `max_images` caps each split (evenly spaced).
+    Returns top1, top5, mean_per_class_recall, headline, images, num_train, l2 (and val_top1 when swept).
+    """
+    from vlpretrain.models import image_transform
+
+    bench = get_benchmark(benchmark)
+    transform = image_transform(model, train=False)
+    digest = weights_digest(model)
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    features = {}
+    for split in ("train", "test"):
+        key = f"{bench.name}/{split}" + (f"-max{max_images}" if max_images else "")
+
+        def load(split: str = split):
+            data = bench.load(root, split=split, transform=transform, format=format)
+            return spread_subset(data.dataset, max_images)
+
+        features[split] = cached_features(model, key, load, cache, digest=digest, batch_size=batch_size,
+                                          device=device, workers=workers)
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+    out = linear_probe_features(train_x, train_y, test_x, test_y, num_classes=len(bench.classnames), l2=l2,
+                                shots=shots, seed=seed, device=device)
+    out["images"] = out.pop("num_images")
+    out["headline"] = out[bench.metric]
+    return out
