@@ -67,3 +67,22 @@ def test_report_table_and_chart(tmp_path):
     md, png = write_report([a, b], tmp_path / "out")
     assert "| zeroshot | cifar10 | top1 | 50.0 | 75.0 |" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+def test_report_labels_tell_runs_apart():
+    from pathlib import Path
+
+    from zeroshot.report import column_labels
+
+    runs = [Results(m, p, []) for m, p in (("runs/demo/model.safetensors", None),
+                                           ("runs/demo-moe/model.safetensors", None),
+                                           ("runs/demo-dense-more/model.safetensors", None),
+                                           ("ViT-B-32", "ckpt/a/open_clip.bin"),
+                                           ("ViT-B-32", "ckpt/b/open_clip.bin"),
+                                           ("ViT-B-32", None))]
+    paths = [Path(f"r{i}.json") for i in range(len(runs))]
+    assert column_labels(runs, paths) == ["demo/model.safetensors", "demo-moe/model.safetensors",
+                                          "demo-dense-more/model.safetensors", "ViT-B-32 (a/open_clip.bin)",
+                                          "ViT-B-32 (b/open_clip.bin)", "ViT-B-32"]
+    same = [Results("ViT-B-32", None, []), Results("ViT-B-32", None, [])]
+    assert column_labels(same, [Path("x/r.json"), Path("y/r.json")]) == ["ViT-B-32 [x/r.json]", "ViT-B-32 [y/r.json]"]

@@ -10,12 +10,24 @@ from zeroshot.results import Results, read_results
 
 
 def column_labels(results: list[Results], paths: list[Path]) -> list[str]:
-    """One label per results file: the model (and pretrained file) name, with the file name where those repeat."""
-    labels = [Path(r.model).name + (f" ({Path(r.pretrained).name})" if r.pretrained else "") for r in results]
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} [{paths[i].name}]"
-    return labels
+    """One label per results file: the model (and pretrained file) name, lengthened with parent folders where
+    names repeat (runs/a/model.safetensors and runs/b/model.safetensors become a/model... and b/model...),
+    then with the results file's path if even the full names are equal."""
+
+    def name(r: Results, parts: int) -> str:
+        label = "/".join(Path(r.model).parts[-parts:])
+        return label + (f" ({'/'.join(Path(r.pretrained).parts[-parts:])})" if r.pretrained else "")
+
+    depth = [1] * len(results)
+    labels = [name(r, 1) for r in results]
+    for _ in range(max((len(Path(r.model).parts) for r in results), default=1)):
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashes:
+            return labels
+        for i in clashes:
+            depth[i] += 1
+            labels[i] = name(results[i], depth[i])
+    return [f"{label} [{paths[i]}]" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
 
 def comparison_rows(results: list[Results]) -> list[tuple[str, str, str, list[float | None]]]:
