@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from vlpretrain.errors import VLPretrainError
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     args = build_parser().parse_args(argv)
+    # DeepSpeed's ZeRO internals call a collective torch has renamed; the warning is theirs, once per rank and run
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     try:
         return int(args._run(args) or 0)
     except VLPretrainError as e:

@@ -16,13 +16,35 @@ from torch import nn
 MAX_LOGIT_SCALE = 100.0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x, world_size):
+        ctx.rows = x.shape[0]
+        out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_single(mine, grad)
+            return mine, None
+        # gloo (the CPU backend) has no reduce-scatter: sum a copy of the whole gradient, keep this rank's rows
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows], None
+
+
 def gather_features(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate `x` from all ranks in rank order; gradients flow back to each rank's own rows."""
     if world_size == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x, world_size)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
