@@ -67,7 +67,8 @@ def _open_clip(a: argparse.Namespace, out: str) -> None:
           "--batch-size", str(a.batch_size), "--epochs", "1", "--workers", str(a.workers), "--precision", precision,
           "--lr", "5e-4", "--warmup", "10", "--log-every-n-steps", "1", "--logs", out, "--name", "bench",
           "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
-          "--local-loss", "--gather-with-grad", "--seed", "0", *(["--torchcompile"] if a.compile else [])])
+          "--local-loss", "--gather-with-grad", "--seed", "0",
+          "--grad-clip-norm", "1.0", *(["--torchcompile"] if a.compile else [])])  # 1.0: our train.clip_grad default
 
 
 def _median_after_warmup(values: list[float], warmup: int) -> float:

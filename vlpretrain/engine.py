@@ -115,7 +115,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            "torch_adam": not t.offload_optimizer}},
+            # torch's fused AdamW (CPU and GPU): one kernel over all tensors instead of a loop per parameter
+            "torch_adam": not t.offload_optimizer, **({} if t.offload_optimizer else {"fused": True})}},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -139,6 +140,9 @@ def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, env.world_size), lr_scheduler=schedule)
+    if env.world_size == 1 and cfg.train.zero_stage == 0:
+        # averaging gradients over one rank is the identity; DeepSpeed would still flatten and copy them every step
+        engine.enable_backward_allreduce = False
     return engine
 
 
