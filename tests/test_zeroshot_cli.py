@@ -55,6 +55,13 @@ def test_user_errors_print_one_line_and_exit_2(collection, capsys, args, message
     assert err.startswith(message.format(root=collection)) and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["eval", "probe"])
+def test_a_root_that_is_not_a_folder_is_named(tmp_path, capsys, command):
+    missing = tmp_path / "no-such-root"
+    assert main([command, "--model", "tiny-vit", "--benchmark", "cifar10", "--root", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: --root: {missing} is not a folder\n"
+
+
 def test_report_of_a_missing_file_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

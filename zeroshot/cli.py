@@ -57,38 +57,54 @@ def _model_and_tokenizer(model_arg: str, pretrained: str | None):
     return model, tokenizer
 
 
-@command("eval", "zero-shot evaluation of a model on benchmarks")
-def _eval(p: argparse.ArgumentParser):
+def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The options `eval` and `probe` share: which model, which benchmarks where, and how to run."""
     p.add_argument("--model", required=True, help="exported checkpoint (.safetensors) or open_clip architecture name")
     p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
     p.add_argument("--benchmark", required=True, help="comma-separated benchmark names (see `zeroshot list`)")
     p.add_argument("--root", required=True,
                    help="folder with one sub-folder per benchmark, or the benchmark's own folder for one benchmark")
-    p.add_argument("--out", help="results JSON to write or update")
+    p.add_argument("--out", help=out_help)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
     p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
+    """The --benchmark names, each found under --root, so that unknown names and missing data fail before the
+    model loads."""
+    from zeroshot.datasets import get_benchmark
+
+    names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--benchmark: give at least one benchmark name")
+    if not Path(a.root).is_dir():
+        raise ConfigError(f"--root: {a.root} is not a folder")
+    for name in names:
+        get_benchmark(name).locate(a.root, split=split, format=a.format)
+    return names
+
+
+def _device(a: argparse.Namespace):
+    import torch
+
+    return torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@command("eval", "zero-shot evaluation of a model on benchmarks")
+def _eval(p: argparse.ArgumentParser):
+    _model_and_data_args(p, "results JSON to write or update")
+    p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
-        import torch
-
-        from zeroshot.datasets import get_benchmark
         from zeroshot.evaluate import evaluate_suite
         from zeroshot.results import ResultEntry, update_results
 
-        names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
-        if not names:
-            raise ConfigError("--benchmark: give at least one benchmark name")
-        if not Path(a.root).is_dir():
-            raise ConfigError(f"--root: {a.root} is not a folder")
-        for name in names:  # unknown names and missing data fail before the model loads
-            get_benchmark(name).locate(a.root, format=a.format)
+        names = _checked_benchmarks(a, "test")
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
-        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
         def show(e: ResultEntry) -> None:
             others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items() if k not in ("headline", "images"))
@@ -96,7 +112,7 @@ def _eval(p: argparse.ArgumentParser):
                   f"({e.format} at {e.root})", flush=True)
 
         entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
-                                 workers=a.workers, device=device, max_images=a.max_images, format=a.format,
+                                 workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
                                  progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
         if a.out:
             update_results(a.out, a.model, a.pretrained, entries)
@@ -108,41 +124,25 @@ def _eval(p: argparse.ArgumentParser):
 
 @command("probe", "linear-probe benchmarking on frozen image features (CLIP protocol)")
 def _probe(p: argparse.ArgumentParser):
-    p.add_argument("--model", required=True, help="exported checkpoint (.safetensors) or open_clip architecture name")
-    p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
-    p.add_argument("--benchmark", required=True, help="comma-separated benchmark names (see `zeroshot list`)")
-    p.add_argument("--root", required=True,
-                   help="folder with one sub-folder per benchmark, or the benchmark's own folder for one benchmark")
-    p.add_argument("--out", help="results JSON to write or update (task linear_probe)")
+    _model_and_data_args(p, "results JSON to write or update (task linear_probe)")
     p.add_argument("--shots", type=int, help="training images per class (few-shot); default: all")
     p.add_argument("--l2", type=float, help="fixed L2 strength; default: swept on a validation split of train")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and few-shot sampling")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--max-images", type=int, help="cap each split at this many evenly spaced images")
-    p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/vlpretrain/features)")
 
     def run(a: argparse.Namespace) -> int:
-        import torch
-
         from zeroshot.datasets import get_benchmark
         from zeroshot.probing import linear_probe
         from zeroshot.results import ResultEntry, update_results
 
-        names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
-        if not names:
-            raise ConfigError("--benchmark: give at least one benchmark name")
-        for name in names:  # unknown names and missing data fail before the model loads
-            get_benchmark(name).locate(a.root, split="train", format=a.format)
+        names = _checked_benchmarks(a, "train")
         model, _ = _model_and_tokenizer(a.model, a.pretrained)
-        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         entries = []
         for name in names:
             bench = get_benchmark(name)
             m = linear_probe(model, name, a.root, shots=a.shots, l2=a.l2, seed=a.seed, batch_size=a.batch_size,
-                             workers=a.workers, device=device, max_images=a.max_images, format=a.format,
+                             workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
                              cache_dir=a.cache_dir)
             print(f"{name}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
                   f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
