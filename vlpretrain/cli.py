@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO internals call a collective torch has renamed; the warning is theirs, once per rank and run
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand (both console scripts): a user error prints `error: ...` and gives 2, Ctrl-C 130."""
     try:
         return int(args._run(args) or 0)
     except VLPretrainError as e:
