@@ -87,6 +87,16 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     return names
 
 
+def _save(a: argparse.Namespace, entries: list) -> int:
+    """Add the entries to the --out results file, when one is given (eval and probe write the same file shape)."""
+    from zeroshot.results import update_results
+
+    if a.out:
+        update_results(a.out, a.model, a.pretrained, entries)
+        print(f"wrote {a.out}")
+    return 0
+
+
 def _device(a: argparse.Namespace):
     import torch
 
@@ -102,7 +112,7 @@ def _eval(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.evaluate import evaluate_suite
-        from zeroshot.results import ResultEntry, update_results
+        from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "test")
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
@@ -115,10 +125,7 @@ def _eval(p: argparse.ArgumentParser):
         entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
                                  workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
                                  progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
-        if a.out:
-            update_results(a.out, a.model, a.pretrained, entries)
-            print(f"wrote {a.out}")
-        return 0
+        return _save(a, entries)
 
     return run
 
@@ -135,7 +142,7 @@ def _probe(p: argparse.ArgumentParser):
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
         from zeroshot.probing import linear_probe
-        from zeroshot.results import ResultEntry, update_results
+        from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "train")
         model, _ = _model_and_tokenizer(a.model, a.pretrained)
@@ -148,10 +155,7 @@ def _probe(p: argparse.ArgumentParser):
             print(f"{name}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
                   f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
             entries.append(ResultEntry("linear_probe", name, bench.metric, m, str(a.root), a.format))
-        if a.out:
-            update_results(a.out, a.model, a.pretrained, entries)
-            print(f"wrote {a.out}")
-        return 0
+        return _save(a, entries)
 
     return run
 

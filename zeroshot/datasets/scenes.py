@@ -45,30 +45,41 @@ def kitti_distance_label(label_lines: list[str]) -> int:
     return bin_index(min(depths + [1000.0]), KITTI_DISTANCE_BINS)
 
 
-class ClevrLayout(Layout):
-    """`clevr/CLEVR_v1.0/images/val/*.png` with `scenes/CLEVR_val_scenes.json` (VTAB's test split is CLEVR's val)."""
+class _NestedLayout(Layout):
+    """A layout found at one of several depths under the root: the first CANDIDATES folder holding MARKER."""
 
     name = "torchvision"
+    CANDIDATES: tuple[str, ...] = ("",)
+    MARKER = ""
+
+    def _base(self, root: Path) -> Path | None:
+        return next((root / c for c in self.CANDIDATES if (root / c / self.MARKER).is_dir()), None)
+
+    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
+        return self._base(root) is not None
+
+    def _found(self, root: Path) -> Path:
+        base = self._base(root)
+        assert base is not None, "open() is only called after detect()"
+        return base
+
+
+class ClevrLayout(_NestedLayout):
+    """`clevr/CLEVR_v1.0/images/val/*.png` with `scenes/CLEVR_val_scenes.json` (VTAB's test split is CLEVR's val)."""
+
     SPLIT = {"test": "val", "train": "train"}
+    CANDIDATES = ("clevr/CLEVR_v1.0", "CLEVR_v1.0", "")
+    MARKER = "scenes"
 
     def __init__(self, label: Callable[[list[dict]], int]):
         self.label = label
-
-    CANDIDATES = ("clevr/CLEVR_v1.0", "CLEVR_v1.0", "")
-
-    def _base(self, root: Path) -> Path | None:
-        return next((root / c for c in self.CANDIDATES if (root / c / "scenes").is_dir()), None)
 
     def expected(self, bench: Benchmark, split: str) -> str:
         s = self.SPLIT[split]
         return f"clevr/CLEVR_v1.0/images/{s}/*.png and clevr/CLEVR_v1.0/scenes/CLEVR_{s}_scenes.json"
 
-    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
-        return self._base(root) is not None
-
     def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
-        base = self._base(root)
-        assert base is not None
+        base = self._found(root)
         s = self.SPLIT[split]
         scenes_file, images = base / "scenes" / f"CLEVR_{s}_scenes.json", base / "images" / s
         if not scenes_file.is_file() or not images.is_dir():
@@ -91,24 +102,17 @@ class ClevrLayout(Layout):
         return self.evalset(bench, root, ImageFiles(paths, labels, transform))
 
 
-class KittiLayout(Layout):
+class KittiLayout(_NestedLayout):
     """torchvision's `Kitti/raw/training/{image_2,label_2}`: every labelled image (KITTI's test set has no labels)."""
 
-    name = "torchvision"
     CANDIDATES = ("Kitti/raw/training", "raw/training", "training", "")
-
-    def _base(self, root: Path) -> Path | None:
-        return next((root / c for c in self.CANDIDATES if (root / c / "label_2").is_dir()), None)
+    MARKER = "label_2"
 
     def expected(self, bench: Benchmark, split: str) -> str:
         return "Kitti/raw/training/image_2/*.png with Kitti/raw/training/label_2/*.txt"
 
-    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
-        return self._base(root) is not None
-
     def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
-        base = self._base(root)
-        assert base is not None
+        base = self._found(root)
         paths, labels = [], []
         for label_file in sorted((base / "label_2").glob("*.txt")):
             image = base / "image_2" / f"{label_file.stem}.png"
@@ -124,25 +128,18 @@ class KittiLayout(Layout):
         return self.evalset(bench, root, ImageFiles(paths, labels, transform))
 
 
-class VocCropsLayout(Layout):
+class VocCropsLayout(_NestedLayout):
     """`VOCdevkit/VOC2007/{ImageSets/Main/<split>.txt, Annotations, JPEGImages}`: one crop per annotated object."""
 
-    name = "torchvision"
     CANDIDATES = ("VOCdevkit/VOC2007", "VOC2007", "")
+    MARKER = "Annotations"
     SPLIT = {"test": "test", "train": "trainval"}
-
-    def _base(self, root: Path) -> Path | None:
-        return next((root / c for c in self.CANDIDATES if (root / c / "Annotations").is_dir()), None)
 
     def expected(self, bench: Benchmark, split: str) -> str:
         return f"VOCdevkit/VOC2007/ImageSets/Main/{self.SPLIT[split]}.txt, Annotations/ and JPEGImages/"
 
-    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
-        return self._base(root) is not None
-
     def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
-        base = self._base(root)
-        assert base is not None
+        base = self._found(root)
         ids_file = base / "ImageSets" / "Main" / f"{self.SPLIT[split]}.txt"
         if not ids_file.is_file():
             raise DataError(f"{base}: incomplete VOC2007; missing {ids_file}")
