@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from zeroshot.probe import (
+from zeroshot.logistic import (
     accuracy_and_loss,
     cross_entropy_sum,
     fit_logistic_regression,

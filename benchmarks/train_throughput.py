@@ -33,7 +33,7 @@ def _ours(a: argparse.Namespace, out: str) -> None:
 
     from vlpretrain.config import load_config
     from vlpretrain.models import build_model, get_tokenizer, image_size, image_transform
-    from vlpretrain.train import train
+    from vlpretrain.trainer import train
 
     cfg = load_config(None, [
         "data.train=synthetic", f"model.name={a.model}", f"data.batch_size={a.batch_size}",

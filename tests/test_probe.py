@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlpretrain.errors import ConfigError, DataError
-from zeroshot import probe
-from zeroshot.features import cache_path, cached_features, extract_features, weights_digest
-from zeroshot.probe import (
+from zeroshot import logistic as probe
+from zeroshot.features import cache_path, cached_features, encode_images, weights_digest
+from zeroshot.logistic import (
     accuracy_and_loss,
     few_shot_indices,
     fit_logistic_regression,
@@ -23,8 +23,8 @@ from zeroshot.probe import (
     normalize_features,
     stratified_split,
     sweep_l2,
-    topk_metrics,
 )
+from zeroshot.metrics import topk_metrics
 
 NUM_CLASSES = 10
 
@@ -290,15 +290,15 @@ def image_set(n: int = 10):
     return TensorDataset(torch.randn(n, 3, 2, 2, generator=g), torch.arange(n) % 3)
 
 
-def test_extract_features_eval_mode_no_grad():
+def test_encode_images_eval_mode_no_grad():
     model, ds = CountingEncoder(), image_set()
     model.train()
-    x, y = extract_features(model, ds, batch_size=4, device="cpu")
+    x, y = encode_images(model, ds, batch_size=4, device="cpu")
     assert model.calls == 3 and model.modes == [False] * 3 and model.grad == [False] * 3
     assert model.training  # restored
     assert x.dtype == torch.float32 and x.shape == (10, 4) and torch.equal(y, torch.arange(10) % 3)
     torch.testing.assert_close(x, model.visual(ds.tensors[0].flatten(1)).detach())
-    x2, _ = extract_features(model, DataLoader(ds, batch_size=5), device="cpu")
+    x2, _ = encode_images(model, DataLoader(ds, batch_size=5), device="cpu")
     torch.testing.assert_close(x2, x)
 
 
@@ -314,7 +314,7 @@ def test_cache_is_used_on_the_second_call(tmp_path):
     x2, y2 = cached_features(model, "toy/test", loader, tmp_path, batch_size=4, device="cpu")
     assert (model.calls, len(loads)) == (3, 1)  # neither the data nor the model was touched
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    path = cache_path(tmp_path, weights_digest(model), "toy/test")
+    path = cache_path(tmp_path, weights_digest(model, scope="image"), "toy/test")
     assert set(load_file(str(path))) == {"features", "labels"}
     cached_features(model, "toy/train", loader, tmp_path, batch_size=4, device="cpu")
     assert model.calls == 6  # another split is another entry
@@ -322,14 +322,14 @@ def test_cache_is_used_on_the_second_call(tmp_path):
 
 def test_cache_keys_on_image_weights(tmp_path):
     model = CountingEncoder()
-    digest = weights_digest(model)
+    digest = weights_digest(model, scope="image")
     with torch.no_grad():
         model.text.weight.add_(1.0)
-    assert weights_digest(model) == digest  # the text tower does not change image features
+    assert weights_digest(model, scope="image") == digest  # the text tower does not change image features
     cached_features(model, "toy/test", image_set, tmp_path, device="cpu")
     with torch.no_grad():
         model.visual.weight.add_(1.0)
-    assert weights_digest(model) != digest
+    assert weights_digest(model, scope="image") != digest
     x, _ = cached_features(model, "toy/test", image_set, tmp_path, device="cpu")
     assert model.calls == 2
     torch.testing.assert_close(x, model.visual(image_set().tensors[0].flatten(1)).detach())
@@ -338,6 +338,6 @@ def test_cache_keys_on_image_weights(tmp_path):
 def test_corrupt_cache_is_extracted_again(tmp_path):
     model = CountingEncoder()
     cached_features(model, "toy/test", image_set, tmp_path, device="cpu")
-    cache_path(tmp_path, weights_digest(model), "toy/test").write_bytes(b"not a safetensors file")
+    cache_path(tmp_path, weights_digest(model, scope="image"), "toy/test").write_bytes(b"not a safetensors file")
     x, _ = cached_features(model, "toy/test", image_set, tmp_path, device="cpu")
     assert model.calls == 2 and x.shape == (10, 4)

@@ -13,7 +13,7 @@ import torch
 
 from vlpretrain.config import load_config
 from vlpretrain.errors import VLPretrainError
-from vlpretrain.train import train
+from vlpretrain.trainer import train
 
 BATCHES_PER_EPOCH = 5
 

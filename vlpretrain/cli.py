@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from collections.abc import Callable
 
-from vlpretrain.errors import VLPretrainError
+from vlpretrain.console import Commands
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):
-    """Register a subcommand: the decorated function adds its arguments and returns the runner."""
-
-    def wrap(fn):
-        def add(p: argparse.ArgumentParser) -> None:
-            p.set_defaults(_run=fn(p))
-
-        COMMANDS[name] = (help, add, fn)
-        return fn
-
-    return wrap
+COMMANDS = Commands("vlpretrain", "Contrastive vision-language pretraining.")
+command = COMMANDS.command
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -62,7 +48,7 @@ def _train(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.config import load_config
-        from vlpretrain.train import train
+        from vlpretrain.trainer import train
 
         summary = train(load_config(a.config, a.overrides), resume=a.resume)
         return 0 if not summary["interrupted"] else 130
@@ -159,34 +145,12 @@ def _upcycle(p: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="vlpretrain", description="Contrastive vision-language pretraining.")
-    # the deepspeed launcher passes --local_rank before the subcommand; the environment carries it too
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_, add, _) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
-    return parser
+    return COMMANDS.build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, without a traceback."""
-    args = build_parser().parse_args(argv)
-    # DeepSpeed's ZeRO internals call a collective torch has renamed; the warning is theirs, once per rank and run
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
-    return run_command(args)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand (both console scripts): a user error prints `error: ...` and gives 2, Ctrl-C 130."""
-    try:
-        return int(args._run(args) or 0)
-    except VLPretrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return COMMANDS.main(argv)
 
 
 if __name__ == "__main__":

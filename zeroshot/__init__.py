@@ -10,13 +10,14 @@
 
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
-from zeroshot.evaluate import encode_images, evaluate, evaluate_suite, run_zeroshot
+from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
+from zeroshot.features import encode_images
 from zeroshot.metrics import classification_metrics, mean_per_class_recall, top_k_accuracy
-from zeroshot.probing import linear_probe
+from zeroshot.probe import linear_probe
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
 
 __all__ = [
     "DEFAULT_TEMPLATES", "Benchmark", "ResultEntry", "Results", "build_classifier", "classification_metrics",
-    "classify", "encode_images", "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall",
-    "read_results", "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
+    "classify", "encode_images", "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks",
+    "mean_per_class_recall", "read_results", "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
 ]

@@ -7,11 +7,10 @@ cached on disk, keyed by a digest of the model weights, the tokenizer, the class
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import open_clip
@@ -21,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from vlpretrain.errors import ConfigError
+from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
 
 Template = str | Callable[[str], str]
 ClassName = str | Sequence[str]  # a name, or synonyms whose prompts are averaged together (CLIP's FER2013 list)
@@ -48,35 +48,9 @@ def default_tokenizer(model: nn.Module):
     return open_clip.tokenizer.SimpleTokenizer(context_length=int(ctx or 77))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no gradients for the block, then the model's previous mode (a trainer may call us mid-run)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def weights_digest(model: nn.Module) -> str:
-    """A digest of every parameter and buffer (names, dtypes, shapes, values) of `model`."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim cannot view
-    return h.hexdigest()
-
-
 def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, classnames: Sequence[ClassName],
                 templates: Sequence[Template]) -> Path:
-    key = {"weights": weights_digest(model), "tokenizer": [type(tokenizer).__name__,
+    key = {"weights": weights_digest(model, scope="model"), "tokenizer": [type(tokenizer).__name__,
                                                            getattr(tokenizer, "context_length", None)],
            "classnames": [c if isinstance(c, str) else list(c) for c in classnames], "templates": list(templates)}
     digest = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
@@ -94,7 +68,7 @@ def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName
     """
     if not classnames or not templates:
         raise ConfigError("build_classifier needs at least one class name and one template")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(device, model)
     tokenizer = tokenizer or default_tokenizer(model)
     cache = None
     if cache_dir is not None and all(isinstance(t, str) for t in templates):
@@ -149,12 +123,13 @@ def classify(model: nn.Module, images, classnames: Sequence[ClassName], template
         from vlpretrain.models import image_transform
 
         transform = image_transform(model, train=False)
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(device, model)
     head = build_classifier(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device=device)
     batch = _as_batch(images, transform)
+    unlabelled = [(chunk, torch.zeros(len(chunk))) for chunk in batch.split(batch_size)]
+    feats, _ = encode_images(model, unlabelled, device=device)
+    feats = F.normalize(feats.to(device), dim=-1)
     with eval_mode(model):
-        feats = torch.cat([F.normalize(model.encode_image(batch[i:i + batch_size].to(device)).float(), dim=-1)
-                           for i in range(0, len(batch), batch_size)])
         scale = model.logit_scale.exp().float().reshape(())
         logits = scale * feats @ head
         bias = getattr(model, "logit_bias", None)

@@ -1,26 +1,16 @@
-"""`zeroshot` console script: list | eval | report. Parse, look up, call; subcommands register with @command."""
+"""`zeroshot` console script: list | eval | probe | report. Parse, look up, call; subcommands register with @command."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from vlpretrain.cli import run_command
+from vlpretrain.console import Commands
 from vlpretrain.errors import ConfigError, VLPretrainError
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {}
-
-
-def command(name: str, help: str):
-    """Register a subcommand: the decorated function adds its arguments to the parser and returns the runner."""
-
-    def wrap(fn):
-        COMMANDS[name] = (help, fn)
-        return fn
-
-    return wrap
+COMMANDS = Commands("zeroshot", "Zero-shot evaluation of CLIP-style models.")
+command = COMMANDS.command
 
 
 @command("list", "list the benchmarks: classes, templates, headline metric, readable formats")
@@ -98,9 +88,9 @@ def _save(a: argparse.Namespace, entries: list) -> int:
 
 
 def _device(a: argparse.Namespace):
-    import torch
+    from zeroshot.features import resolve_device
 
-    return torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(a.device)
 
 
 @command("eval", "zero-shot evaluation of a model on benchmarks")
@@ -141,7 +131,7 @@ def _probe(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
-        from zeroshot.probing import linear_probe
+        from zeroshot.probe import linear_probe
         from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "train")
@@ -178,17 +168,12 @@ def _report(p: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="zeroshot", description="Zero-shot evaluation of CLIP-style models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_, add) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(_run=add(sp))
-    return parser
+    return COMMANDS.build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line `error: ...` and exit 2, without a traceback."""
-    return run_command(build_parser().parse_args(argv))
+    return COMMANDS.main(argv)
 
 
 if __name__ == "__main__":

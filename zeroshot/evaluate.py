@@ -1,8 +1,8 @@
 """Zero-shot evaluation of a model on a registered benchmark: head, image features, logits, metrics.
 
-`encode_images` is the one feature pass (the linear probe reuses it); `evaluate` is the whole task on one
-benchmark; `evaluate_suite` runs several and returns results-file entries (what `zeroshot eval` and the trainer
-write).
+Images are encoded by `zeroshot.features.encode_images` (the one feature pass, shared with the probe); `evaluate`
+is the whole task on one benchmark; `evaluate_suite` runs several and returns results-file entries (what
+`zeroshot eval` and the trainer write).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset, Subset
 
 from vlpretrain.errors import ConfigError
-from zeroshot.classifier import build_classifier, eval_mode, model_device
+from zeroshot.classifier import build_classifier
 from zeroshot.datasets import EvalSet, get_benchmark
+from zeroshot.features import encode_images, resolve_device
 from zeroshot.metrics import classification_metrics
 from zeroshot.results import ResultEntry
 
@@ -35,35 +35,16 @@ def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
     return Subset(dataset, torch.linspace(0, n - 1, max_images).round().long().unique().tolist())
 
 
-def encode_images(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, workers: int = 0,
-                  device: str | torch.device | None = None, progress: bool = False,
-                  desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image features (N, embed_dim) and labels (N,), both on the CPU, for (image, label) items."""
-    device = torch.device(device) if device is not None else model_device(model)
-    model.to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
-    feats, labels = [], []
-    with eval_mode(model), tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress,  # type: ignore[arg-type]
-                                leave=False) as bar:
-        for images, targets in loader:
-            out = model.encode_image(images.to(device, non_blocking=True))
-            feats.append(F.normalize(out.float(), dim=-1).cpu())
-            labels.append(torch.as_tensor(targets))
-            bar.update(len(targets))
-    return torch.cat(feats), torch.cat(labels).long()
-
-
 def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
                  workers: int = 0, device: str | torch.device | None = None, max_images: int | None = None,
                  progress: bool = False, desc: str = "zeroshot",
                  cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """Metrics of the zero-shot head built from `data`'s prompts on `data`'s images (see evaluate)."""
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(device, model)
     head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
     feats, labels = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
                                   workers=workers, device=device, progress=progress, desc=desc)
-    return classification_metrics(feats @ head.cpu(), labels, headline=headline)
+    return classification_metrics(F.normalize(feats, dim=-1) @ head.cpu(), labels, headline=headline)
 
 
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,

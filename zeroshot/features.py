@@ -1,23 +1,27 @@
-"""Frozen image features for linear probes: extraction with the image tower in eval mode, and an on-disk cache.
+"""The one image-feature path of zeroshot: device choice, eval mode, encoding, weight digests, an on-disk cache.
 
-Features are extracted once per (model weights, benchmark, split) and stored as safetensors (never pickle), so a
-sweep of probe settings, or a second run, never runs the model again.
+Zero-shot evaluation, linear probes and few-shot adaptation all encode images with `encode_images`. Features can be
+cached once per (image-tower weights, benchmark, split) as safetensors (never pickle), so a sweep of probe settings,
+or a second run, never runs the model again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from vlpretrain.errors import DataError
 
@@ -26,28 +30,55 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "vlpretrain-features-v1"
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of the image tower's weights (names, dtypes, shapes and bytes): the cache key of a model.
+def resolve_device(device: str | torch.device | None = None, model: nn.Module | None = None) -> torch.device:
+    """`device` when given, else where `model`'s parameters are, else CUDA when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None) if model is not None else None
+    if first is not None:
+        return first.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    Only the tower that makes the features is hashed (`model.visual` when the model has one), so retraining the
-    text tower alone keeps the cached image features valid.
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients for the block, then the model's previous mode (a trainer may call us mid-run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+DigestScope = Literal["image", "model"]
+
+
+def weights_digest(model: nn.Module, *, scope: DigestScope) -> str:
+    """SHA-256 of weights (names, dtypes, shapes and bytes): the cache key of what was computed from them.
+
+    scope "image" hashes only the image tower (`model.visual` when the model has one), so retraining the text tower
+    keeps cached image features valid; scope "model" hashes every parameter and buffer (zero-shot heads depend
+    on both towers and the temperature).
     """
-    tower = getattr(model, "visual", model)
+    assert scope in ("image", "model"), scope
+    module = getattr(model, "visual", model) if scope == "image" else model
     h = hashlib.sha256()
-    for name, t in sorted(tower.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: int) -> Iterable:
+def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: int, device: torch.device) -> Iterable:
     """A DataLoader over `data` in its own order (no shuffling), or `data` itself when it already yields batches."""
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, Dataset):
         return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=device.type == "cuda")
     return data
 
 
@@ -57,32 +88,28 @@ def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return encode(images) if callable(encode) else model(images)
 
 
-def extract_features(model: nn.Module, data: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
-                     device: str | torch.device | None = None,
-                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised float32 image features [N, D] and int64 labels [N] of every (image, label) sample, on the CPU.
+def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
+                  workers: int = 0, device: str | torch.device | None = None, progress: bool = False,
+                  desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 image features [N, D] (as the model gives them, not normalised) and int64 labels [N], on the CPU.
 
-    The model runs in eval mode under no_grad (its training flag is restored afterwards); the caller gives `data`
-    an eval-mode transform, since augmentation would make the features of a frozen model noisy.
+    The one feature pass of zeroshot: zero-shot evaluation, the probe's cache and few-shot adaptation all use it.
+    The model runs under `eval_mode` on `device` (default: where it is); the caller gives `data` an eval-mode
+    transform, since augmentation would make the features of a frozen model noisy.
     """
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
+    device = resolve_device(device, model)
+    model.to(device)
+    total = len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
     feats, labels = [], []
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(_batches(data, batch_size, workers)):
-                if not isinstance(batch, list | tuple) or len(batch) < 2:
-                    raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
-                images, y = batch[0], batch[1]
-                out = _encode(model, images.to(device, non_blocking=True))
-                feats.append(out.float().cpu())
-                labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False) as bar:
+        for i, batch in enumerate(_batches(data, batch_size, workers, device)):
+            if not isinstance(batch, list | tuple) or len(batch) < 2:
+                raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
+            images, y = batch[0], batch[1]
+            out = _encode(model, images.to(device, non_blocking=True))
+            feats.append(out.float().cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1).cpu())
+            bar.update(len(labels[-1]))
     if not feats:
         raise DataError("no samples to extract features from (the dataset is empty)")
     x, y = torch.cat(feats), torch.cat(labels)
@@ -129,14 +156,14 @@ def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset 
     """Features and labels of `key` (benchmark/split) from the cache, extracting and storing them on a miss.
 
     `loader_fn` is only called on a miss, so a cached split needs neither its images nor the model to run.
-    Pass `digest` (from `weights_digest`) when probing several splits to hash the weights once.
+    Pass `digest` (from `weights_digest(model, scope="image")`) when probing several splits to hash the weights once.
     """
-    digest = digest or weights_digest(model)
+    digest = digest or weights_digest(model, scope="image")
     path = cache_path(cache_dir, digest, key)
     hit = _read_cache(path, digest, key)
     if hit is not None:
         return hit
-    x, y = extract_features(model, loader_fn(), batch_size=batch_size, device=device, workers=workers)
+    x, y = encode_images(model, loader_fn(), batch_size=batch_size, device=device, workers=workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a half file that a later run would trust.
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -1,4 +1,8 @@
-"""Classification metrics as pure functions of logits (N, classes) and integer targets (N,)."""
+"""Classification metrics as pure functions, shared by zero-shot heads, linear probes and adapted heads.
+
+Everything derives from each sample's classes ranked by score (`topk_metrics`), so a caller that keeps only the
+top 5 of each row (the probe, at ImageNet scale) and one that has the whole logit matrix report the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -19,21 +23,34 @@ def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float
 def mean_per_class_recall(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """Recall averaged over the classes that occur in `targets` (scikit-learn's balanced accuracy)."""
     assert predictions.shape == targets.shape
-    classes = targets.unique()
-    if len(classes) == 0:
+    if len(targets) == 0:
         return float("nan")
-    recalls = [(predictions[targets == c] == c).float().mean() for c in classes]
-    return torch.stack(recalls).mean().item()
+    classes, inverse = targets.unique(return_inverse=True)
+    hits = torch.zeros(len(classes), device=targets.device).index_add_(0, inverse, (predictions == targets).float())
+    counts = torch.bincount(inverse, minlength=len(classes)).float()
+    return (hits / counts).mean().item()
+
+
+def topk_metrics(top: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """top1, top5 (more than 5 classes) and mean per-class recall over the classes present in `labels`, as
+    fractions, from each sample's predicted classes `top` [N, k] in decreasing score order (k >= min(5, C))."""
+    labels = labels.to(top.device).long()
+    if len(labels) == 0:
+        out = {"top1": float("nan")}
+    else:
+        out = {"top1": float((top[:, 0] == labels).float().mean())}
+    if num_classes > 5:
+        out["top5"] = float((top[:, :5] == labels[:, None]).any(1).float().mean()) if len(labels) else float("nan")
+    out["mean_per_class_recall"] = mean_per_class_recall(top[:, 0], labels)
+    return out
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, headline: str = "top1") -> dict[str, float]:
     """top1, top5 (only with more than 5 classes), mean_per_class_recall, `headline` (a copy of the benchmark's
-    headline metric) and images (the count evaluated)."""
-    targets = targets.long()
-    out = {"top1": top_k_accuracy(logits, targets, 1)}
-    if logits.shape[1] > 5:
-        out["top5"] = top_k_accuracy(logits, targets, 5)
-    out["mean_per_class_recall"] = mean_per_class_recall(logits.argmax(dim=1), targets)
+    headline metric) and images (the count evaluated), from logits [N, classes]."""
+    num_classes = logits.shape[1]
+    top = logits.topk(min(5, num_classes), dim=1).indices
+    out = topk_metrics(top, targets, num_classes)
     assert headline in out, f"unknown headline metric {headline}"
     out["headline"] = out[headline]
     out["images"] = float(len(targets))

@@ -1,0 +1,67 @@
+"""Console plumbing both scripts share (`vlpretrain`, `zeroshot`): a command registry, the parser, the error handler.
+
+It sits below both packages' CLIs and imports neither, so `zeroshot` never loads the trainer to print a help text.
+A command is a function that adds its arguments to its sub-parser and returns the function that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vlpretrain.errors import VLPretrainError
+
+Runner = Callable[[argparse.Namespace], int]
+Setup = Callable[[argparse.ArgumentParser], Runner]
+
+
+@dataclass
+class Commands:
+    """The subcommands of one console script, in registration order."""
+
+    prog: str
+    description: str
+    entries: dict[str, tuple[str, Setup]] = field(default_factory=dict)
+
+    def command(self, name: str, help: str) -> Callable[[Setup], Setup]:
+        """Register a subcommand; the decorated function adds its arguments and returns its runner."""
+
+        def wrap(fn: Setup) -> Setup:
+            assert name not in self.entries, f"{self.prog} {name} registered twice"
+            self.entries[name] = (help, fn)
+            return fn
+
+        return wrap
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """The argument parser with every registered subcommand."""
+        parser = argparse.ArgumentParser(prog=self.prog, description=self.description)
+        # the deepspeed launcher passes --local_rank before the subcommand; the environment carries it too
+        parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        for name, (help_, setup) in self.entries.items():
+            sp = sub.add_parser(name, help=help_, description=help_)
+            sp.set_defaults(_run=setup(sp))
+        return parser
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Parse `argv` and run the chosen subcommand through `run_command`."""
+        # DeepSpeed's ZeRO internals call a collective torch has renamed; the warning is theirs, once per rank and run
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
+        return run_command(self.build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand: a user error prints `error: ...` on one line and gives 2, Ctrl-C gives 130."""
+    try:
+        return int(args._run(args) or 0)
+    except VLPretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
