@@ -32,7 +32,7 @@ $(STAMPS)/install: setup.cfg pyproject.toml $(STAMPS)/system
 # Fashion-MNIST's 60k training images as 12 captioned shards; a second run finds them intact and writes nothing.
 shards: install
 	$(VENV)/bin/vlpretrain make-shards $(FMNIST) shards --format labelled --split train \
-	  --templates configs/captions/fashion_train.txt --prefix fmnist --shard-size 5000 --workers 2 --skip-existing
+	  --templates configs/captions/fashion_train.txt --classes configs/captions/fashion_classes.txt --prefix fmnist --shard-size 5000 --workers 2 --skip-existing
 
 FREE_PORT = $$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 TRAIN2 = $(VENV)/bin/torchrun --nproc_per_node 2 --master_port $(FREE_PORT) -m vlpretrain.cli train

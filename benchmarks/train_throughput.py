@@ -32,6 +32,7 @@ def _ours(a: argparse.Namespace, out: str) -> None:
     from open_clip_train.data import SyntheticDataset
 
     from vlpretrain.config import load_config
+    from vlpretrain.data import EpochBatches
     from vlpretrain.models import build_model, get_tokenizer, image_size, image_transform
     from vlpretrain.trainer import train
 
@@ -52,7 +53,7 @@ def _ours(a: argparse.Namespace, out: str) -> None:
             if i >= start:
                 yield batch
 
-    train(cfg, data=data)
+    train(cfg, data=EpochBatches(data))
 
 
 def _open_clip(a: argparse.Namespace, out: str) -> None:

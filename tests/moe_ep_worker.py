@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from vlpretrain.config import ModelConfig, MoEConfig
-from vlpretrain.models import build_model, export_state_dict, moe_layers, moe_losses, moe_param_groups
-from vlpretrain.models.moe_deepspeed import setup_expert_parallel
+from vlpretrain.engine.moe import moe_param_groups, setup_expert_parallel
+from vlpretrain.models import build_model, export_state_dict, moe_layers, moe_losses
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

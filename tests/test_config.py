@@ -27,7 +27,7 @@ def cli(*args):
 
 
 def test_yaml_and_overrides(tmp_path):
-    p = write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 0.1, steps: 7}\n")
+    p = write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 0.1, steps: 7, warmup_steps: 2}\n")
     cfg = load_config(p, ["train.lr=0.5", "model.moe.num_experts=4", "eval.benchmarks=[cifar10,mnist]"])
     assert isinstance(cfg, RunConfig)
     assert cfg.train.lr == 0.5 and cfg.train.steps == 7
@@ -91,7 +91,8 @@ def test_shipped_configs_resolve(path):
 
 
 def test_dump_round_trip(tmp_path):
-    cfg = load_config(write(tmp_path, "data: {train: [a.tar, b.tar], weights: [1, 3]}\n"))
+    cfg = load_config(write(tmp_path, "data: {train: [a.tar, b.tar], weights: [1, 3], mode: resampled, "
+                                      "samples_per_epoch: 100}\n"))
     again = load_config(write(tmp_path, dump_yaml(cfg), "again.yaml"))
     assert again == cfg
 

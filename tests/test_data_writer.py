@@ -14,10 +14,12 @@ from PIL import Image
 
 from vlpretrain.cli import main as cli_main
 from vlpretrain.data import write_shards
-from vlpretrain.data.sources import FASHION_MNIST_CLASSES, _read_idx, detect_format, fill_template
+from vlpretrain.data.sources import detect_format, fill_template, load_classes
 from vlpretrain.errors import ConfigError, DataError
+from vlpretrain.formats import read_idx
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = Path(__file__).resolve().parent.parent / "configs" / "captions" / "fashion_classes.txt"
 
 
 def image(path: Path, color=(200, 30, 30), size=(40, 30), fmt=None) -> Path:
@@ -187,9 +189,11 @@ def test_labelled_idx_files(tmp_path, layout):
         root, raw, gz = tmp_path / "digits", tmp_path / "digits", False
     write_idx(raw / ("train-images-idx3-ubyte" + ".gz" * gz), imgs, gz)
     write_idx(raw / ("train-labels-idx1-ubyte" + ".gz" * gz), labels, gz)
-    write_shards(root, tmp_path / "out", templates=["{c}"], progress=False)
+    # class names come from --classes (here the demo's file); without it idx labels are named by their number
+    fashion = FASHION_CLASSES if layout == "torchvision" else None
+    write_shards(root, tmp_path / "out", templates=["{c}"], classes=fashion, progress=False)
     samples = read_shards(tmp_path / "out")
-    names = FASHION_MNIST_CLASSES if layout == "torchvision" else [str(i) for i in range(10)]
+    names = load_classes(FASHION_CLASSES) if layout == "torchvision" else [str(i) for i in range(10)]
     assert [s["txt"].decode() for s in samples] == [names[i] for i in labels]
     assert [meta(s)["label"] for s in samples] == labels.tolist()
     decoded = np.asarray(Image.open(io.BytesIO(samples[2]["png"])))
@@ -200,7 +204,7 @@ def test_labelled_idx_files(tmp_path, layout):
 def test_idx_reader_matches_torchvision_on_real_fashion_mnist():
     from torchvision.datasets.mnist import read_label_file
 
-    ours = _read_idx(FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz")
+    ours = read_idx(FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz")
     raw = gzip.decompress((FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz").read_bytes())
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"fm-labels-{os.getpid()}"
     tmp.write_bytes(raw)

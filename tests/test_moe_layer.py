@@ -8,16 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from vlpretrain.config import ModelConfig, MoEConfig
+from vlpretrain.config import ModelConfig, MoEConfig, load_config
+from vlpretrain.engine.moe import moe_param_groups
 from vlpretrain.errors import ConfigError
 from vlpretrain.models import build_model, count_parameters
 from vlpretrain.models.moe import (
     MoEMLP,
-    check_moe_engine_compat,
     convert_to_moe,
     moe_layers,
     moe_losses,
-    moe_param_groups,
     validate_moe_config,
 )
 
@@ -180,11 +179,14 @@ def test_config_errors(changes, needle):
 
 
 def test_engine_compat():
-    ds = MoEConfig(num_experts=4, backend="deepspeed")
+    def run_config(backend: str, stage: int):
+        return load_config(None, ["data.train=x.tar", "model.moe.num_experts=4", f"model.moe.backend={backend}",
+                                  f"train.zero_stage={stage}"])
+
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        check_moe_engine_compat(ds, 3)
-    check_moe_engine_compat(ds, 2)
-    check_moe_engine_compat(MoEConfig(num_experts=4), 3)  # the native layer runs under ZeRO-3
+        run_config("deepspeed", 3)
+    run_config("deepspeed", 2)
+    run_config("native", 3)  # the native layer runs under ZeRO-3
 
 
 def test_param_groups_native_is_identity(tiny_vit):

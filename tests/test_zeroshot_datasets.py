@@ -19,8 +19,8 @@ from zeroshot_fakes import (
 )
 
 from vlpretrain.errors import ConfigError, DataError
+from vlpretrain.formats import read_idx
 from zeroshot.datasets import get_benchmark, list_benchmarks
-from zeroshot.datasets.arrays import read_idx
 from zeroshot.datasets.scenes import clevr_distance_label, kitti_distance_label
 
 REQUIRED = ["imagenet1k", "imagenetv2", "imagenet-sketch", "imagenet-a", "imagenet-r", "objectnet", "cifar10",

@@ -18,8 +18,8 @@ from PIL import Image
 
 import zeroshot
 from vlpretrain.data import write_shards
+from vlpretrain.formats import read_idx
 from vlpretrain.models import load_model
-from zeroshot.datasets.arrays import read_idx
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -31,7 +31,8 @@ def fmnist_run(tmp_path_factory):
     """A run folder of the trainer: 150 steps of 128 Fashion-MNIST images with templated captions."""
     tmp = tmp_path_factory.mktemp("fmnist")
     m = write_shards(str(FMNIST), tmp / "shards", "labelled", prefix="fm", shard_size=5000, workers=2,
-                     templates=str(REPO / "configs" / "captions" / "fashion_train.txt"), progress=False)
+                     templates=str(REPO / "configs" / "captions" / "fashion_train.txt"),
+                     classes=str(REPO / "configs" / "captions" / "fashion_classes.txt"), progress=False)
     assert m["samples"] == 60000 and len(m["shards"]) == 12
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

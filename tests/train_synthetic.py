@@ -12,6 +12,7 @@ import time
 import torch
 
 from vlpretrain.config import load_config
+from vlpretrain.data import EpochBatches
 from vlpretrain.errors import VLPretrainError
 from vlpretrain.trainer import train
 
@@ -26,9 +27,13 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args()
-    cfg = load_config(None, ["data.train=unused", f"train.output_dir={a.out}", "data.batch_size=4",
-                             "train.progress=false", "train.log_every=1", "train.warmup_steps=2", "train.lr=1e-3",
-                             *a.overrides])
+    try:
+        cfg = load_config(None, ["data.train=unused", f"train.output_dir={a.out}", "data.batch_size=4",
+                                 "train.progress=false", "train.log_every=1", "train.warmup_steps=2",
+                                 "train.lr=1e-3", *a.overrides])
+    except VLPretrainError as e:  # as the CLI does: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     rank = int(os.environ.get("RANK", "0"))
     nan = {int(x) for x in a.nan_batches.split(",") if x}
     bs = cfg.data.batch_size
@@ -44,7 +49,7 @@ def main() -> None:
             yield images, torch.randint(1, 49000, (bs, 16), generator=g)
 
     try:
-        summary = train(cfg, resume=a.resume, data=data)
+        summary = train(cfg, resume=a.resume, data=EpochBatches(data))
     except VLPretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

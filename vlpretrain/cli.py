@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vlpretrain.console import Commands
+from vlpretrain.errors import ConfigError, VLPretrainError
 
 COMMANDS = Commands("vlpretrain", "Contrastive vision-language pretraining.")
 command = COMMANDS.command
@@ -45,12 +47,14 @@ def _info(p: argparse.ArgumentParser):
 def _train(p: argparse.ArgumentParser):
     _config_args(p)
     p.add_argument("--resume", metavar="latest|CKPT", help="continue from the run's latest checkpoint or a given one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds an earlier run's checkpoints (they are deleted)")
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.config import load_config
         from vlpretrain.trainer import train
 
-        summary = train(load_config(a.config, a.overrides), resume=a.resume)
+        summary = train(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite)
         return 0 if not summary["interrupted"] else 130
 
     return run
@@ -86,7 +90,8 @@ def _make_shards(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, default=1, help="processes preparing images")
     p.add_argument("--seed", type=int, default=0, help="seed of template captions")
     p.add_argument("--templates", help="caption templates file, one per line with {c} (labelled format)")
-    p.add_argument("--classes", help="class names file, one per line in label order (labelled format)")
+    p.add_argument("--classes", help="class names in label order (labelled format): a file with one per line, or "
+                   "a benchmark name from `zeroshot list` (e.g. fashion-mnist); idx files otherwise get numbers")
     p.add_argument("--split", default="train", help="split of an idx set: train or test (labelled format)")
     p.add_argument("--image-column", default="image", help="table column with image paths (img2dataset: url)")
     p.add_argument("--caption-column", default="caption", help="table column with captions")
@@ -103,7 +108,7 @@ def _make_shards(p: argparse.ArgumentParser):
         m = write_shards(a.source, a.outdir, a.format, prefix=a.prefix, shard_size=a.shard_size,
                          shard_bytes=a.shard_bytes, max_side=a.max_side, reencode=a.reencode,
                          jpeg_quality=a.jpeg_quality, workers=a.workers, seed=a.seed, templates=a.templates,
-                         classes=a.classes, split=a.split, image_column=a.image_column,
+                         classes=_class_names(a.classes), split=a.split, image_column=a.image_column,
                          caption_column=a.caption_column, image_root=a.image_root,
                          one_sample_per_caption=a.one_sample_per_caption, skip_existing=a.skip_existing,
                          progress=not a.no_progress)
@@ -113,6 +118,19 @@ def _make_shards(p: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+def _class_names(arg: str | None) -> str | list[str] | None:
+    """--classes: a file of names as it is, else the class names of the benchmark it names."""
+    if arg is None or Path(arg).exists():
+        return arg
+    from zeroshot.datasets import get_benchmark
+
+    try:
+        return list(get_benchmark(arg).classnames)
+    except VLPretrainError:
+        raise ConfigError(f"--classes {arg}: neither a class names file nor a benchmark name "
+                          "(see `zeroshot list`)") from None
 
 
 @command("upcycle", "turn a dense checkpoint into an MoE one whose experts copy its MLPs (model.moe of --config)")

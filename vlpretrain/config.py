@@ -2,7 +2,9 @@
 
 Every field below is documented by its comment; `vlpretrain info --config FILE` prints the resolved values and the
 README's config reference is kept in step with this file by a test. Unknown keys, wrong types, missing required
-values and paths that do not exist fail in `load_config` before anything starts, naming the file and the key.
+values, paths that do not exist and values out of range (each section's `validate`, then `RunConfig.validate` for
+rules across sections) fail in `load_config` before anything starts, naming the key and whether its value came
+from the file or a `--set` override.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _need(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming `key` unless `ok`: the one shape of every value rule below."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 @dataclass
 class MoEConfig:
     """Sparse Mixture-of-Experts MLP layers (0 experts means a dense model)."""
@@ -53,6 +61,32 @@ class MoEConfig:
     backend: Literal["native", "deepspeed"] = _f("native", "native layer, or deepspeed.moe for expert parallelism")
     ep_size: int = _f(1, "expert-parallel group size (deepspeed backend)")
 
+    def validate(self, prefix: str = "model.moe.") -> None:
+        """Ranges and backend rules; a dense model (0 experts) ignores the other keys."""
+        _need(self.num_experts >= 0, f"{prefix}num_experts", f"must be >= 0, got {self.num_experts}")
+        if self.num_experts == 0:
+            return
+        _need(1 <= self.top_k <= self.num_experts, f"{prefix}top_k",
+              f"expected 1..{self.num_experts} (num_experts), got {self.top_k}")
+        _need(0 <= self.jitter < 1, f"{prefix}jitter", f"expected 0 <= jitter < 1, got {self.jitter}")
+        _need(self.capacity_factor > 0, f"{prefix}capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        _need(self.aux_loss_weight >= 0, f"{prefix}aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
+        _need(self.z_loss_weight >= 0, f"{prefix}z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
+        _need(self.ep_size >= 1 and self.num_experts % self.ep_size == 0, f"{prefix}ep_size",
+              f"must divide num_experts ({self.num_experts}), got {self.ep_size}")
+        if self.backend == "native":
+            _need(self.ep_size == 1, f"{prefix}ep_size", "the native backend replicates experts (ep_size 1); "
+                  "use backend: deepspeed for expert parallelism")
+            return
+        _need(not self.batch_priority, f"{prefix}batch_priority",
+              "not available with backend: deepspeed (position order)")
+        _need(self.jitter in (0.0, 0.01), f"{prefix}jitter",
+              f"backend deepspeed has a fixed jitter of 0.01; got {self.jitter}")
+        want = self.top_k > 1
+        _need(self.normalize_weights == want, f"{prefix}normalize_weights",
+              f"backend deepspeed with top_k={self.top_k} "
+              f"{'renormalises' if want else 'uses the raw probability'}; set it to {str(want).lower()}")
+
 
 @dataclass
 class ModelConfig:
@@ -63,6 +97,9 @@ class ModelConfig:
     grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     compile: bool = _f(False, "wrap the model in torch.compile")
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse MoE layers"})
+
+    def validate(self) -> None:
+        self.moe.validate()
 
 
 @dataclass
@@ -81,6 +118,28 @@ class DataConfig:
     crop_scale: list[float] = _f([0.9, 1.0], "random resized crop scale range")
     error_budget: float = _f(0.01, "fraction of bad samples tolerated before the run stops")
     seed: int = _f(0, "seed of shuffling and caption choice, combined with the epoch")
+
+    def validate(self) -> None:
+        _need(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _need(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
+        _need(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _need(self.image_size is None or self.image_size >= 1, "data.image_size",
+              f"must be >= 1, got {self.image_size}")
+        lo_hi = self.crop_scale
+        _need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale",
+              f"expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")
+        _need(0 <= self.error_budget <= 1, "data.error_budget", f"expected a fraction in [0, 1], got {self.error_budget}")
+        _need(self.mode == "resampled" or self.weights is None, "data.weights",
+              "sampling weights apply to data.mode: resampled only")
+        _need(self.mode == "epoch" or self.samples_per_epoch is not None, "data.samples_per_epoch",
+              "required in resampled mode")
+        _need(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "data.samples_per_epoch",
+              f"must be >= 1, got {self.samples_per_epoch}")
+        if self.weights is not None:
+            n = 1 if isinstance(self.train, str) else len(self.train)
+            _need(len(self.weights) == n and all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+                  "data.weights", f"need {n} non-negative weight(s), one per data.train entry, not all zero; "
+                  f"got {self.weights}")
 
 
 @dataclass
@@ -111,6 +170,27 @@ class TrainConfig:
     max_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
     progress: bool = _f(True, "show a progress bar")
 
+    def validate(self) -> None:
+        _need(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _need(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _need(0 <= self.min_lr <= self.lr, "train.min_lr", f"expected 0 <= min_lr <= lr ({self.lr}), got {self.min_lr}")
+        _need(0 <= self.warmup_steps <= self.steps, "train.warmup_steps",
+              f"expected 0..{self.steps} (train.steps), got {self.warmup_steps}: the warmup would outlast the run")
+        _need(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+              f"expected [beta1, beta2], each in [0, 1), got {self.betas}")
+        _need(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
+        _need(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _need(self.clip_grad >= 0, "train.clip_grad", f"must be >= 0 (0 disables), got {self.clip_grad}")
+        _need(not self.offload_optimizer or self.zero_stage > 0, "train.offload_optimizer",
+              "needs train.zero_stage 1, 2 or 3")
+        _need(self.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0, got {self.loss_chunk}")
+        _need(self.stop_after >= 0, "train.stop_after", f"must be >= 0, got {self.stop_after}")
+        _need(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _need(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
+        _need(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
+        _need(self.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+
 
 @dataclass
 class EvalConfig:
@@ -125,6 +205,13 @@ class EvalConfig:
     linear_probe: bool = _f(False, "also fit a linear probe at the end")
     workers: int = _f(0, "evaluation loader workers")
 
+    def validate(self) -> None:
+        _need(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _need(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _need(self.max_images is None or self.max_images >= 1, "eval.max_images",
+              f"must be >= 1, got {self.max_images}")
+        _need(self.workers >= 0, "eval.workers", f"must be >= 0, got {self.workers}")
+
 
 @dataclass
 class RunConfig:
@@ -134,6 +221,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+    def validate(self) -> None:
+        """Every section's own rules, then the rules that span sections; `load_config` calls this once."""
+        for section in (self.model, self.data, self.train, self.eval):
+            section.validate()
+        moe = self.model.moe
+        _need(not (moe.num_experts > 0 and moe.backend == "deepspeed" and self.train.zero_stage == 3),
+              "model.moe.backend", "DeepSpeed's MoE does not run under ZeRO-3 (train.zero_stage=3); "
+              "use backend: native, or train.zero_stage 0-2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +327,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.strip().split("."), value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -249,8 +349,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{src}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{src}: top level must be a mapping of sections")
+    overridden: dict[str, str] = {}
     for text in overrides or []:
         keys, value = _parse_override(text)
+        overridden[".".join(keys)] = text
         node = values
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
@@ -261,8 +363,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         cfg = _build(RunConfig, values, "")
         _check(cfg, "")
+        cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{src}: {e}") from None
+        # name where the bad value came from: a --set override, or the file
+        key = str(e).split(":", 1)[0].split("[", 1)[0]
+        origin = f"--set {overridden[key]}" if key in overridden else src
+        raise ConfigError(f"{origin}: {e}") from None
     return cfg
 
 

@@ -128,9 +128,9 @@ class SigLipLoss(nn.Module):
     paper, so the mean over ranks is the global loss. `chunk` processes the text columns in pieces.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = True, chunk: int = 0):
+    def __init__(self, rank: int = 0, world_size: int = 1, chunk: int = 0):
         super().__init__()
-        # the sigmoid loss is always local: each rank owns its image rows
+        # always local: each rank owns its image rows, so there is no full-matrix form to choose
         self.rank, self.world_size, self.chunk = rank, world_size, chunk
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -142,7 +142,6 @@ class SigLipLoss(nn.Module):
         n = image_features.shape[0]
         offset = self.rank * n
         chunk = self.chunk if self.chunk and self.chunk < all_texts.shape[0] else all_texts.shape[0]
-        total = image_features.new_zeros(())
         rows = torch.arange(n, device=image_features.device)
         total = image_features.new_zeros(())
         for start in range(0, all_texts.shape[0], chunk):
@@ -168,8 +167,10 @@ LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
 
 def build_loss(name: str, rank: int = 0, world_size: int = 1, local_loss: bool = True, chunk: int = 0) -> nn.Module:
-    """The loss module named in the run config (train.loss)."""
-    return LOSSES[name](rank, world_size, local_loss, chunk)
+    """The loss module named in the run config (train.loss); `local_loss` applies to CLIP (SigLIP is always local)."""
+    if name == "clip":
+        return ClipLoss(rank, world_size, local_loss, chunk)
+    return LOSSES[name](rank, world_size, chunk)
 
 
 def reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:

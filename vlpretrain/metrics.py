@@ -15,11 +15,15 @@ class MetricsLogger:
         self._file = self._tb = self._bar = None
         if not active:
             return
-        self._file = open(self.out_dir / "metrics.jsonl", "a")
+        path = self.out_dir / "metrics.jsonl"
+        # a resumed run redoes the steps after its checkpoint: drop their old rows so each step has one
+        truncate_after(path, initial)
+        self._file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # purge_step hides the TensorBoard events of redone steps in the same way
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=initial or None)
         except ImportError:  # TensorBoard is optional at run time
             self._tb = None
         if progress:
@@ -70,6 +74,25 @@ class MetricsLogger:
             self._tb.close()
         self._file.close()
         plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only the rows of `path` (metrics.jsonl) up to `step`, rewriting it atomically; rows of a crashed
+    writer's last, half-written line are dropped too."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

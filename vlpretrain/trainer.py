@@ -1,15 +1,17 @@
 """The training loop: build, then for each micro-batch: forward, loss, backward, step, log, maybe checkpoint, maybe
 evaluate. Launch it as one process, under torchrun, or under the deepspeed launcher; it reads its place from the
-environment.
+environment. It talks to DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the
+`BatchSource` protocol (`vlpretrain.data.stream`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from typing import Any
 import torch
 
 from vlpretrain.config import RunConfig, dump_yaml
+from vlpretrain.data.stream import BatchSource
 from vlpretrain.engine import (
     DistEnv,
+    Engine,
     build_engine,
-    consolidated_state_dict,
     init_distributed,
     latest_checkpoint,
     load_checkpoint,
@@ -33,9 +36,6 @@ from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
 
 log = logging.getLogger("vlpretrain")
-
-# A data source: (epoch, batches already consumed in that epoch) -> iterable of (images, token ids).
-DataFn = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
@@ -64,42 +64,16 @@ class StopRequest:
             signal.signal(s, h)
 
 
-class _ShardData:
-    """The configured webdataset shards for this rank, as a DataFn that also reports skip counters."""
+def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> BatchSource:
+    """The configured webdataset shards for this rank, with the model's training preprocessing."""
+    from vlpretrain.data import build_loader
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, env: DistEnv):
-        from vlpretrain.data import build_loader
-
-        transform = image_transform(model, train=True, size=cfg.data.image_size,
-                                    crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
-        self.loader = build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank,
-                                   world_size=env.world_size)
-
-    def __call__(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        self.loader.set_epoch(epoch, start_batch)
-        return self.loader
-
-    def stats(self) -> dict[str, float]:
-        return {f"data/{k}": v for k, v in self.loader.stats.as_dict().items()}
+    transform = image_transform(model, train=True, size=cfg.data.image_size,
+                                crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
+    return build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank, world_size=env.world_size)
 
 
-def _stream(data: DataFn, state: TrainState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches across epochs; keeps state.epoch / state.batch_in_epoch pointing at the next batch."""
-    empty_epochs = 0
-    while True:
-        got = False
-        for batch in data(state.epoch, state.batch_in_epoch):
-            got = True
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        empty_epochs = 0 if got else empty_epochs + 1
-        if empty_epochs >= 2:
-            raise TrainingError("the data source produced no batches for two epochs in a row")
-
-
-def _forward(engine, images, texts, cfg: RunConfig, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
+def _forward(engine: Engine, images, texts, cfg: RunConfig, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
     """Features from both towers, the contrastive loss and (for MoE towers) the weighted auxiliary losses."""
     out = engine(images, texts)
     image_f, text_f, scale = out[0].float(), out[1].float(), out[2].float()
@@ -126,7 +100,9 @@ def _agree(env: DistEnv, *flags: bool) -> list[bool]:
 class Evaluator:
     """Zero-shot evaluation on rank 0 from the consolidated weights (works under every ZeRO stage).
 
-    Benchmark names and the data root are checked when it is built, so a typo fails before training starts.
+    Benchmark names and their data under eval.root are checked when it is built, so a typo or a missing folder
+    fails before training starts. `during` gives the
+    periodic zero-shot metrics; `final_report` adds the linear probes and writes the run's results file.
     """
 
     def __init__(self, cfg: RunConfig, env: DistEnv):
@@ -136,75 +112,106 @@ class Evaluator:
 
             if not cfg.eval.root:
                 raise ConfigError("eval.root: required when eval.benchmarks is set")
+            # find every benchmark's data now: a missing folder must not surface after hours of training
+            splits = ("test", "train") if cfg.eval.linear_probe else ("test",)
             for name in cfg.eval.benchmarks:
-                get_benchmark(name)
+                bench = get_benchmark(name)
+                for split in splits:
+                    bench.locate(cfg.eval.root, split=split)
 
-    def __call__(self, weights: dict[str, torch.Tensor] | None,
-                 results_file: Path | None = None) -> dict[str, dict[str, float]]:
-        if not self.env.is_main or not self.cfg.eval.benchmarks:
-            return {}
-        import zeroshot
+    @property
+    def active(self) -> bool:
+        return self.env.is_main and bool(self.cfg.eval.benchmarks)
 
+    def _load(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         if self.model is None:
             # the native MoE layer reads every backend's export and needs no expert-parallel group
             moe = replace(self.cfg.model.moe, backend="native", ep_size=1)
             self.model = build_model(replace(self.cfg.model, pretrained=None, moe=moe), loss=self.cfg.train.loss)
+        assert weights is not None, "rank 0 holds the consolidated weights"
         own = self.model.state_dict()
         self.model.load_state_dict({k: v.reshape(own[k].shape) for k, v in weights.items()})
+        return self.model
+
+    def _zeroshot(self, weights: dict[str, torch.Tensor] | None) -> list:
+        import zeroshot
+
         e = self.cfg.eval
-        entries = zeroshot.evaluate_suite(self.model, e.benchmarks, e.root, tokenizer=get_tokenizer(self.cfg.model),
-                                          batch_size=e.batch_size, workers=e.workers, max_images=e.max_images,
-                                          progress=False)
+        return zeroshot.evaluate_suite(self._load(weights), e.benchmarks, e.root,
+                                       tokenizer=get_tokenizer(self.cfg.model), batch_size=e.batch_size,
+                                       workers=e.workers, max_images=e.max_images, progress=False)
+
+    def during(self, weights: dict[str, torch.Tensor] | None) -> dict[str, dict[str, float]]:
+        """Zero-shot metrics per benchmark (empty on other ranks, or with no benchmarks configured)."""
+        if not self.active:
+            return {}
+        return {entry.benchmark: entry.metrics for entry in self._zeroshot(weights)}
+
+    def final_report(self, weights: dict[str, torch.Tensor] | None,
+                     results_file: Path) -> dict[str, dict[str, float]]:
+        """Zero-shot metrics, linear probes when configured, all written to `results_file` (zeroshot's format)."""
+        if not self.active:
+            return {}
+        import zeroshot
+
+        e = self.cfg.eval
+        entries = self._zeroshot(weights)
         out = {entry.benchmark: entry.metrics for entry in entries}
-        if results_file is not None:  # the end of the run: linear probes too, when configured
-            if e.linear_probe:
-                for name in e.benchmarks:
-                    bench = zeroshot.get_benchmark(name)
-                    m = zeroshot.linear_probe(self.model, name, e.root, batch_size=e.batch_size, workers=e.workers,
-                                              max_images=e.max_images)
-                    entries.append(zeroshot.ResultEntry("linear_probe", name, bench.metric, m, str(e.root)))
-                    out[f"{name}/linear_probe"] = m
-            zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
+        if e.linear_probe:
+            for name in e.benchmarks:
+                bench = zeroshot.get_benchmark(name)
+                m = zeroshot.linear_probe(self.model, name, e.root, batch_size=e.batch_size, workers=e.workers,
+                                          max_images=e.max_images)
+                entries.append(zeroshot.ResultEntry("linear_probe", name, bench.metric, m, str(e.root)))
+                out[f"{name}/linear_probe"] = m
+        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
         return out
 
 
-def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train the configured model; returns a summary (steps, last loss, checkpoint, evaluation results).
 
-    `resume` is "latest" or a checkpoint folder; `data` replaces the shard loader (synthetic benchmarks, tests).
+    `resume` is "latest" or a checkpoint folder; without it the run folder must hold no checkpoints, unless
+    `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchSource`, such
+    as `vlpretrain.data.EpochBatches` over synthetic batches).
     """
-    # ---- build ------------------------------------------------------------------------------------------------
+    # ---- check what can be checked, then build -----------------------------------------------------------------
     env = init_distributed()
     tc = cfg.train
+    out_dir = Path(tc.output_dir)
+    prepare_run_folder(out_dir, resume, overwrite, env)
+    evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
-    data = data or _ShardData(cfg, model, env)
-    evaluator = Evaluator(cfg, env)
+    data = data or shard_loader(cfg, model, env)
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
-    out_dir = Path(tc.output_dir)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     state = TrainState()
     if resume:
         path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
         if path is None:
             raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
-        state = TrainState(**load_checkpoint(engine, path)["train_state"])
-        log.info("resumed from %s at step %d", path, state.step)
+        client = load_checkpoint(engine, path)
+        changed = check_resume_config(client.get("config", {}), cfg, path)
+        state = TrainState(**client["train_state"])
+        if env.is_main:
+            note = f"; changed since: {', '.join(changed)}" if changed else ""
+            print(f"resumed from {path} at step {state.step}{note}", flush=True)
+    if env.is_main:
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress)
     stop = StopRequest()
-    batches = _stream(data, state)
+    batches = data.forever(state.epoch, state.batch_in_epoch)
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
     final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
 
     def weights() -> dict[str, torch.Tensor] | None:
-        return consolidated_state_dict(engine, moe=cfg.model.moe.num_experts > 0)
+        return engine.consolidated_weights()
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
         client = {"train_state": asdict(state), "config": _plain(cfg)}
@@ -213,7 +220,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     # ---- loop -------------------------------------------------------------------------------------------------
     try:
         while state.step < tc.steps:
-            images, texts = next(batches)
+            state.epoch, index, images, texts = next(batches)
+            state.batch_in_epoch = index + 1
             torch.manual_seed(tc.seed * 1_000_003 + micro * 101 + env.rank)  # router jitter etc.: resumable
             micro += 1
             images, texts = images.to(env.device, dtype), texts.to(env.device)
@@ -231,7 +239,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
                                         f"last good checkpoint: {last_ckpt or 'none'}")
                 continue
             nonfinite_run = 0
-            boundary = engine.is_gradient_accumulation_boundary()
+            boundary = engine.at_boundary
             engine.backward(loss)
             engine.step()
             if not boundary:
@@ -240,16 +248,16 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
             if state.step % tc.log_every == 0 or state.step == tc.steps:
                 now = time.perf_counter()
                 row = {"step": state.step, "epoch": state.epoch, "loss": reduce_mean(loss, env.world_size).item(),
-                       "lr": engine.get_lr()[0], "samples": state.samples,
+                       "lr": engine.lr, "samples": state.samples,
                        "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                       "nonfinite_skipped": state.nonfinite_total, **extra, **_data_stats(data)}
+                       "nonfinite_skipped": state.nonfinite_total, **extra, **data.metrics()}
                 window_t, window_samples = now, 0
                 metrics.log(row)
             metrics.advance()
             due_eval = cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < tc.steps
             due_ckpt = tc.save_every and state.step % tc.save_every == 0
             if due_eval:
-                eval_results = evaluator(weights())
+                eval_results = evaluator.during(weights())
                 metrics.log_eval(state.step, eval_results)
             stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
@@ -264,7 +272,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
             if env.is_main:  # the run's model, beside its results
                 export_model(None, cfg.model, out_dir / "model.safetensors", state_dict=final_weights)
             if cfg.eval.at_end:
-                eval_results = evaluator(final_weights, results_file=out_dir / "results.json")
+                eval_results = evaluator.final_report(final_weights, out_dir / "results.json")
                 metrics.log_eval(state.step, eval_results)
     finally:
         stop.restore()
@@ -276,10 +284,73 @@ def train(cfg: RunConfig, resume: str | None = None, data: DataFn | None = None)
     return summary
 
 
-def _data_stats(data: DataFn) -> dict[str, float]:
-    """Skip counters of the shard loader, when the data source keeps them."""
-    stats = getattr(data, "stats", None)
-    return dict(stats()) if callable(stats) else {}
+# Outputs of a run that `overwrite` removes (nothing else in the folder is touched).
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", "model.safetensors", "model.json",
+               "loss.png", "config.yaml")
+
+
+def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:
+    """Make sure the run folder is writable and belongs to this run before any work starts.
+
+    A fresh run in a folder that holds another run's checkpoints would mix the two (and pruning would remove the
+    new checkpoints), so it is refused unless `overwrite` clears that run's outputs first.
+    """
+    ckpts = out_dir / "checkpoints"
+    held = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+    if resume and overwrite:
+        raise ConfigError("--overwrite: cannot be combined with --resume (one continues the run, the other "
+                          "discards it)")
+    if held and not resume and not overwrite:
+        raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
+                          "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
+    if env.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"train.output_dir: cannot write to {out_dir} ({e.strerror or e})") from None
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                target = out_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    if env.world_size > 1:
+        torch.distributed.barrier()
+
+
+# Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not
+# the state the checkpoint holds. Anything else differing from the checkpoint's run is refused.
+RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.log_every", "train.save_every", "train.keep_last",
+                     "train.progress", "train.max_nonfinite", "train.output_dir", "data.workers", "model.pretrained",
+                     "model.compile", "model.grad_checkpointing", "eval.")
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict[str, Any], cfg: RunConfig, path: Path) -> list[str]:
+    """The changes since the checkpoint's run that resuming applies ("key old -> new"); a change the resumed
+    state would silently ignore (the learning rate, the model, the data order) raises ConfigError."""
+    old, new = _flat(saved), _flat(asdict(cfg))
+    changed = [k for k in sorted(new) if k in old and old[k] != new[k]]
+    refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if refused:
+        k = refused[0]
+        raise ConfigError(f"{k}: is {old[k]!r} in the checkpoint {path} but {new[k]!r} now; resuming keeps the "
+                          f"checkpoint's optimizer, schedule, model and data order, so drop the change "
+                          f"(or start a new run with another train.output_dir)")
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed]
 
 
 def _plain(cfg: RunConfig) -> dict[str, Any]:

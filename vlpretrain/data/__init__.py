@@ -13,8 +13,9 @@ from vlpretrain.data.sources import (
                                      register_format,
 )
 from vlpretrain.data.stats import LoaderStats
+from vlpretrain.data.stream import BatchSource, EpochBatches
 from vlpretrain.data.writer import write_shards
 
-__all__ = ["FORMATS", "EpochPlan", "LoaderStats", "Record", "ShardLoader", "Skip", "Source", "SourceOptions",
+__all__ = ["FORMATS", "BatchSource", "EpochBatches", "EpochPlan", "LoaderStats", "Record", "ShardLoader", "Skip", "Source", "SourceOptions",
            "build_loader", "detect_format", "dist_rank_world", "expand_shards", "load_templates", "plan_epoch",
            "plan_resampled", "register_format", "shard_sample_counts", "write_shards"]

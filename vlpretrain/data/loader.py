@@ -38,6 +38,7 @@ from vlpretrain.data.plan import (
     shard_sample_counts,
 )
 from vlpretrain.data.stats import LoaderStats, WorkerStats
+from vlpretrain.data.stream import Position, forever_epochs
 from vlpretrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class ShardLoader:
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                  rank: int, world_size: int, epoch: int = 0, start_batch: int = 0, image_size: int | None = None,
                  pin_memory: bool = False):
-        _check_config(cfg)
+        cfg.validate()  # a DataConfig built in Python skips load_config
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
@@ -200,16 +201,21 @@ class ShardLoader:
             yield images, tokens
         self._check_budget(final=True)
 
-    def forever(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def forever(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Position]:
         """(epoch, batch index in epoch, images, tokens) from `epoch`/`start_batch` on, epoch after epoch.
 
         A trainer that saves the last (epoch, index + 1) it trained on resumes exactly where it stopped.
         """
-        while True:
-            self.set_epoch(epoch, start_batch)
-            for i, (images, tokens) in enumerate(self, start=start_batch):
-                yield epoch, i, images, tokens
-            epoch, start_batch = epoch + 1, 0
+
+        def run_epoch(e: int, b: int) -> ShardLoader:
+            self.set_epoch(e, b)
+            return self
+
+        return forever_epochs(run_epoch, epoch, start_batch)
+
+    def metrics(self) -> dict[str, float]:
+        """Good and skipped sample counts since the loader was built, as `data/...` metrics."""
+        return {f"data/{k}": v for k, v in self.stats.as_dict().items()}
 
     def _absorb(self, delta: dict[str, Any]) -> None:
         for reason, example in self.stats.merge(delta):
@@ -229,22 +235,6 @@ class ShardLoader:
             raise DataError(f"{self.stats.bad} of {total} samples ({self.stats.bad_fraction():.1%}) were bad, over "
                             f"data.error_budget {self.cfg.error_budget:.1%}; worst shard {name} "
                             f"({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})")
-
-
-def _check_config(cfg: DataConfig) -> None:
-    if cfg.batch_size < 1:
-        raise ConfigError(f"data.batch_size: must be positive, got {cfg.batch_size}")
-    if cfg.workers < 0:
-        raise ConfigError(f"data.workers: must be >= 0, got {cfg.workers}")
-    if cfg.mode == "epoch" and cfg.weights is not None:
-        raise ConfigError("data.weights: sampling weights apply to data.mode: resampled only")
-    if cfg.mode == "resampled" and cfg.samples_per_epoch is None:
-        raise ConfigError("data.samples_per_epoch: required in resampled mode")
-    if cfg.weights is not None:
-        n = 1 if isinstance(cfg.train, str) else len(cfg.train)
-        if len(cfg.weights) != n or any(w < 0 for w in cfg.weights) or not sum(cfg.weights) > 0:
-            raise ConfigError(f"data.weights: need {n} non-negative weight(s), one per data.train entry, "
-                              f"not all zero; got {cfg.weights}")
 
 
 def build_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,

@@ -35,8 +35,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from vlpretrain.errors import ConfigError, DataError
-
-MANIFEST = "_manifest.json"
+from vlpretrain.formats import MANIFEST
 
 
 def seed_of(*parts: object) -> int:

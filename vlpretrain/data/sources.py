@@ -18,13 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpretrain.errors import ConfigError, DataError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
-
-# Zalando's Fashion-MNIST README (github.com/zalandoresearch/fashion-mnist), as natural lower-case names.
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
-                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-MNIST_CLASSES = [str(i) for i in range(10)]
+from vlpretrain.formats import IMAGE_SUFFIXES, read_idx
 
 
 @dataclass(frozen=True)
@@ -133,11 +127,12 @@ def load_templates(path: str | Path) -> list[str]:
 
 
 def load_classes(path: str | Path) -> list[str]:
-    """Class names, one per line, in label order."""
+    """Class names, one per line, in label order; blank lines and `#` comments ignored."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: class names file does not exist")
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = (line.strip() for line in p.read_text(encoding="utf-8").splitlines())
+    names = [line for line in lines if line and not line.startswith("#")]
     if not names:
         raise DataError(f"{path}: no class names in file")
     return names
@@ -344,23 +339,6 @@ def _layout(name: str, detect: Callable[[Path, str], bool]):
     return wrap
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format), gzip-compressed or not."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        import gzip
-
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte idx file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{path}: idx header says {dims} but holds {len(body)} bytes (truncated?)")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
 def _idx_dir(root: Path) -> Path | None:
     """The folder holding the idx files: the root itself or torchvision's <root>/<Name>/raw/."""
     for d in [root, *sorted(root.glob("*/raw"))]:
@@ -378,17 +356,18 @@ def _idx_file(d: Path, stem: str) -> Path:
 
 @_layout("idx", lambda root, split: root.is_dir() and _idx_dir(root) is not None)
 def _labelled_idx(root: Path, opts: SourceOptions) -> _Labelled:
-    """MNIST / Fashion-MNIST idx files; `split` picks train or t10k; class names from the folder name."""
+    """MNIST / Fashion-MNIST idx files; `split` picks train or t10k; class names from `classes`, else numbers."""
     d = _idx_dir(root)
     assert d is not None
     prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(opts.split)
     if prefix is None:
         raise ConfigError(f"--split {opts.split}: idx sets have 'train' and 'test'")
-    images = _read_idx(_idx_file(d, f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(_idx_file(d, f"{prefix}-labels-idx1-ubyte"))
+    images = read_idx(_idx_file(d, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(d, f"{prefix}-labels-idx1-ubyte"))
     if len(images) != len(labels):
         raise DataError(f"{d}: {len(images)} images but {len(labels)} labels")
-    classes = opts.classes or (FASHION_MNIST_CLASSES if "fashion" in str(d).lower() else MNIST_CLASSES)
+    # idx files hold label numbers only: without class names (--classes) a label is named by its number
+    classes = opts.classes or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     name = _idx_file(d, f"{prefix}-images-idx3-ubyte").name
 
     def samples():

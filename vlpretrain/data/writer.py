@@ -35,10 +35,10 @@ from vlpretrain.data.sources import (
     read_source,
 )
 from vlpretrain.errors import ConfigError, DataError
+from vlpretrain.formats import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
 MANIFEST_VERSION = 1
 # PIL format name -> file extension kept in the shard (and recognised by the loader)
 EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",

@@ -14,23 +14,19 @@ from vlpretrain.models.clip import (
     register_model_configs,
 )
 from vlpretrain.models.moe import (
-    check_moe_engine_compat,
     convert_to_moe,
     export_state_dict,
     moe_layers,
     moe_losses,
-    moe_param_groups,
 )
 from vlpretrain.models.upcycle import upcycle
 
 __all__ = [
     "build_model",
-    "check_moe_engine_compat",
     "convert_to_moe",
     "export_state_dict",
     "moe_layers",
     "moe_losses",
-    "moe_param_groups",
     "upcycle",
     "count_parameters",
     "export_model",

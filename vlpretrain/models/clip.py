@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -47,7 +48,9 @@ def model_config_dict(name: str) -> dict[str, Any]:
         return json.loads(Path(name).read_text())
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ConfigError(f"model.name: unknown architecture {name!r} (see open_clip.list_models() or configs/models/)")
+        raise ConfigError(f"model.name: unknown architecture {name!r}: give an open_clip name "
+                          "(open_clip.list_models()), a config in configs/models/, a path to an architecture "
+                          "JSON (model.name: /path/arch.json), or a folder of JSONs in $VLPRETRAIN_MODEL_CONFIGS")
     return cfg
 
 
@@ -196,6 +199,9 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
         if attr in state and state[attr].numel() == 1:
             state[attr] = state[attr].reshape(())
     meta = {"format": "vlpretrain", "model_config": json.dumps(_model_cfg_dict(cfg))}
+    if cfg.name.endswith(".json"):
+        # the architecture itself, so the export still loads once that JSON has moved or gone
+        meta["architecture"] = json.dumps(model_config_dict(cfg.name))
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, out)
@@ -214,19 +220,42 @@ def read_export_config(path: str | os.PathLike) -> ModelConfig | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated? {e})") from None
     if "model_config" not in meta:
         return None
     from vlpretrain.config import from_dict
 
-    return from_dict({"model": json.loads(meta["model_config"])}, str(path)).model
+    cfg = from_dict({"model": json.loads(meta["model_config"])}, str(path)).model
+    if "architecture" in meta:
+        cfg.name = str(_register_architecture(Path(cfg.name).stem, json.loads(meta["architecture"])))
+    return cfg
+
+
+def _register_architecture(stem: str, arch: dict[str, Any]) -> Path:
+    """A JSON file holding `arch` under the cache (named by its content), for open_clip to build from."""
+    text = json.dumps(arch, indent=2, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("VLPRETRAIN_CACHE", Path.home() / ".cache" / "vlpretrain"))
+    path = cache / "architectures" / digest / f"{stem}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    return path
 
 
 def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
     """A model from an exported file of ours, or an architecture name plus an optional local checkpoint."""
+    looks_like_file = Path(path_or_arch).suffix in (".safetensors", ".pt", ".bin", ".pth") or os.sep in path_or_arch
+    if looks_like_file and not path_or_arch.endswith(".json") and not Path(path_or_arch).is_file():
+        raise CheckpointError(f"{path_or_arch}: model file does not exist")
     cfg = read_export_config(path_or_arch)
     if cfg is not None:
         cfg.pretrained = str(path_or_arch)

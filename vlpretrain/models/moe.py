@@ -7,7 +7,7 @@ each forward; `moe_losses` gathers them per tower for the training loss and the 
 
 Two backends share one interface (`MoELayer`): the native layer here (experts replicated on every data-parallel
 rank, works under every ZeRO stage) and DeepSpeed's `deepspeed.moe.layer.MoE` for expert parallelism
-(`moe_deepspeed.py`, imported only when chosen).
+(`vlpretrain.engine.moe`, beside the rest of the DeepSpeed code, imported only when chosen).
 """
 
 from __future__ import annotations
@@ -252,7 +252,8 @@ def _native(dense_mlp: nn.Module, d_model: int, cfg: MoEConfig, tower: str, bloc
 
 
 def _deepspeed(dense_mlp: nn.Module, d_model: int, cfg: MoEConfig, tower: str, block: int) -> MoELayer:
-    from vlpretrain.models.moe_deepspeed import DeepSpeedMoEMLP  # imports deepspeed only when chosen
+    # DeepSpeed's layer lives with the engine, the only package that imports DeepSpeed; loaded only when chosen
+    from vlpretrain.engine.moe import DeepSpeedMoEMLP
 
     return DeepSpeedMoEMLP(dense_mlp, d_model, cfg, tower, block)
 
@@ -268,36 +269,10 @@ BACKENDS: dict[str, Callable[[nn.Module, int, MoEConfig, str, int], MoELayer]] =
 
 
 def validate_moe_config(cfg: MoEConfig) -> None:
-    """Raise ConfigError naming the `model.moe` key of a setting no backend can run."""
+    """Raise ConfigError naming the `model.moe` key of a setting no backend can run, or of a dense config."""
     if cfg.num_experts < 1:
         raise ConfigError(f"model.moe.num_experts: expected >= 1 for an MoE model, got {cfg.num_experts}")
-    if not 1 <= cfg.top_k <= cfg.num_experts:
-        raise ConfigError(f"model.moe.top_k: expected 1..{cfg.num_experts} (num_experts), got {cfg.top_k}")
-    if cfg.jitter < 0 or cfg.jitter >= 1:
-        raise ConfigError(f"model.moe.jitter: expected 0 <= jitter < 1, got {cfg.jitter}")
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"model.moe.backend: expected one of {sorted(BACKENDS)}, got {cfg.backend!r}")
-    if cfg.ep_size < 1 or cfg.num_experts % cfg.ep_size:
-        raise ConfigError(f"model.moe.ep_size: must divide num_experts ({cfg.num_experts}), got {cfg.ep_size}")
-    if cfg.backend == "native" and cfg.ep_size != 1:
-        raise ConfigError("model.moe.ep_size: the native backend replicates experts (ep_size 1); "
-                          "use backend: deepspeed for expert parallelism")
-    if cfg.backend == "deepspeed":
-        if cfg.batch_priority:
-            raise ConfigError("model.moe.batch_priority: not available with backend: deepspeed (position order)")
-        if cfg.jitter not in (0.0, 0.01):
-            raise ConfigError(f"model.moe.jitter: backend deepspeed has a fixed jitter of 0.01; got {cfg.jitter}")
-        if cfg.normalize_weights != (cfg.top_k > 1):
-            want = "true" if cfg.top_k > 1 else "false"
-            raise ConfigError(f"model.moe.normalize_weights: backend deepspeed with top_k={cfg.top_k} "
-                              f"{'renormalises' if cfg.top_k > 1 else 'uses the raw probability'}; set it to {want}")
-
-
-def check_moe_engine_compat(cfg: MoEConfig, zero_stage: int) -> None:
-    """Raise ConfigError for an MoE setting the DeepSpeed engine refuses (the engine calls this first)."""
-    if cfg.num_experts > 0 and cfg.backend == "deepspeed" and zero_stage == 3:
-        raise ConfigError("model.moe.backend: DeepSpeed's MoE does not run under ZeRO-3 (train.zero_stage=3); "
-                          "use backend: native, or train.zero_stage 0-2")
+    cfg.validate()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,17 +363,3 @@ def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
             state.update({prefix + k: v for k, v in native.items()})
     return state
-
-
-def moe_param_groups(param_groups: list[dict]) -> list[dict]:
-    """Optimizer parameter groups with DeepSpeed's expert-parallel parameters split into their own groups.
-
-    A no-op for the native backend (its experts are ordinary replicated parameters); needed by the
-    DeepSpeed backend, whose engine reduces expert gradients over the expert-data-parallel group only.
-    """
-    named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(param_groups)]
-    if not any(getattr(p, "allreduce", True) is False for g in named for p in g["params"]):
-        return named
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    return split_params_into_different_moe_groups_for_optimizer(named)

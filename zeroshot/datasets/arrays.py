@@ -8,7 +8,6 @@ arrays, so a hostile batch file cannot run code.
 
 from __future__ import annotations
 
-import gzip
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpretrain.errors import DataError
+from vlpretrain.formats import read_idx
 from zeroshot.datasets.base import Benchmark, EvalSet, Layout, first_existing
 from zeroshot.datasets.common import ArrayImages
 
@@ -78,29 +78,6 @@ class CifarLayout(Layout):
         labels = [y for p in parts for y in p[1]]
         check_labels(labels, len(bench.classnames), d / self.files[split][0])
         return self.evalset(bench, root, ArrayImages(images, labels, transform))
-
-
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST's format: magic 0 0 dtype ndim, big-endian int32 dims, data), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path}: not an idx file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - offset != expected:
-        raise DataError(f"{path}: header says {dims} values ({expected} bytes), file holds {len(raw) - offset}")
-    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
 
 class IdxLayout(Layout):

@@ -162,7 +162,12 @@ def get_benchmark(name: str) -> Benchmark:
     for bench in BENCHMARKS.values():
         if name in bench.aliases:
             return bench
-    raise ConfigError(f"benchmark: unknown benchmark {name!r} (see `zeroshot list`)")
+    import difflib
+
+    names = sorted({*BENCHMARKS, *(a for b in BENCHMARKS.values() for a in b.aliases)})
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"benchmark: unknown benchmark {name!r}{hint} (see `zeroshot list`)")
 
 
 def resolve_root(bench: Benchmark, root: Path) -> Path:

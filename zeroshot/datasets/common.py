@@ -13,8 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from vlpretrain.formats import IMAGE_SUFFIXES
 
 
 def open_rgb(path: Path | str) -> Image.Image:
@@ -79,4 +78,4 @@ class Relabelled(Dataset):
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively), sorted so that every run sees the same order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

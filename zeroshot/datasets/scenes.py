@@ -156,7 +156,8 @@ class VocCropsLayout(_NestedLayout):
                 if name not in index:
                     raise DataError(f"{xml}: unknown VOC class {name!r}")
                 box = obj.find("bndbox")
-                assert box is not None, f"{xml}: object without bndbox"
+                if box is None:
+                    raise DataError(f"{xml}: object {name!r} has no bndbox")
                 boxes.append(tuple(int(float(box.findtext(k, "0"))) for k in ("xmin", "ymin", "xmax", "ymax")))
                 paths.append(base / "JPEGImages" / f"{image_id}.jpg")
                 labels.append(index[name])

@@ -1,4 +1,5 @@
-"""The DeepSpeed MoE backend: `deepspeed.moe.layer.MoE` behind the `MoELayer` interface, for expert parallelism.
+"""The DeepSpeed MoE backend: `deepspeed.moe.layer.MoE` behind the `MoELayer` interface, for expert parallelism, and
+the optimizer parameter groups it needs. It lives in the engine package, the only one that imports DeepSpeed.
 
 With `ep_size` > 1 each rank of an expert-parallel group holds `num_experts / ep_size` experts and tokens travel
 by all-to-all. DeepSpeed creates the process groups itself in `deepspeed.initialize` (it calls the layer's
@@ -131,3 +132,17 @@ def setup_expert_parallel(model: nn.Module) -> None:
             continue
         if layer.ep_size > 1 or torch.distributed.is_initialized():
             layer.moe.set_deepspeed_parallelism()
+
+
+def moe_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups with DeepSpeed's expert-parallel parameters split into their own groups.
+
+    A no-op for the native backend (its experts are ordinary replicated parameters); needed by the
+    DeepSpeed backend, whose engine reduces expert gradients over the expert-data-parallel group only.
+    """
+    named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(param_groups)]
+    if not any(getattr(p, "allreduce", True) is False for g in named for p in g["params"]):
+        return named
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(named)

@@ -1,0 +1,268 @@
+"""Fault injection: each test reproduces a defect a user hit (issue #11) and pins the fix.
+
+Runs go through tests/train_synthetic.py or the console scripts in subprocesses, as a user would run them; every
+refusal must be one line on stderr, exit status 2, no traceback, and leave nothing half done.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from zeroshot_fakes import write_wds
+
+from vlpretrain.config import ModelConfig
+from vlpretrain.engine.checkpoint import safe_torch_load
+from vlpretrain.errors import CheckpointError
+from vlpretrain.models import build_model, export_model, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "train_synthetic.py"
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")},
+       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=ENV, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+def cli(*args: str, module: str = "vlpretrain.cli") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The refusal's message, after checking its form: exit 2, no traceback, one `error:` line."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+
+
+class Boom:
+    """Unpickling this runs a command: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---- 1. a reused run folder ------------------------------------------------------------------------------------
+
+def test_fresh_run_in_a_used_folder_is_refused_then_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "train.steps=4", "train.save_every=2").returncode == 0
+    assert checkpoints(out) == ["step_00000002", "step_00000004"]
+    msg = one_line_error(train(out, "train.steps=2"))
+    assert "--resume latest" in msg and "--overwrite" in msg and "step_00000004" in msg
+    assert checkpoints(out) == ["step_00000002", "step_00000004"]  # nothing touched
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys; from vlpretrain.config import load_config; from vlpretrain.data import EpochBatches; "
+        "from vlpretrain.trainer import train; import torch\n"
+        "def epoch(e, b):\n"
+        "    for i in range(b, 3):\n"
+        "        g = torch.Generator().manual_seed(e * 10 + i)\n"
+        "        yield torch.randn(4, 3, 28, 28, generator=g), torch.randint(1, 4000, (4, 16), generator=g)\n"
+        f"cfg = load_config(None, ['data.train=x', 'train.output_dir={out}', 'train.steps=2', 'train.warmup_steps=1',"
+        " 'train.progress=false', 'data.batch_size=4', 'train.log_every=1'])\n"
+        "train(cfg, data=EpochBatches(epoch), overwrite=True)")], env=ENV, capture_output=True, text=True,
+        timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert checkpoints(out) == ["step_00000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # the old run's rows are gone
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "train.steps=6", "train.save_every=2", "train.keep_last=1").returncode == 0
+    assert checkpoints(out) == ["step_00000006"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+# ---- 2. checkpoints never run code -----------------------------------------------------------------------------
+
+def test_crafted_checkpoint_is_refused_on_resume_export_and_upcycle(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "train.steps=2").returncode == 0
+    ckpt = out / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    state = ckpt / "mp_rank_00_model_states.pt"
+    torch.save({"module": Boom(marker)}, state)
+
+    msg = one_line_error(train(out, "train.steps=4", "--resume", "latest"))
+    assert str(state) in msg and "refusing" in msg
+    assert not marker.exists()
+
+    (ckpt / "model.safetensors").unlink()  # export must not fall back to unpickling DeepSpeed's state
+    msg = one_line_error(cli("export", str(ckpt), str(tmp_path / "x.safetensors")))
+    assert str(ckpt) in msg and not marker.exists()
+
+    msg = one_line_error(cli("upcycle", "--from", str(state), "--config", str(REPO / "configs" / "demo-moe.yaml"),
+                             "--out", str(tmp_path / "moe.safetensors"), "--arch", "tiny-vit"))
+    assert str(state) in msg and not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing"):
+        safe_torch_load(state)
+    assert not marker.exists()
+
+
+def test_truncated_state_file_names_it(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "train.steps=2").returncode == 0
+    state = out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    msg = one_line_error(train(out, "train.steps=4", "--resume", "latest"))
+    assert str(state) in msg and "truncated or corrupt" in msg
+
+
+def test_resume_with_another_architecture_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "train.steps=2").returncode == 0
+    msg = one_line_error(train(out, "train.steps=4", "model.moe.num_experts=2", "model.moe.top_k=1",
+                               "model.moe.normalize_weights=false", "--resume", "latest"))
+    assert "step_00000002" in msg
+
+
+# ---- 5. evaluation data is found before training ---------------------------------------------------------------
+
+def test_missing_eval_data_fails_before_the_first_step(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "bench").mkdir()
+    msg = one_line_error(train(out, "train.steps=2", "eval.benchmarks=[cifar10]", f"eval.root={tmp_path / 'bench'}"))
+    assert "cifar10" in msg or "cifar-10" in msg
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ---- 6. one line instead of a traceback ------------------------------------------------------------------------
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    msg = one_line_error(train(blocker / "run", "train.steps=2"))
+    assert "train.output_dir" in msg
+
+
+def test_zeroshot_eval_on_a_truncated_safetensors(tmp_path):
+    model = tmp_path / "m.safetensors"
+    export_model(build_model("tiny-vit"), ModelConfig(name="tiny-vit"), model)
+    model.write_bytes(model.read_bytes()[:5000])
+    write_wds(tmp_path / "mnist", [str(i) for i in range(10)], [i % 10 for i in range(4)], shards=1, ext="png")
+    msg = one_line_error(cli("eval", "--model", str(model), "--benchmark", "mnist", "--root", str(tmp_path / "mnist"),
+                             module="zeroshot.cli"))
+    assert str(model) in msg and "truncated" in msg
+
+
+def test_model_naming_a_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "gone.safetensors"))
+
+
+def test_unknown_architecture_names_the_ways_to_add_one():
+    from vlpretrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"VLPRETRAIN_MODEL_CONFIGS.*") as e:
+        build_model("no-such-arch")
+    assert "arch.json" in str(e.value)
+
+
+# ---- 7. values are range-checked, naming the key and where it came from -------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=0", "train.steps"), ("train.lr=-0.001", "train.lr"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.log_every=0", "train.log_every"), ("train.betas=[0.9]", "train.betas"),
+    ("data.crop_scale=[1.5,0.1]", "data.crop_scale"), ("eval.batch_size=0", "eval.batch_size"),
+    ("data.batch_size=0", "data.batch_size"), ("train.warmup_steps=2000", "train.warmup_steps"),
+])
+def test_out_of_range_values(override, key):
+    msg = one_line_error(cli("info", "--config", str(REPO / "configs" / "demo.yaml"), "--set", override, "--no-model"))
+    assert msg.startswith(f"error: --set {override}: {key}:"), msg
+
+
+def test_range_error_from_the_file_names_the_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: {train: a.tar}\ntrain: {steps: 0}\n")
+    msg = one_line_error(cli("info", "--config", str(cfg), "--no-model"))
+    assert msg.startswith(f"error: {cfg}: train.steps: must be >= 1"), msg
+
+
+def test_malformed_override_and_suggestions():
+    demo = str(REPO / "configs" / "demo.yaml")
+    assert "not valid YAML" in one_line_error(cli("info", "--config", demo, "--set", "train.steps=[1,", "--no-model"))
+    assert "did you mean train.steps" in one_line_error(cli("info", "--config", demo, "--set", "train.stepz=3",
+                                                            "--no-model"))
+    from vlpretrain.errors import ConfigError
+    from zeroshot import get_benchmark
+
+    with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
+        get_benchmark("cifar01")
+
+
+# ---- 8. resume bookkeeping --------------------------------------------------------------------------------------
+
+def test_resume_keeps_one_row_per_step_and_refuses_meaningless_overrides(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--slow", "0.3", "train.steps=40",
+                          "train.save_every=3", "train.warmup_steps=2"], env=ENV, cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = 300
+    import time
+
+    start = time.time()
+    while time.time() - start < deadline and len(checkpoints(out)) < 2:
+        time.sleep(0.5)
+    time.sleep(1.5)  # some steps beyond the checkpoint are logged, then lost
+    r.kill()
+    r.wait()
+    done = checkpoints(out)
+    assert done, "no checkpoint was written"
+    msg = one_line_error(train(out, "train.steps=12", "train.lr=0.01", "--resume", "latest"))
+    assert "train.lr" in msg and "checkpoint" in msg
+    res = train(out, "train.steps=12", "--resume", "latest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout and "at step" in res.stdout and "train.steps 40 -> 12" in res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
+    assert steps == list(range(1, 13))
+
+
+# ---- 9. exports are self-contained ------------------------------------------------------------------------------
+
+def test_export_of_a_json_architecture_loads_after_the_json_moves(tmp_path):
+    arch = tmp_path / "mine" / "my-arch.json"
+    arch.parent.mkdir()
+    shutil.copy(REPO / "configs" / "models" / "tiny-vit.json", arch)
+    cfg = ModelConfig(name=str(arch))
+    model = build_model(cfg).eval()
+    out = export_model(model, cfg, tmp_path / "m.safetensors")
+    shutil.rmtree(arch.parent)
+    again = load_model(str(out)).eval()
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(images), model.encode_image(images))
+
+
+def test_safe_load_allows_exactly_plain_state(tmp_path):
+    ok = tmp_path / "ok.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3, "ds_version": "x"}, ok)
+    assert safe_torch_load(ok)["global_steps"] == 3
+    bad = tmp_path / "bad.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"x": Boom(tmp_path / "marker")}, f)
+    with pytest.raises(CheckpointError):
+        safe_torch_load(bad)
+    assert not (tmp_path / "marker").exists()

@@ -1,0 +1,21 @@
+"""The DeepSpeed engine, and the only package that imports DeepSpeed.
+
+`dist` joins the process group, `core` wraps a plain model into an `Engine` (ZeRO stage, precision, accumulation,
+parameter groups, schedule), `checkpoint` writes and reads its state atomically, `moe` is DeepSpeed's MoE layer for
+expert parallelism. Models and losses never know which engine runs them; DeepSpeed is imported on first use.
+"""
+
+from vlpretrain.engine.checkpoint import (
+    checkpoint_root,
+    export_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from vlpretrain.engine.core import Engine, build_engine, deepspeed_config, lr_at, param_groups
+from vlpretrain.engine.dist import DistEnv, init_distributed, shutdown_distributed
+
+__all__ = ["DistEnv", "Engine", "build_engine", "checkpoint_root", "deepspeed_config", "export_checkpoint",
+           "init_distributed", "latest_checkpoint", "load_checkpoint", "lr_at", "param_groups", "resolve_checkpoint",
+           "save_checkpoint", "shutdown_distributed"]

@@ -1,0 +1,142 @@
+"""Checkpoints: `<output_dir>/checkpoints/step_XXXXXXXX/`, written under a temporary name and renamed; `latest`
+names the newest complete one. Exports of a checkpoint's consolidated model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlpretrain.engine.core import Engine
+from vlpretrain.errors import CheckpointError
+
+
+def _deepspeed_types() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its state files (found with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 0-3 checkpoints); nothing else is allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """`torch.load` with weights_only=True and exactly DeepSpeed's own types allowed: a file that would need any
+    other object (code) is refused, as is a truncated one, with a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refusing to load: it holds objects other than tensors and DeepSpeed's "
+                              f"state types, and loading them could run code ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read (truncated or corrupt? {first[:200]}); resume from an "
+                              "earlier checkpoint with --resume CKPT") from None
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint that `latest` names, if it is complete."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "COMPLETE").is_file():
+        raise CheckpointError(f"{pointer}: names {path.name}, which is incomplete")
+    return path
+
+
+def save_checkpoint(engine: Engine, output_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+                    export: dict[str, torch.Tensor] | None, model_cfg, keep_last: int, is_main: bool) -> Path:
+    """Write DeepSpeed state and an exported model under a temporary name, then rename it and point `latest` at it.
+
+    A crash at any moment leaves `latest` naming an older, complete checkpoint.
+    """
+    from vlpretrain.models import export_model
+
+    root = checkpoint_root(output_dir)
+    name = f"step_{step:08d}"
+    tmp_tag = f".tmp-{name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    torch.distributed.barrier()
+    engine.save(str(root), tmp_tag, client_state)
+    torch.distributed.barrier()
+    final = root / name
+    if is_main:
+        tmp = root / tmp_tag
+        if export is not None:
+            export_model(None, model_cfg, tmp / "model.safetensors", state_dict=export)
+        (tmp / "client_state.json").write_text(json.dumps(client_state, indent=2) + "\n")
+        (tmp / "COMPLETE").write_text(name + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / "latest")
+        _prune(root, keep_last, final)
+    torch.distributed.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, current: Path) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last` by step, never the one just written (which
+    `latest` names)."""
+    done = sorted((p for p in root.glob("step_*") if (p / "COMPLETE").is_file() and p != current),
+                  key=lambda p: int(p.name.removeprefix("step_")))
+    keep = max(keep_last - 1, 0)
+    for old in done[:len(done) - keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine: Engine, path: Path) -> dict[str, Any]:
+    """Restore engine state (weights, optimizer, schedule) from a complete checkpoint; returns our client state."""
+    if not (path / "COMPLETE").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint")
+    if not engine.load(str(path.parent), path.name):
+        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+    return json.loads((path / "client_state.json").read_text())
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from itself, or from a run folder / checkpoints folder through its `latest`."""
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    found = latest_checkpoint(p.parent if p.name == "checkpoints" else p)
+    if found is None:
+        raise CheckpointError(f"{p}: not a checkpoint, nor a run folder with a complete checkpoint")
+    return found
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Consolidated safetensors model from a checkpoint of any ZeRO stage, loadable by open_clip for dense models.
+
+    Every checkpoint this package writes holds its consolidated weights as `model.safetensors`, so exporting never
+    reads (let alone unpickles) DeepSpeed's state files.
+    """
+    from vlpretrain.config import from_dict
+    from vlpretrain.models import export_model, load_state_dict
+
+    ckpt = resolve_checkpoint(path)
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{ckpt}: has no model.safetensors (every checkpoint vlpretrain writes has one; "
+                              "DeepSpeed state files are never unpickled to rebuild it)")
+    cfg = from_dict(json.loads((ckpt / "client_state.json").read_text())["config"], str(ckpt))
+    return export_model(None, cfg.model, out, state_dict=load_state_dict(weights))
