@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from zeroshot.datasets.arrays import CifarLayout, IdxLayout
 from zeroshot.datasets.base import Benchmark, register
+from zeroshot.datasets.captions import CocoKarpathyLayout, FlickrLayout
 from zeroshot.datasets.folder import FolderLayout
 from zeroshot.datasets.scenes import (
     ClevrLayout,
@@ -100,3 +101,15 @@ register(Benchmark("kitti-distance", (KittiLayout(),), aliases=("kitti_closest_v
 register(Benchmark("clevr-count", (ClevrLayout(clevr_count_label),), aliases=("clevr_count_all",)))
 register(Benchmark("clevr-distance", (ClevrLayout(clevr_distance_label),), aliases=("clevr_closest_object_distance",)))
 register(Benchmark("voc2007", (VocCropsLayout(),), metric=MPCR))
+
+# Image-text retrieval (the Karpathy test splits CLIP_benchmark evaluates), headline: the mean of the six recalls.
+# Each also reads CLIP_benchmark's webdataset export, our own shards and a COCO captions json (captions.py).
+KARPATHY = "CLIP_benchmark's Karpathy-split annotations (github.com/mehdidc/retrieval_annotations, release 1.0.0)"
+register(Benchmark("flickr8k", (FlickrLayout("flickr8k"),), metric="mean_recall", task="retrieval",
+                   notes=f"{KARPATHY}: flickr8k_test_karpathy.txt, 1000 images x 5 captions"))
+register(Benchmark("flickr30k", (FlickrLayout("flickr30k"),), metric="mean_recall", task="retrieval",
+                   notes=f"{KARPATHY}: flickr30k_test_karpathy.txt, 1000 images x 5 captions"))
+register(Benchmark("mscoco", (CocoKarpathyLayout(),), metric="mean_recall", task="retrieval",
+                   aliases=("mscoco_captions",), notes=f"{KARPATHY}: coco_test_karpathy.json, 5000 val2014 images"))
+register(Benchmark("captions", metric="mean_recall", task="retrieval",
+                   notes="your own captioned images: make-shards output, a COCO captions json or a CLIP_benchmark export"))
