@@ -196,3 +196,21 @@ def write_wds_captions(root: Path, captions: list[list[str]], shards: int = 2, s
                 _add(tar, f"s{i:07d}.txt", "\n".join(captions[i]).encode())
     (root / split / "nshards.txt").write_text(f"{shards}\n")
     return root
+
+
+def write_wds_multilabel(root: Path, classnames: list[str], targets: list[list[int]], images: list | None = None,
+                         split: str = "test") -> Path:
+    """CLIP_benchmark's multi-label webdataset export: dataset_type.txt "multilabel", <key>.webp + <key>.npy 0/1."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with tarfile.open(root / split / "0.tar", "w") as tar:
+        for i, target in enumerate(targets):
+            buf = io.BytesIO()
+            (images[i] if images is not None else drawn_image(i, 24, i)).save(buf, format="WEBP", lossless=True)
+            _add(tar, f"s{i:07d}.webp", buf.getvalue())
+            npy = io.BytesIO()
+            np.save(npy, np.asarray(target, dtype=np.int64))
+            _add(tar, f"s{i:07d}.npy", npy.getvalue())
+    (root / split / "nshards.txt").write_text("1\n")
+    return root
