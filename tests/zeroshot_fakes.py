@@ -134,3 +134,83 @@ def write_voc(root: Path, images: dict[str, list[tuple[str, tuple[int, int, int,
                                                              f"{objs}</annotation>")
     (base / "ImageSets" / "Main" / "test.txt").write_text("\n".join(images) + "\n")
     return root
+
+
+# Captioned images for retrieval: each writer takes one caption list per image (image i is drawn_image(i, 24, i)).
+
+def write_flickr(root: Path, prefix: str, captions: list[list[str]], image_dir: str = "", split: str = "test") -> Path:
+    """CLIP_benchmark's Flickr layout: <prefix>_<split>_karpathy.txt (header, `image,caption` lines) + flat images."""
+    (root / image_dir).mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for i, caps in enumerate(captions):
+        name = f"{1000 + i}.jpg"
+        drawn_image(i, 24, i).save(root / image_dir / name, format="JPEG")
+        lines += [f"{name},{c}" for c in caps]
+    (root / f"{prefix}_{split}_karpathy.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def coco_captions_json(captions: list[list[str]], prefix: str = "COCO_val2014_") -> dict:
+    """A COCO-format captions document: images with ids and file names, one annotation per caption."""
+    images = [{"id": 10 + i, "file_name": f"{prefix}{10 + i:012d}.jpg", "width": 24, "height": 24}
+              for i in range(len(captions))]
+    anns = [{"id": len(captions) * i + j, "image_id": 10 + i, "caption": c}
+            for i, caps in enumerate(captions) for j, c in enumerate(caps)]
+    return {"images": images, "annotations": anns}
+
+
+def write_coco_images(folder: Path, doc: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(doc["images"]):
+        drawn_image(i, 24, i).save(folder / im["file_name"], format="JPEG")
+
+
+def write_coco_karpathy(root: Path, captions: list[list[str]], split: str = "test") -> Path:
+    """CLIP_benchmark's MSCOCO layout: coco_<split>_karpathy.json (COCO format) + val2014/ images."""
+    doc = coco_captions_json(captions)
+    write_coco_images(root / "val2014", doc)
+    (root / f"coco_{split}_karpathy.json").write_text(json.dumps(doc))
+    return root
+
+
+def write_coco_captions(root: Path, captions: list[list[str]], name: str = "val2017") -> Path:
+    """COCO's own layout, as make-shards reads it: annotations/captions_<name>.json + <name>/ images."""
+    doc = coco_captions_json(captions, prefix="")
+    write_coco_images(root / name, doc)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"captions_{name}.json").write_text(json.dumps(doc))
+    return root
+
+
+def write_wds_captions(root: Path, captions: list[list[str]], shards: int = 2, split: str = "test") -> Path:
+    """CLIP_benchmark's webdataset retrieval export: dataset_type.txt, <split>/{0..n-1}.tar of .webp + .txt lines."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    per = -(-len(captions) // shards)
+    for s in range(shards):
+        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
+            for i in range(s * per, min(len(captions), (s + 1) * per)):
+                buf = io.BytesIO()
+                drawn_image(i, 24, i).save(buf, format="WEBP", lossless=True)
+                _add(tar, f"s{i:07d}.webp", buf.getvalue())
+                _add(tar, f"s{i:07d}.txt", "\n".join(captions[i]).encode())
+    (root / split / "nshards.txt").write_text(f"{shards}\n")
+    return root
+
+
+def write_wds_multilabel(root: Path, classnames: list[str], targets: list[list[int]], images: list | None = None,
+                         split: str = "test") -> Path:
+    """CLIP_benchmark's multi-label webdataset export: dataset_type.txt "multilabel", <key>.webp + <key>.npy 0/1."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    (root / "dataset_type.txt").write_text("multilabel\n")
+    with tarfile.open(root / split / "0.tar", "w") as tar:
+        for i, target in enumerate(targets):
+            buf = io.BytesIO()
+            (images[i] if images is not None else drawn_image(i, 24, i)).save(buf, format="WEBP", lossless=True)
+            _add(tar, f"s{i:07d}.webp", buf.getvalue())
+            npy = io.BytesIO()
+            np.save(npy, np.asarray(target, dtype=np.int64))
+            _add(tar, f"s{i:07d}.npy", npy.getvalue())
+    (root / split / "nshards.txt").write_text("1\n")
+    return root

@@ -6,18 +6,27 @@
     entries = zeroshot.evaluate_suite(model, ["cifar10", "mnist"], "/data")       # one sub-folder each
     zeroshot.update_results("results.json", "ViT-B-32", None, entries)          # see zeroshot/results.py
     probe = zeroshot.linear_probe(model, "cifar10", "/data/cifar10")            # CLIP-protocol linear probe
+    recall = zeroshot.retrieval(model, "flickr30k", "/data/flickr30k")          # image-text recall@1/5/10
 """
 
-from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify
+from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify, encode_texts
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
 from zeroshot.features import encode_images
-from zeroshot.metrics import classification_metrics, mean_per_class_recall, top_k_accuracy
+from zeroshot.metrics import (
+    classification_metrics,
+    mean_per_class_recall,
+    multilabel_metrics,
+    retrieval_metrics,
+    top_k_accuracy,
+)
 from zeroshot.probe import linear_probe
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
+from zeroshot.retrieve import retrieval
 
 __all__ = [
     "DEFAULT_TEMPLATES", "Benchmark", "ResultEntry", "Results", "build_classifier", "classification_metrics",
     "classify", "encode_images", "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks",
     "mean_per_class_recall", "read_results", "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
+    "encode_texts", "multilabel_metrics", "retrieval", "retrieval_metrics",
 ]

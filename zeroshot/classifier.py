@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from vlpretrain.errors import ConfigError
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
@@ -57,6 +58,32 @@ def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, class
     return Path(cache_dir) / f"head-{digest}.pt"
 
 
+def text_batches(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start index, float32 text features [batch, D] on `device`, not normalised) for `texts`, `batch_size` at a
+    time: the one text-encoding pass of zeroshot (heads average them, retrieval keeps them)."""
+    device = resolve_device(device, model)
+    tokenizer = tokenizer or default_tokenizer(model)
+    model.to(device)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+            yield start, model.encode_text(tokens).float()
+
+
+def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+    """Float32 text features [len(texts), D] (not normalised) on the CPU, encoded on `device`."""
+    feats = []
+    with tqdm(total=len(texts), unit="text", desc="texts", disable=not progress, leave=False) as bar:
+        for _, emb in text_batches(model, tokenizer, texts, batch_size=batch_size, device=device):
+            feats.append(emb.cpu())
+            bar.update(len(emb))
+    if not feats:
+        raise ConfigError("encode_texts needs at least one text")
+    return torch.cat(feats)
+
+
 def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName], templates: Sequence[Template], *,
                      batch_size: int = 256, device: str | torch.device | None = None,
                      cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
@@ -80,15 +107,11 @@ def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName
         for name in ([c] if isinstance(c, str) else c):
             prompts += [fill(t, name) for t in templates]
             owners += [i] * len(templates)
-    model.to(device)
     sums = None
-    with eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-            if sums is None:
-                sums = torch.zeros(len(classnames), emb.shape[1], device=device)
-            sums.index_add_(0, torch.tensor(owners[start:start + batch_size], device=device), emb)
+    for start, emb in text_batches(model, tokenizer, prompts, batch_size=batch_size, device=device):
+        if sums is None:
+            sums = torch.zeros(len(classnames), emb.shape[1], device=device)
+        sums.index_add_(0, torch.tensor(owners[start:start + len(emb)], device=device), F.normalize(emb, dim=-1))
     assert sums is not None
     counts = torch.bincount(torch.tensor(owners, device=device), minlength=len(classnames)).unsqueeze(1)
     head = F.normalize(sums / counts, dim=-1).T.contiguous()

@@ -1,4 +1,5 @@
-"""`zeroshot` console script: list | eval | probe | report. Parse, look up, call; subcommands register with @command."""
+"""`zeroshot` console script: list | eval | probe | report | export-results. Parse, look up, call; subcommands
+register with @command."""
 
 from __future__ import annotations
 
@@ -13,23 +14,27 @@ COMMANDS = Commands("zeroshot", "Zero-shot evaluation of CLIP-style models.")
 command = COMMANDS.command
 
 
-@command("list", "list the benchmarks: classes, templates, headline metric, readable formats")
+@command("list", "list the benchmarks by task: classes, templates, headline metric, readable formats")
 def _list(p: argparse.ArgumentParser):
     p.add_argument("--sources", action="store_true", help="also print where class names and templates come from")
 
     def run(a: argparse.Namespace) -> int:
-        from zeroshot.datasets import list_benchmarks
+        from zeroshot.datasets import TASKS, list_benchmarks
 
-        benches = list_benchmarks()
+        benches = list_benchmarks(None)
         width = max(len(b.name) for b in benches)
-        print(f"{'benchmark':<{width}}  classes  templates  {'metric':<21}  formats")
-        for b in benches:
-            print(f"{b.name:<{width}}  {len(b.classnames):>7}  {len(b.templates):>9}  {b.metric:<21}  "
-                  f"{', '.join(b.formats)}")
-            if a.sources:
-                for what, src in b.sources.items():
-                    print(f"{'':<{width}}    {what}: {src}")
-        print(f"{len(benches)} benchmarks")
+        print(f"{'benchmark':<{width}}  classes  templates  {'metric':<22}  formats")
+        for task in TASKS:  # one group per task, under a heading naming it
+            group = [b for b in benches if b.task == task]
+            print(f"[task: {task}, {len(group)} benchmarks]")
+            for b in group:
+                counts = f"{len(b.classnames):>7}  {len(b.templates):>9}" if b.classnames else f"{'-':>7}  {'-':>9}"
+                print(f"{b.name:<{width}}  {counts}  {b.metric:<22}  {', '.join(b.formats)}")
+                if a.sources:
+                    for what, src in b.sources.items():
+                        print(f"{'':<{width}}    {what}: {src}")
+        per_task = ", ".join(f"{sum(b.task == t for b in benches)} {t}" for t in TASKS)
+        print(f"{per_task}: {len(benches)} benchmarks")
         return 0
 
     return run
@@ -78,10 +83,14 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
 
 
 def _save(a: argparse.Namespace, entries: list) -> int:
-    """Add the entries to the --out results file, when one is given (eval and probe write the same file shape)."""
-    from zeroshot.results import update_results
+    """Add the entries to the --out results file, when one is given (eval and probe write the same file shape), or
+    with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder."""
+    from zeroshot.results import Results, update_results, write_clip_benchmark
 
-    if a.out:
+    if a.out and getattr(a, "results_format", "zeroshot") == "clip_benchmark":
+        paths = write_clip_benchmark(Results(a.model, a.pretrained, entries), a.out)
+        print(f"wrote {len(paths)} CLIP_benchmark result files to {a.out}")
+    elif a.out:
         update_results(a.out, a.model, a.pretrained, entries)
         print(f"wrote {a.out}")
     return 0
@@ -93,9 +102,11 @@ def _device(a: argparse.Namespace):
     return resolve_device(a.device)
 
 
-@command("eval", "zero-shot evaluation of a model on benchmarks")
+@command("eval", "zero-shot evaluation of a model on benchmarks (classification or retrieval, by benchmark)")
 def _eval(p: argparse.ArgumentParser):
-    _model_and_data_args(p, "results JSON to write or update")
+    _model_and_data_args(p, "results JSON to write or update (a folder with --results-format clip_benchmark)")
+    p.add_argument("--results-format", choices=("zeroshot", "clip_benchmark"), default="zeroshot",
+                   help="zeroshot: one results file (default); clip_benchmark: its JSON per benchmark into --out")
     p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -161,6 +172,22 @@ def _report(p: argparse.ArgumentParser):
         md, png = write_report(a.results, a.out)
         print(md.read_text(), end="")
         print(f"wrote {md} and {png}")
+        return 0
+
+    return run
+
+
+@command("export-results", "write a results file's entries as CLIP_benchmark result files (one per benchmark)")
+def _export_results(p: argparse.ArgumentParser):
+    p.add_argument("results", help="results JSON written by `zeroshot eval` / `zeroshot probe` (or the trainer)")
+    p.add_argument("--out", required=True, help="folder for the CLIP_benchmark JSON files")
+
+    def run(a: argparse.Namespace) -> int:
+        from zeroshot.results import read_results, write_clip_benchmark
+
+        paths = write_clip_benchmark(read_results(a.results), a.out)
+        for path in paths:
+            print(f"wrote {path}")
         return 0
 
     return run

@@ -2,7 +2,8 @@
 
 Images are encoded by `zeroshot.features.encode_images` (the one feature pass, shared with the probe); `evaluate`
 is the whole task on one benchmark; `evaluate_suite` runs several and returns results-file entries (what
-`zeroshot eval` and the trainer write).
+`zeroshot eval` and the trainer write). The benchmark's task picks the runner: `run_zeroshot` (classification),
+`run_multilabel` (multi-label classification, average precision) or `zeroshot.retrieve.run_retrieval`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vlpretrain.errors import ConfigError
 from zeroshot.classifier import build_classifier
 from zeroshot.datasets import EvalSet, get_benchmark
 from zeroshot.features import encode_images, resolve_device
-from zeroshot.metrics import classification_metrics
+from zeroshot.metrics import classification_metrics, multilabel_metrics
 from zeroshot.results import ResultEntry
 
 
@@ -47,14 +48,37 @@ def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tok
     return classification_metrics(F.normalize(feats, dim=-1) @ head.cpu(), labels, headline=headline)
 
 
+def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_average_precision", tokenizer=None,
+                   batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
+                   max_images: int | None = None, progress: bool = False, desc: str = "zeroshot",
+                   cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Average-precision metrics of the zero-shot head on a multi-label set (`data.targets`, see multilabel_metrics)."""
+    assert data.targets is not None, "a multi-label EvalSet carries its targets"
+    device = resolve_device(device, model)
+    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
+    feats, index = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
+                                 workers=workers, device=device, progress=progress, desc=desc)
+    return multilabel_metrics(F.normalize(feats, dim=-1) @ head.cpu(), data.targets[index])
+
+
+def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
+    """The results-file task name and the run function of a benchmark task."""
+    # imported here, not at the top: retrieve.py imports spread_subset from this module
+    from zeroshot.retrieve import run_retrieval
+
+    return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
+            "retrieval": ("retrieval", run_retrieval)}[task]
+
+
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
              batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
              max_images: int | None = None, format: str | None = None, progress: bool = True,
              split: str = "test", cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Zero-shot metrics of `model` on a registered benchmark read from `root`.
+    """Zero-shot metrics of `model` on a registered benchmark read from `root`, for the benchmark's task.
 
-    Returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's headline
-    metric, named by `get_benchmark(benchmark).metric`) and images. `transform` defaults to the model's evaluation
+    Classification returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's
+    headline metric, named by `get_benchmark(benchmark).metric`) and images; multi-label and retrieval benchmarks
+    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics). `transform` defaults to the model's evaluation
     preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly
     spaced subset; `format` forces a layout (default: detected from the files under `root`). The model is moved
     to `device` (default: where it is) and left in the mode it was in.
@@ -65,7 +89,7 @@ def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=No
 
         transform = image_transform(model, train=False)
     data = bench.load(root, split=split, transform=transform, format=format)
-    return run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+    return _runner(bench.task)[1](model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                         workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
                         cache_dir=cache_dir)
 
@@ -78,7 +102,7 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
     """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
 
     Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
-    is done.
+    is done. Entries of retrieval benchmarks have task "retrieval", the others "zeroshot".
     """
     benches = [get_benchmark(name) for name in benchmarks]
     if transform is None:
@@ -88,10 +112,11 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
     entries = []
     for bench in benches:
         data = bench.load(root, transform=transform, format=format)
-        metrics = run_zeroshot(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
-                               workers=workers, device=device, max_images=max_images, progress=progress,
-                               desc=bench.name, cache_dir=cache_dir)
-        entries.append(ResultEntry("zeroshot", bench.name, bench.metric, metrics, str(data.root), data.format))
+        task, run = _runner(bench.task)
+        metrics = run(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+                      workers=workers, device=device, max_images=max_images, progress=progress,
+                      desc=bench.name, cache_dir=cache_dir)
+        entries.append(ResultEntry(task, bench.name, bench.metric, metrics, str(data.root), data.format))
         if on_result is not None:
             on_result(entries[-1])
     return entries

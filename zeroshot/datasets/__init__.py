@@ -1,12 +1,26 @@
 """The benchmark registry: `get_benchmark(name).load(root)` opens a benchmark from whatever layout is on disk."""
 
+from collections.abc import Sequence
+
 from zeroshot.datasets import catalog  # noqa: F401  (registers every benchmark)
-from zeroshot.datasets.base import BENCHMARKS, Benchmark, EvalSet, Layout, get_benchmark, register
+from zeroshot.datasets.base import (
+    BENCHMARKS,
+    CLASSIFICATION_TASKS,
+    TASKS,
+    Benchmark,
+    CaptionSet,
+    EvalSet,
+    Layout,
+    get_benchmark,
+    register,
+)
 
 
-def list_benchmarks() -> list[Benchmark]:
-    """Every registered benchmark, in registration order."""
-    return list(BENCHMARKS.values())
+def list_benchmarks(tasks: Sequence[str] | None = CLASSIFICATION_TASKS) -> list[Benchmark]:
+    """The registered benchmarks of `tasks` in registration order: by default the zero-shot classification ones
+    (class names and prompts), `tasks=None` for every one, retrieval included."""
+    return [b for b in BENCHMARKS.values() if tasks is None or b.task in tasks]
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "EvalSet", "Layout", "get_benchmark", "list_benchmarks", "register"]
+__all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "Benchmark", "CaptionSet", "EvalSet", "Layout",
+           "get_benchmark", "list_benchmarks", "register"]

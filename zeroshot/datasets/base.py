@@ -1,8 +1,10 @@
 """The benchmark registry: what a benchmark is, the on-disk layouts it can be read from, and lookup by name.
 
-A benchmark is data (class names, templates, folder names in `zeroshot/assets/<name>.json`) plus a headline
-metric plus the layouts it can be read from. Every benchmark can also be read from CLIP_benchmark's webdataset
-layout, which is added to its own layouts here, so a new entry only names the layouts that are particular to it.
+A benchmark has a task (classification, multilabel classification or image-text retrieval), a headline metric and
+the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
+`zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
+webdataset export; for retrieval also our own shards and a COCO captions file), which are added to its own layouts
+here, so a new entry only names the layouts that are particular to it.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from vlpretrain.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPLITS = ("test", "train")
-METRICS = ("top1", "mean_per_class_recall")
+TASKS = ("classification", "multilabel", "retrieval")
+CLASSIFICATION_TASKS = ("classification", "multilabel")
+METRICS = {"classification": ("top1", "mean_per_class_recall"), "multilabel": ("mean_average_precision",),
+           "retrieval": ("mean_recall",)}
 
 
 @dataclass
@@ -32,9 +38,25 @@ class EvalSet:
     templates: list[str]
     format: str
     root: Path
+    targets: torch.Tensor | None = None  # multi-label: 0/1 [N, classes]; the dataset's labels are then 0..N-1
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+
+@dataclass
+class CaptionSet:
+    """A retrieval split opened from disk: each image once, yielding (image, its index), and every caption with the
+    index of its image (an image with five captions is one image and five texts)."""
+
+    images: Dataset
+    captions: list[str]
+    text_to_image: list[int]
+    format: str
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
 
 
 class Layout:
@@ -50,12 +72,12 @@ class Layout:
         """Whether the files marking this layout are under `root` (the rest is checked by `open`)."""
         raise NotImplementedError
 
-    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet | CaptionSet:
         """Index the split; raise DataError naming the missing or broken file."""
         raise NotImplementedError
 
-    def evalset(self, bench: Benchmark, root: Path, dataset: Dataset) -> EvalSet:
-        return EvalSet(dataset, bench.classnames, bench.templates, self.name, root)
+    def evalset(self, bench: Benchmark, root: Path, dataset: Dataset, targets: torch.Tensor | None = None) -> EvalSet:
+        return EvalSet(dataset, bench.classnames, bench.templates, self.name, root, targets)
 
 
 @functools.cache
@@ -69,17 +91,26 @@ def load_asset(name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A zero-shot classification benchmark: prompts (from its asset file), headline metric and on-disk layouts."""
+    """A zero-shot benchmark: task, prompts (from its asset file, for classification), headline metric, layouts."""
 
     name: str
     layouts: tuple[Layout, ...] = ()
     metric: str = "top1"
     aliases: tuple[str, ...] = ()  # sub-folder names tried under a collection root (CLIP_benchmark's dataset names)
     notes: str = ""
+    task: str = "classification"
+    clip_benchmark: str = ""  # its dataset name in CLIP_benchmark's result files (default: the first alias or name)
     _all_layouts: tuple[Layout, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        assert self.metric in METRICS, f"{self.name}: unknown metric {self.metric}"
+        assert self.task in TASKS, f"{self.name}: unknown task {self.task}"
+        assert self.metric in METRICS[self.task], f"{self.name}: metric {self.metric} is not one of {self.task}'s"
+        if self.task == "retrieval":
+            from zeroshot.datasets.captions import GENERIC_LAYOUTS
+
+            # a benchmark's own annotation files are the most specific markers; the generic layouts come after
+            object.__setattr__(self, "_all_layouts", (*self.layouts, *(cls() for cls in GENERIC_LAYOUTS)))
+            return
         from zeroshot.datasets.wds import WebDatasetLayout
 
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
@@ -88,24 +119,30 @@ class Benchmark:
 
     @property
     def classnames(self) -> list[str]:
-        return list(load_asset(self.name)["classnames"])
+        return [] if self.task == "retrieval" else list(load_asset(self.name)["classnames"])
 
     @property
     def templates(self) -> list[str]:
-        return list(load_asset(self.name)["templates"])
+        return [] if self.task == "retrieval" else list(load_asset(self.name)["templates"])
 
     @property
     def folders(self) -> list[str] | None:
         """On-disk folder name of each class, in class order, where the dataset's folders are not sorted names."""
-        return load_asset(self.name).get("folders")
+        return None if self.task == "retrieval" else load_asset(self.name).get("folders")
 
     @property
     def sources(self) -> dict[str, str]:
-        return dict(load_asset(self.name)["sources"])
+        return {"annotations": self.notes} if self.task == "retrieval" else dict(load_asset(self.name)["sources"])
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*(layout.name for layout in self.layouts), "wds"]))
+        own = [layout.name for layout in self.layouts]
+        return tuple(dict.fromkeys([*own, *(layout.name for layout in self._all_layouts if layout.name not in own)]))
+
+    @property
+    def result_name(self) -> str:
+        """The dataset name CLIP_benchmark writes in its result files for this benchmark."""
+        return self.clip_benchmark or (self.aliases[0] if self.aliases else self.name)
 
     def layout_for(self, root: Path, split: str = "test", format: str | None = None) -> Layout:
         """The layout named by `format`, else the first whose marker files are under `root`."""
@@ -122,7 +159,7 @@ class Benchmark:
         raise DataError(f"{root}: no {self.name} {split} data found; expected {self.expected(split, candidates)}")
 
     def expected(self, split: str = "test", layouts: Sequence[Layout] | None = None) -> str:
-        shown = sorted(layouts or self._all_layouts, key=lambda layout: layout.name == "wds")  # its own first
+        shown = sorted(layouts or self._all_layouts, key=lambda lay: lay not in self.layouts)  # its own first
         return " or ".join(f"[{layout.name}] {layout.expected(self, split)}" for layout in shown)
 
     def locate(self, root: str | Path, split: str = "test", format: str | None = None) -> tuple[Path, Layout]:
@@ -138,7 +175,7 @@ class Benchmark:
             raise
 
     def load(self, root: str | Path, split: str = "test", transform: Callable | None = None,
-             format: str | None = None) -> EvalSet:
+             format: str | None = None) -> EvalSet | CaptionSet:
         """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
         resolved, layout = self.locate(root, split, format)
         return layout.open(self, resolved, split, transform)
@@ -150,7 +187,8 @@ BENCHMARKS: dict[str, Benchmark] = {}
 def register(bench: Benchmark) -> Benchmark:
     """Add a benchmark to the registry under its name (names are unique)."""
     assert bench.name not in BENCHMARKS, f"benchmark {bench.name} registered twice"
-    load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
+    if bench.task != "retrieval":
+        load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
     BENCHMARKS[bench.name] = bench
     return bench
 

@@ -49,6 +49,8 @@ class FolderLayout(Layout):
     def expected(self, bench: Benchmark, split: str) -> str:
         where = " or ".join(f"{rel}/" if rel else "the root" for rel in self.dirs[split])
         kind = "wnid/name folders of the benchmark" if self.naming == "asset" else f"{len(bench.classnames)} class folders"
+        if self.numeric and not bench.folders:
+            kind = f"class folders 0..{len(bench.classnames) - 1} (named by label)"
         return f"{kind} under {where}, images inside"
 
     def detect(self, bench: Benchmark, root: Path, split: str) -> bool:

@@ -5,6 +5,8 @@ The rules are VTAB's (as CLIP_benchmark evaluates them) and CLIP_benchmark's VOC
 - clevr-distance: the depth of the nearest object, binned by thresholds 0, 8, 8.5, 9, 9.5, 10, 100.
 - kitti-distance: the depth of the nearest Car/Van/Truck binned by -100, 8, 20, 999 (no vehicle: the last bin).
 - voc2007: every annotated object of the test images, cropped to its box, labelled with its class.
+- voc2007-multilabel: each test image whole, with every class that has an annotated object in it (CLIP_benchmark's
+  PASCALVoc2007; objects marked difficult count too).
 The folders are torchvision's (`clevr/CLEVR_v1.0`, `Kitti/raw/training`, `VOCdevkit/VOC2007`), or those inner
 folders given as the root.
 """
@@ -15,6 +17,8 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 from vlpretrain.errors import DataError
 from zeroshot.datasets.base import Benchmark, EvalSet, Layout
@@ -138,29 +142,54 @@ class VocCropsLayout(_NestedLayout):
     def expected(self, bench: Benchmark, split: str) -> str:
         return f"VOCdevkit/VOC2007/ImageSets/Main/{self.SPLIT[split]}.txt, Annotations/ and JPEGImages/"
 
-    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+    def _objects(self, root: Path, split: str, bench: Benchmark) -> tuple[Path, list[tuple[str, list]]]:
+        """The VOC folder and, per image id of the split, its (class index, box) objects."""
         base = self._found(root)
         ids_file = base / "ImageSets" / "Main" / f"{self.SPLIT[split]}.txt"
         if not ids_file.is_file():
             raise DataError(f"{base}: incomplete VOC2007; missing {ids_file}")
         index = {name: i for i, name in enumerate(bench.classnames)}
-        paths, labels, boxes = [], [], []
+        images = []
         for image_id in ids_file.read_text().split():
             xml = base / "Annotations" / f"{image_id}.xml"
             try:
-                objects = ET.parse(xml).getroot().findall("object")
+                found = ET.parse(xml).getroot().findall("object")
             except (OSError, ET.ParseError) as e:
                 raise DataError(f"{xml}: cannot read annotation ({e})") from None
-            for obj in objects:
+            objects = []
+            for obj in found:
                 name = obj.findtext("name", "").strip()
                 if name not in index:
                     raise DataError(f"{xml}: unknown VOC class {name!r}")
                 box = obj.find("bndbox")
                 if box is None:
                     raise DataError(f"{xml}: object {name!r} has no bndbox")
-                boxes.append(tuple(int(float(box.findtext(k, "0"))) for k in ("xmin", "ymin", "xmax", "ymax")))
-                paths.append(base / "JPEGImages" / f"{image_id}.jpg")
-                labels.append(index[name])
-        if not paths:
+                objects.append((index[name], tuple(int(float(box.findtext(k, "0")))
+                                                   for k in ("xmin", "ymin", "xmax", "ymax"))))
+            images.append((image_id, objects))
+        if not any(objects for _, objects in images):
             raise DataError(f"{ids_file}: no annotated objects")
+        return base, images
+
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+        base, images = self._objects(root, split, bench)
+        paths, labels, boxes = [], [], []
+        for image_id, objects in images:
+            for label, box in objects:
+                boxes.append(box)
+                paths.append(base / "JPEGImages" / f"{image_id}.jpg")
+                labels.append(label)
         return self.evalset(bench, root, ImageFiles(paths, labels, transform, boxes))  # type: ignore[arg-type]
+
+
+class VocMultilabelLayout(VocCropsLayout):
+    """The same VOC2007 folders, each image whole with a 0/1 target per class present (multi-label)."""
+
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
+        base, images = self._objects(root, split, bench)
+        targets = torch.zeros(len(images), len(bench.classnames), dtype=torch.long)
+        for i, (_, objects) in enumerate(images):
+            for label, _ in objects:
+                targets[i, label] = 1
+        paths = [base / "JPEGImages" / f"{image_id}.jpg" for image_id, _ in images]
+        return self.evalset(bench, root, ImageFiles(paths, list(range(len(paths))), transform), targets)

@@ -4,6 +4,7 @@
     <root>/zeroshot_classification_templates.txt   one template a line with {c} (optional: the registry's otherwise)
     <root>/test/*.tar                              samples <key>.webp|png|jpg|jpeg + <key>.cls (the label as text)
     <root>/test/nshards.txt                        optional: shards 0..n-1.tar, as CLIP_benchmark reads them
+    <root>/dataset_type.txt                        "multilabel": labels are <key>.npy 0/1 vectors, not .cls
 
 The shards are indexed once (tar headers only) into a map-style dataset that reads each image by offset, so it
 works with DataLoader workers, subsets and progress bars like the other layouts. Class names and templates found
@@ -15,9 +16,11 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -33,7 +36,7 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _shards(folder: Path) -> list[Path]:
+def list_shards(folder: Path) -> list[Path]:
     nshards = folder / "nshards.txt"
     if nshards.is_file():
         try:
@@ -56,35 +59,56 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def index_shards(shards: list[Path]) -> list[tuple[Path, int, int, int]]:
-    """(shard, byte offset, size, label) of every sample's image, in shard order."""
-    samples = []
-    for shard in shards:
+def shard_samples(shard: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[tuple[str, tarfile.TarInfo,
+                                                                                         dict[str, bytes]]]:
+    """(key, image member, {other extension: bytes}) of every sample of one shard, in order; the image is the first
+    of `image_exts` the sample has (a sample without one is an error naming the shard and key)."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_key(member.name)
+                    groups.setdefault(key, {})[ext] = member
+            for key, files in groups.items():
+                image = next((files[e] for e in image_exts if e in files), None)
+                if image is None:
+                    raise DataError(f"{shard}: sample {key!r} has no image ({'/'.join(image_exts)}), only "
+                                    f"{sorted(files)}")
+                others = {e: tar.extractfile(m).read() for e, m in files.items()  # type: ignore[union-attr]
+                          if m is not image and e not in image_exts}
+                yield key, image, others
+    except tarfile.TarError as e:
+        raise DataError(f"{shard}: not a readable tar file ({e})") from None
+
+
+def _label(shard: Path, key: str, files: dict[str, bytes], ext: str) -> int | tuple[int, ...]:
+    """A sample's .cls class index, or its .npy 0/1 vector of classes present (multi-label)."""
+    if ext not in files:
+        raise DataError(f"{shard}: sample {key!r} needs a .{ext} label, has {sorted(files)}")
+    if ext == "npy":
         try:
-            with tarfile.open(shard, "r:") as tar:
-                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in tar:
-                    if member.isfile():
-                        key, ext = _split_key(member.name)
-                        groups.setdefault(key, {})[ext] = member
-                for key, files in groups.items():
-                    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-                    if image is None or "cls" not in files:
-                        raise DataError(f"{shard}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTS)}) and a .cls "
-                                        f"label, has {sorted(files)}")
-                    text = tar.extractfile(files["cls"]).read().decode().strip()  # type: ignore[union-attr]
-                    if not text.lstrip("-").isdigit():
-                        raise DataError(f"{shard}: sample {key!r} has label {text[:20]!r}, expected an integer")
-                    samples.append((shard, image.offset_data, image.size, int(text)))
-        except tarfile.TarError as e:
-            raise DataError(f"{shard}: not a readable tar file ({e})") from None
-    return samples
+            vector = np.load(io.BytesIO(files[ext]), allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"{shard}: sample {key!r} has an unreadable .npy label ({e})") from None
+        return tuple(int(v) for v in np.asarray(vector).reshape(-1))
+    text = files[ext].decode().strip()
+    if not text.lstrip("-").isdigit():
+        raise DataError(f"{shard}: sample {key!r} has label {text[:20]!r}, expected an integer")
+    return int(text)
+
+
+def index_shards(shards: list[Path], label_ext: str = "cls") -> list[tuple[Path, int, int, int | tuple[int, ...]]]:
+    """(shard, byte offset, size, label) of every sample's image, in shard order."""
+    return [(shard, image.offset_data, image.size, _label(shard, key, files, label_ext))
+            for shard in shards for key, image, files in shard_samples(shard)]
 
 
 class ShardSamples(Dataset):
     """Images read straight from tar shards by byte offset (each read opens the shard, so workers share nothing)."""
 
     def __init__(self, samples: list[tuple[Path, int, int, int]], transform: Callable | None = None):
+        # labels are class indices, or sample indices where the targets live beside (multi-label, retrieval)
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
@@ -108,24 +132,34 @@ class WebDatasetLayout(Layout):
     name = "wds"
 
     def expected(self, bench: Benchmark, split: str) -> str:
-        return f"{CLASSNAMES} and {split}/*.tar (CLIP_benchmark webdataset)"
+        labels = ", .npy labels" if bench.task == "multilabel" else ""
+        return f"{CLASSNAMES} and {split}/*.tar (CLIP_benchmark webdataset{labels})"
 
     def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
         return (root / CLASSNAMES).is_file() or any((root / split).glob("*.tar"))
 
     def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet:
         missing = [str(root / p) for p in (CLASSNAMES,) if not (root / p).is_file()]
-        shards = _shards(root / split) if (root / split).is_dir() else []
+        shards = list_shards(root / split) if (root / split).is_dir() else []
         if not shards:
             missing.append(str(root / split / "*.tar"))
         if missing:
             raise DataError(f"{root}: incomplete CLIP_benchmark webdataset for {bench.name}; missing {', '.join(missing)}")
         classnames = _read_lines(root / CLASSNAMES)
         templates = _read_lines(root / TEMPLATES) if (root / TEMPLATES).is_file() else bench.templates
-        samples = index_shards(shards)
+        multilabel = bench.task == "multilabel"
+        samples = index_shards(shards, "npy" if multilabel else "cls")
         if not samples:
             raise DataError(f"{root / split}: the shards hold no samples")
-        bad = next((s for s in samples if not 0 <= s[3] < len(classnames)), None)
+        if multilabel:
+            bad = next((s for s in samples if len(s[3]) != len(classnames)), None)  # type: ignore[arg-type]
+            if bad is not None:
+                raise DataError(f"{bad[0]}: a .npy label has {len(bad[3])} entries, {root / CLASSNAMES} "  # type: ignore
+                                f"{len(classnames)} classes")
+            targets = torch.tensor([s[3] for s in samples], dtype=torch.long)
+            indexed = [(shard, offset, size, i) for i, (shard, offset, size, _) in enumerate(samples)]
+            return EvalSet(ShardSamples(indexed, transform), classnames, templates, self.name, root, targets)
+        bad = next((s for s in samples if not 0 <= s[3] < len(classnames)), None)  # type: ignore[operator]
         if bad is not None:
             raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
-        return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root)
+        return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root)  # type: ignore
