@@ -4,34 +4,15 @@ import io
 import tarfile
 
 import pytest
-import torch
 from PIL import Image
-from torch import nn
 from torchvision.transforms import functional as TF
+from zeroshot_fakes import PRIMARIES, ColourClip
 
 import zeroshot
 from zeroshot.evaluate import spread_subset
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-PROMPTS = [f"a {c} thing." for c in COLOURS]
-
-
-class ColourClip(nn.Module):
-    """Images embed as their mean RGB; the prompt 'a <colour> thing.' embeds as that colour's unit vector."""
-
-    def __init__(self):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-
-    def encode_image(self, images):
-        return images.mean(dim=(2, 3))
-
-    def encode_text(self, tokens):
-        return torch.eye(3)[tokens[:, 0]]
-
-
-def tokenizer(texts):
-    return torch.tensor([[PROMPTS.index(t)] for t in texts])
+COLOURS = PRIMARIES
+tokenizer = ColourClip().tokenizer
 
 
 @pytest.fixture

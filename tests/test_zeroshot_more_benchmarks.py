@@ -4,9 +4,15 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
-from torch import nn
 from torchvision.transforms import functional as TF
-from zeroshot_fakes import write_folder_tree, write_voc, write_wds, write_wds_multilabel
+from zeroshot_fakes import (
+    PRIMARIES,
+    ColourClip,
+    write_folder_tree,
+    write_voc,
+    write_wds,
+    write_wds_multilabel,
+)
 
 import zeroshot
 from vlpretrain.errors import DataError
@@ -82,22 +88,7 @@ def test_voc2007_multilabel_from_the_devkit_and_from_webdataset(tmp_path):
         get_benchmark("voc2007-multilabel").load(tmp_path / "short")
 
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-PROMPTS = [f"a photo of a {c}." for c in COLOURS]
-
-
-class ColourClip(nn.Module):
-    """Images embed as their mean RGB; the prompt of a colour embeds as that colour's axis."""
-
-    def __init__(self):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-
-    def encode_image(self, images):
-        return images.mean(dim=(2, 3))
-
-    def encode_text(self, tokens):
-        return torch.eye(3)[tokens[:, 0]]
+COLOURS = PRIMARIES
 
 
 def test_multilabel_zero_shot_scores_mean_average_precision(tmp_path):
@@ -111,15 +102,15 @@ def test_multilabel_zero_shot_scores_mean_average_precision(tmp_path):
         targets.append([int(c in (a, b)) for c in COLOURS])
     targets[0][2] = 1  # a wrong label, so that AP is not trivially 1
     write_wds_multilabel(tmp_path, list(COLOURS), targets, images=images)
-    m = zeroshot.evaluate(ColourClip(), "voc2007-multilabel", tmp_path, transform=TF.to_tensor, progress=False,
-                          tokenizer=lambda texts: torch.tensor([[PROMPTS.index(t)] for t in texts]))
+    m = zeroshot.evaluate(ColourClip("a photo of a {}."), "voc2007-multilabel", tmp_path, transform=TF.to_tensor, progress=False,
+                          tokenizer=ColourClip("a photo of a {}.").tokenizer)
     feats = torch.stack([TF.to_tensor(im).mean(dim=(1, 2)) for im in images])
     scores = torch.nn.functional.normalize(feats, dim=-1)
     expected = sum(average_precision_score([t[c] for t in targets], scores[:, c]) for c in range(3)) / 3
     assert m["mean_average_precision"] == pytest.approx(expected) and m["headline"] == m["mean_average_precision"]
     assert 0 < m["mean_average_precision_11point"] <= 1 and m["images"] == 5
     doc = clip_benchmark_results(Results("colour", None, zeroshot.evaluate_suite(
-        ColourClip(), ["voc2007-multilabel"], tmp_path, transform=TF.to_tensor, progress=False,
-        tokenizer=lambda texts: torch.tensor([[PROMPTS.index(t)] for t in texts]))))[0][1]
+        ColourClip("a photo of a {}."), ["voc2007-multilabel"], tmp_path, transform=TF.to_tensor, progress=False,
+        tokenizer=ColourClip("a photo of a {}.").tokenizer)))[0][1]
     assert doc["dataset"] == "voc2007_multilabel" and doc["task"] == "zeroshot_classification"
     assert doc["metrics"] == {"mean_average_precision": pytest.approx(expected)}

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from torchvision.transforms import functional as TF
 from zeroshot_fakes import (
+    PRIMARIES,
+    ColourClip,
     drawn_image,
     write_cifar,
     write_coco_captions,
@@ -107,25 +108,8 @@ def test_an_image_without_captions_is_left_out(tmp_path):
     assert len(data) == 2 and data.text_to_image == [0, 1, 1] and data.images[1][1] == 1
 
 
-# A model whose features are known: an image embeds as its mean RGB, "a <colour> thing." as that colour's axis.
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-PROMPTS = [f"a {c} thing." for c in COLOURS]
-
-
-class ColourClip(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-
-    def encode_image(self, images):
-        return images.mean(dim=(2, 3))
-
-    def encode_text(self, tokens):
-        return torch.eye(3)[tokens[:, 0]]
-
-
-def colour_tokens(texts):
-    return torch.tensor([[PROMPTS.index(t)] for t in texts])
+COLOURS = PRIMARIES
+colour_tokens = ColourClip().tokenizer
 
 
 def test_retrieval_end_to_end_gives_the_exact_recalls(tmp_path):

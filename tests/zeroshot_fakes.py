@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 215, 0), (148, 0, 211), (255, 140, 0),
@@ -214,3 +215,26 @@ def write_wds_multilabel(root: Path, classnames: list[str], targets: list[list[i
             _add(tar, f"s{i:07d}.npy", npy.getvalue())
     (root / split / "nshards.txt").write_text("1\n")
     return root
+
+
+# A model whose features are known: an image embeds as its mean RGB, a prompt naming a colour as that colour's axis.
+PRIMARIES = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+class ColourClip(torch.nn.Module):
+    """Images embed as their mean RGB; the prompt `template` of a colour embeds as that colour's unit vector."""
+
+    def __init__(self, template: str = "a {} thing."):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.zeros(1))
+        self.prompts = [template.format(c) for c in PRIMARIES]
+
+    def encode_image(self, images):
+        return images.mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return torch.eye(3)[tokens[:, 0]]
+
+    def tokenizer(self, texts):
+        """Token ids for the model's prompts (the index of each prompt)."""
+        return torch.tensor([[self.prompts.index(t)] for t in texts])

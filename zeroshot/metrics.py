@@ -64,12 +64,10 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, headline
     return out
 
 
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Average precision of each class (column) [C], scikit-learn's `average_precision_score` definition:
-    sum over distinct score thresholds of (recall step) x precision, so tied scores count as one threshold and
-    the result does not depend on the order of tied samples. A class without positives gets NaN."""
+def _curves(scores: torch.Tensor, targets: torch.Tensor):
+    """Per class with positives: (class, recall, precision) at each distinct score threshold, highest first; tied
+    scores form one threshold, so nothing depends on the order of tied samples."""
     assert scores.shape == targets.shape and scores.ndim == 2
-    out = torch.full((scores.shape[1],), float("nan"))
     for c in range(scores.shape[1]):
         s, order = scores[:, c].double().sort(descending=True)
         y = targets[order, c].double()
@@ -78,28 +76,24 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         last = torch.ones_like(s, dtype=torch.bool)
         last[:-1] = s[1:] != s[:-1]  # the last sample of each run of equal scores closes a threshold
         tp = y.cumsum(0)[last]
-        seen = torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
-        recall_step = torch.diff(tp, prepend=tp.new_zeros(1)) / y.sum()
-        out[c] = float((recall_step * tp / seen).sum())
+        yield c, tp / y.sum(), tp / torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Average precision of each class (column) [C], scikit-learn's `average_precision_score` definition:
+    sum over distinct score thresholds of (recall step) x precision. A class without positives gets NaN."""
+    out = torch.full((scores.shape[1],), float("nan"))
+    for c, recall, precision in _curves(scores, targets):
+        out[c] = float((torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum())
     return out
 
 
 def eleven_point_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """PASCAL VOC2007's 11-point interpolated AP of each class [C] (the CLIP paper's VOC2007 metric): the mean over
     recall levels 0, 0.1, ..., 1 of the best precision at that recall or more. NaN for a class without positives."""
-    assert scores.shape == targets.shape and scores.ndim == 2
     out = torch.full((scores.shape[1],), float("nan"))
     levels = torch.linspace(0, 1, 11, dtype=torch.float64)
-    for c in range(scores.shape[1]):
-        s, order = scores[:, c].double().sort(descending=True)
-        y = targets[order, c].double()
-        if y.sum() == 0:
-            continue
-        last = torch.ones_like(s, dtype=torch.bool)
-        last[:-1] = s[1:] != s[:-1]
-        tp = y.cumsum(0)[last]
-        recall = tp / y.sum()
-        precision = tp / torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
+    for c, recall, precision in _curves(scores, targets):
         best = [precision[recall >= t].max() if (recall >= t).any() else precision.new_zeros(()) for t in levels]
         out[c] = float(torch.stack(best).mean())
     return out
