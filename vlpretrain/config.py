@@ -106,7 +106,7 @@ class ModelConfig:
 class DataConfig:
     """Training shards and how they are streamed."""
 
-    train: str | list[str] = _f(REQUIRED, "shard pattern(s), brace patterns allowed")
+    train: str | list[str] = _f(REQUIRED, "shard pattern(s): brace patterns ({000..099}) and sorted globs (*.tar)")
     weights: list[float] | None = _f(None, "sampling weight per entry of `train` (resampled mode)")
     mode: Literal["epoch", "resampled"] = _f("epoch", "exact epochs, or sampling with replacement")
     samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
@@ -168,7 +168,12 @@ class TrainConfig:
     save_every: int = _f(0, "steps between checkpoints; 0 only at the end")
     keep_last: int = _f(2, "checkpoints kept")
     max_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "a step bar on a terminal; off, or in a log file: a plain line every 30 s")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f(["tensorboard"],
+                                                          "experiment trackers beside metrics.jsonl")
+    wandb_project: str = _f("vlpretrain", "Weights & Biases project (with report_to: [wandb])")
+    wandb_mode: Literal["offline", "online"] = _f("offline", "offline writes runs to output_dir/wandb for "
+                                                  "`wandb sync`; online needs a network and a login")
 
     def validate(self) -> None:
         _need(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -190,6 +195,11 @@ class TrainConfig:
         _need(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
         _need(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         _need(self.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+        if "wandb" in self.report_to:
+            import importlib.util
+
+            _need(importlib.util.find_spec("wandb") is not None, "train.report_to",
+                  "wandb is not installed: pip install wandb (or pip install 'vlpretrain[wandb]')")
 
 
 @dataclass

@@ -3,37 +3,93 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+# Seconds between plain progress lines when there is no bar.
+PLAIN_EVERY_S = 30.0
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s:02d}s"
+
+
+class TensorBoardSink:
+    """Scalars as TensorBoard events in `out_dir/tensorboard`."""
+
+    def __init__(self, out_dir: Path, initial: int, config: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides the events of steps a resumed run redoes
+        self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=initial or None)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class WandbSink:
+    """The same scalars in a Weights & Biases run (offline by default: `wandb sync out_dir/wandb/...` later)."""
+
+    def __init__(self, out_dir: Path, initial: int, config: dict[str, Any]):
+        import os
+
+        import wandb
+
+        train = config.get("train", {})
+        # the run id is the folder's, so a resumed run continues the same W&B run
+        run_id = "".join(c if c.isalnum() else "-" for c in out_dir.resolve().as_posix()).strip("-")[-64:]
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._run = wandb.init(project=train.get("wandb_project", "vlpretrain"), dir=str(out_dir), config=config,
+                               mode=train.get("wandb_mode", "offline"), id=run_id, resume="allow",
+                               name=out_dir.name)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
+
 
 class MetricsLogger:
-    """Writes `metrics.jsonl` and TensorBoard events in the run folder; silent on ranks other than 0."""
+    """Writes `metrics.jsonl` (and the trackers of `report_to`) in the run folder; silent on ranks other than 0."""
 
-    def __init__(self, out_dir: Path, active: bool, total: int, initial: int = 0, progress: bool = True):
+    def __init__(self, out_dir: Path, active: bool, total: int, initial: int = 0, progress: bool = True,
+                 report_to: tuple[str, ...] | list[str] = ("tensorboard",), config: dict[str, Any] | None = None):
         self.active, self.out_dir, self.last_loss = active, Path(out_dir), None
-        self._file = self._tb = self._bar = None
+        self._file = self._bar = None
+        self._sinks: list[Any] = []
         if not active:
             return
         path = self.out_dir / "metrics.jsonl"
         # a resumed run redoes the steps after its checkpoint: drop their old rows so each step has one
         truncate_after(path, initial)
         self._file = open(path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides the TensorBoard events of redone steps in the same way
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=initial or None)
-        except ImportError:  # TensorBoard is optional at run time
-            self._tb = None
-        if progress:
-            import sys
-
+        for name in report_to:
+            try:
+                self._sinks.append(SINKS[name](self.out_dir, initial, config or {}))
+            except ImportError:  # TensorBoard is optional at run time; wandb is checked when the config loads
+                if name != "tensorboard":
+                    raise
+        self.total, self._initial = total, initial
+        self._t0 = self._last_line = time.perf_counter()
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            # a log file gets a line every 30 s instead of every step
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                             mininterval=0.1 if sys.stderr.isatty() else 30)
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.1)
 
     def log(self, row: dict[str, Any]) -> None:
         """One training metrics line."""
@@ -42,12 +98,24 @@ class MetricsLogger:
         self.last_loss = row.get("loss", self.last_loss)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+        scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        for sink in self._sinks:
+            sink.scalars(scalars, row["step"])
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.0f}")
+        elif self._file is not None:
+            self._plain_line(row)
+
+    def _plain_line(self, row: dict[str, Any]) -> None:
+        """Without a bar (a log file, or train.progress false): a line every PLAIN_EVERY_S, and the last step."""
+        now = time.perf_counter()
+        if now - self._last_line < PLAIN_EVERY_S and row["step"] != self.total:
+            return
+        self._last_line = now
+        done = row["step"] - self._initial
+        eta = (self.total - row["step"]) * (now - self._t0) / done if done > 0 else float("nan")
+        print(f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s  "
+              f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
 
     def log_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
         """Evaluation results at a step, one line per benchmark."""
@@ -55,23 +123,28 @@ class MetricsLogger:
             return
         for bench, values in results.items():
             self._file.write(json.dumps({"step": step, "eval": bench, **values}) + "\n")
-            if self._tb is not None:
-                for k, v in values.items():
-                    if isinstance(v, int | float):
-                        self._tb.add_scalar(f"eval/{bench}/{k}", v, step)
+            scalars = {f"eval/{bench}/{k}": v for k, v in values.items() if isinstance(v, int | float)}
+            for sink in self._sinks:
+                sink.scalars(scalars, step)
         self._file.flush()
 
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
+    def finish_steps(self) -> None:
+        """Close the step bar when the steps end, so export and evaluation do not count as step time."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def close(self) -> None:
         if not self.active:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
         self._file.close()
         plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
 

@@ -139,7 +139,7 @@ class Evaluator:
         e = self.cfg.eval
         return zeroshot.evaluate_suite(self._load(weights), e.benchmarks, e.root,
                                        tokenizer=get_tokenizer(self.cfg.model), batch_size=e.batch_size,
-                                       workers=e.workers, max_images=e.max_images, progress=False)
+                                       workers=e.workers, max_images=e.max_images, progress=True)
 
     def during(self, weights: dict[str, torch.Tensor] | None) -> dict[str, dict[str, float]]:
         """Zero-shot metrics per benchmark (empty on other ranks, or with no benchmarks configured)."""
@@ -161,7 +161,7 @@ class Evaluator:
             for name in e.benchmarks:
                 bench = zeroshot.get_benchmark(name)
                 m = zeroshot.linear_probe(self.model, name, e.root, batch_size=e.batch_size, workers=e.workers,
-                                          max_images=e.max_images)
+                                          max_images=e.max_images, progress=True)
                 entries.append(zeroshot.ResultEntry("linear_probe", name, bench.metric, m, str(e.root)))
                 out[f"{name}/linear_probe"] = m
         zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
@@ -202,7 +202,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             print(f"resumed from {path} at step {state.step}{note}", flush=True)
     if env.is_main:
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-    metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress)
+    metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress,
+                            report_to=tc.report_to, config=asdict(cfg))
     stop = StopRequest()
     batches = data.forever(state.epoch, state.batch_in_epoch)
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
@@ -266,6 +267,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             if stopping:
                 log.warning("stop requested: checkpoint %s written, exiting", last_ckpt)
                 break
+        metrics.finish_steps()
         if state.step >= tc.steps:
             if not have_final:  # collective: every rank decides alike
                 final_weights = weights()
@@ -325,7 +327,7 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not
 # the state the checkpoint holds. Anything else differing from the checkpoint's run is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.log_every", "train.save_every", "train.keep_last",
-                     "train.progress", "train.max_nonfinite", "train.output_dir", "data.workers", "model.pretrained",
+                     "train.progress", "train.report_to", "train.wandb_", "train.max_nonfinite", "train.output_dir", "data.workers", "model.pretrained",
                      "model.compile", "model.grad_checkpointing", "eval.")
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.progress import progress as progress_bar
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
 
 Template = str | Callable[[str], str]
@@ -75,7 +75,7 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_siz
                  device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
     """Float32 text features [len(texts), D] (not normalised) on the CPU, encoded on `device`."""
     feats = []
-    with tqdm(total=len(texts), unit="text", desc="texts", disable=not progress, leave=False) as bar:
+    with progress_bar(len(texts), "texts", "text", enabled=progress) as bar:
         for _, emb in text_batches(model, tokenizer, texts, batch_size=batch_size, device=device):
             feats.append(emb.cpu())
             bar.update(len(emb))

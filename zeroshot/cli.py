@@ -65,6 +65,8 @@ def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (default: a bar on a terminal, one line per step in a log)")
 
 
 def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
@@ -109,7 +111,6 @@ def _eval(p: argparse.ArgumentParser):
                    help="zeroshot: one results file (default); clip_benchmark: its JSON per benchmark into --out")
     p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.evaluate import evaluate_suite
@@ -119,7 +120,9 @@ def _eval(p: argparse.ArgumentParser):
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
 
         def show(e: ResultEntry) -> None:
-            others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items() if k not in ("headline", "images"))
+            # the headline is printed first under its own name; `headline` itself is only a copy of it
+            others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items()
+                               if k not in ("headline", "images", e.metric))
             print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
                   f"({e.format} at {e.root})", flush=True)
 
@@ -152,7 +155,7 @@ def _probe(p: argparse.ArgumentParser):
             bench = get_benchmark(name)
             m = linear_probe(model, name, a.root, shots=a.shots, l2=a.l2, seed=a.seed, batch_size=a.batch_size,
                              workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
-                             cache_dir=a.cache_dir)
+                             cache_dir=a.cache_dir, progress=not a.no_progress)
             print(f"{name}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
                   f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
             entries.append(ResultEntry("linear_probe", name, bench.metric, m, str(a.root), a.format))

@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from vlpretrain.errors import DataError
+from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, ba
     model.to(device)
     total = len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
     feats, labels = [], []
-    with eval_mode(model), tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False) as bar:
+    with eval_mode(model), progress_bar(total, desc, "img", enabled=progress) as bar:
         for i, batch in enumerate(_batches(data, batch_size, workers, device)):
             if not isinstance(batch, list | tuple) or len(batch) < 2:
                 raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
@@ -151,8 +151,8 @@ def _read_cache(path: Path, digest: str, key: str) -> tuple[torch.Tensor, torch.
 
 def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset | DataLoader | Iterable],
                     cache_dir: str | os.PathLike, *, digest: str | None = None, batch_size: int = 256,
-                    device: str | torch.device | None = None,
-                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device | None = None, workers: int = 0,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of `key` (benchmark/split) from the cache, extracting and storing them on a miss.
 
     `loader_fn` is only called on a miss, so a cached split needs neither its images nor the model to run.
@@ -163,7 +163,8 @@ def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset 
     hit = _read_cache(path, digest, key)
     if hit is not None:
         return hit
-    x, y = encode_images(model, loader_fn(), batch_size=batch_size, device=device, workers=workers)
+    x, y = encode_images(model, loader_fn(), batch_size=batch_size, device=device, workers=workers,
+                         progress=progress, desc=f"features {key}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a half file that a later run would trust.
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpretrain.errors import ConfigError, DataError
+from vlpretrain.progress import progress as progress_bar
 from zeroshot.features import resolve_device
 from zeroshot.metrics import topk_metrics
 
@@ -306,7 +307,7 @@ def few_shot_indices(labels: torch.Tensor, shots: int, num_classes: int, seed: i
 
 def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
              num_classes: int, *, l2_range: tuple[float, float] = (1e-6, 1e6), coarse_steps: int = 7,
-             refine_steps: int = 4, **fit_kwargs) -> SweepResult:
+             refine_steps: int = 4, progress: bool = False, **fit_kwargs) -> SweepResult:
     """The L2 strength with the best validation accuracy (lower validation loss breaks ties).
 
     A coarse log grid over `l2_range`, fitted from the strongest regularisation down so each fit warm-starts from
@@ -332,16 +333,18 @@ def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
         init = fits[min(fits, key=lambda f: abs(f - e))] if fits else None
         fits[e] = fit_logistic_regression(train_x, train_y, num_classes, 10.0 ** e, init=init, spectrum=spectrum,
                                           **fit_kwargs)
+        bar.update(1)
         scores[e] = accuracy_and_loss(fits[e], val_x, val_y)
         order.append(e)
 
-    for i in reversed(range(coarse_steps)):
-        try_exponent(lo + i * step)
-    for _ in range(refine_steps):
-        step /= 2
-        best = max(fits, key=key)
-        try_exponent(best - step)
-        try_exponent(best + step)
+    with progress_bar(coarse_steps + 2 * refine_steps, "probe l2 sweep", "fit", enabled=progress) as bar:
+        for i in reversed(range(coarse_steps)):
+            try_exponent(lo + i * step)
+        for _ in range(refine_steps):
+            step /= 2
+            best = max(fits, key=key)
+            try_exponent(best - step)
+            try_exponent(best + step)
     best = max(fits, key=key)
     trials = [(10.0 ** e, *scores[e]) for e in order]
     return SweepResult(l2=10.0 ** best, val_top1=scores[best][0], trials=trials, classifier=fits[best])
@@ -360,7 +363,7 @@ def linear_probe_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
                           shots: int | None = None, seed: int = 0, val_fraction: float = 0.2,
                           l2_range: tuple[float, float] = (1e-6, 1e6), coarse_steps: int = 7,
                           refine_steps: int = 4, max_iter: int = 1000, tol: float = 1e-4, rtol: float = 1e-4,
-                          device: str | torch.device | None = None) -> dict[str, float]:
+                          device: str | torch.device | None = None, progress: bool = False) -> dict[str, float]:
     """The CLIP linear-probe protocol on precomputed features; returns test metrics plus the l2 used.
 
     Features are L2-normalised. `shots` keeps that many training samples per class (seeded). Without `l2` the
@@ -385,7 +388,7 @@ def linear_probe_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         tr, va = stratified_split(train_y.cpu(), val_fraction, seed)
         tr, va = tr.to(device), va.to(device)
         sweep = sweep_l2(train_x[tr], train_y[tr], train_x[va], train_y[va], num_classes, l2_range=l2_range,
-                         coarse_steps=coarse_steps, refine_steps=refine_steps, **fit_kwargs)
+                         coarse_steps=coarse_steps, refine_steps=refine_steps, progress=progress, **fit_kwargs)
         l2, init = sweep.l2, sweep.classifier
         out["val_top1"] = sweep.val_top1
     clf = fit_logistic_regression(train_x, train_y, num_classes, l2, init=init, **fit_kwargs)

@@ -23,7 +23,7 @@ DEFAULT_CACHE = Path(os.environ.get("VLPRETRAIN_CACHE", Path.home() / ".cache" /
 def linear_probe(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int | None = None,
                  l2: float | None = None, seed: int = 0, batch_size: int = 256, workers: int = 0,
                  device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, float]:
     """Linear-probe metrics of `model`'s frozen image features on `benchmark` (train split -> test split).
 
     Without `l2` the strength is swept on a validation split held out from train (CLIP protocol), then refitted on
@@ -45,10 +45,10 @@ def linear_probe(model: nn.Module, benchmark: str, root: str | os.PathLike, *, s
             return spread_subset(data.dataset, max_images)
 
         features[split] = cached_features(model, key, load, cache, digest=digest, batch_size=batch_size,
-                                          device=device, workers=workers)
+                                          device=device, workers=workers, progress=progress)
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     out = linear_probe_features(train_x, train_y, test_x, test_y, num_classes=len(bench.classnames), l2=l2,
-                                shots=shots, seed=seed, device=device)
+                                shots=shots, seed=seed, device=device, progress=progress)
     out["images"] = out.pop("num_images")
     out["headline"] = out[bench.metric]
     return out

@@ -24,8 +24,10 @@ round-robin; each worker draws shards with replacement from a stream seeded by (
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -44,10 +46,23 @@ def seed_of(*parts: object) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def _expand_entry(entry: str) -> list[str]:
+    """Brace patterns and `::` lists (webdataset's), then shell globs (`*`, `?`, `[...]`) of local paths, each
+    glob sorted so that a run reads its shards in the same order on every machine and every run."""
+    urls = []
+    for url in expand_urls(entry):
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and glob.has_magic(url):
+            urls += sorted(glob.glob(os.path.expanduser(url.removeprefix("file:"))))
+        else:
+            urls.append(url)
+    return urls
+
+
 def expand_shards(train: str | list[str]) -> list[list[str]]:
-    """Shard urls per entry of `data.train` (brace patterns and `::`-separated lists expanded)."""
+    """Shard urls per entry of `data.train` (brace patterns, `::`-separated lists and sorted globs expanded)."""
     entries = [train] if isinstance(train, str) else list(train)
-    groups = [expand_urls(e) for e in entries]
+    groups = [_expand_entry(e) for e in entries]
     for entry, urls in zip(entries, groups):
         if not urls:
             raise ConfigError(f"data.train: {entry!r} names no shard")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("vlpretrain")
 
 
 @dataclass
@@ -30,10 +36,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def quiet_library_chatter() -> Iterator[None]:
+    """Keep DeepSpeed's and torch's start-up notes off the console (a CPU run prints "No CUDA runtime is found"
+    and "... shm_comm_op built successfully" once per process); they go to the debug log instead. Warnings that
+    matter to a user, and everything after start-up, still reach the console."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        yield
+    for line in captured.getvalue().splitlines():
+        log.debug("deepspeed: %s", line)
+
+
 def init_distributed() -> DistEnv:
     """Join (or create) the process group from the launcher's environment: torchrun, deepspeed, or a lone process."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    with quiet_library_chatter():
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:  # a lone process: a one-member group so every code path is the distributed one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -42,7 +62,9 @@ def init_distributed() -> DistEnv:
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     if not torch.distributed.is_initialized():
         timeout = datetime.timedelta(minutes=int(os.environ.get("VLPRETRAIN_DIST_TIMEOUT_MIN", "30")))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+        with quiet_library_chatter():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
         device = torch.device("cpu")
