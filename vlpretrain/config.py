@@ -107,6 +107,7 @@ class DataConfig:
     """Training shards and how they are streamed."""
 
     train: str | list[str] = _f(REQUIRED, "shard pattern(s): brace patterns ({000..099}) and sorted globs (*.tar)")
+    val: str | list[str] | None = _f(None, "held-out shards: validation loss and recall every eval.every steps")
     weights: list[float] | None = _f(None, "sampling weight per entry of `train` (resampled mode)")
     mode: Literal["epoch", "resampled"] = _f("epoch", "exact epochs, or sampling with replacement")
     samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
@@ -213,6 +214,7 @@ class EvalConfig:
     batch_size: int = _f(256, "images per evaluation batch")
     max_images: int | None = _f(None, "cap on images per benchmark (quick checks)")
     linear_probe: bool = _f(False, "also fit a linear probe at the end")
+    val_samples: int = _f(2048, "validation samples (data.val) per evaluation, split across ranks")
     workers: int = _f(0, "evaluation loader workers")
 
     def validate(self) -> None:
@@ -221,6 +223,7 @@ class EvalConfig:
         _need(self.max_images is None or self.max_images >= 1, "eval.max_images",
               f"must be >= 1, got {self.max_images}")
         _need(self.workers >= 0, "eval.workers", f"must be >= 0, got {self.workers}")
+        _need(self.val_samples >= 1, "eval.val_samples", f"must be >= 1, got {self.val_samples}")
 
 
 @dataclass

@@ -191,6 +191,10 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     ax.set_ylabel("contrastive loss")
     ax.grid(alpha=0.3)
     evals = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if '"eval"' in line]
+    val = [(e["step"], e["loss"]) for e in evals if e["eval"] == "val" and "loss" in e]
+    if val:
+        ax.plot(*zip(*val), "s-", label="validation loss")
+    evals = [e for e in evals if e["eval"] != "val"]
     if evals:
         ax2 = ax.twinx()
         for bench in sorted({e["eval"] for e in evals}):

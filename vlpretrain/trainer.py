@@ -34,6 +34,7 @@ from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.loss import build_loss, reduce_mean
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
 
@@ -189,6 +190,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     if cfg.model.compile:
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
+    validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
     state = TrainState()
     if resume:
         path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
@@ -258,7 +260,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             due_eval = cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < tc.steps
             due_ckpt = tc.save_every and state.step % tc.save_every == 0
             if due_eval:
-                eval_results = evaluator.during(weights())
+                eval_results = {**evaluator.during(weights()), **(validator.run(engine) if validator else {})}
                 metrics.log_eval(state.step, eval_results)
             stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
@@ -274,7 +276,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             if env.is_main:  # the run's model, beside its results
                 export_model(None, cfg.model, out_dir / "model.safetensors", state_dict=final_weights)
             if cfg.eval.at_end:
-                eval_results = evaluator.final_report(final_weights, out_dir / "results.json")
+                eval_results = {**evaluator.final_report(final_weights, out_dir / "results.json"),
+                                **(validator.run(engine) if validator else {})}
                 metrics.log_eval(state.step, eval_results)
     finally:
         stop.restore()

@@ -1,0 +1,75 @@
+"""Validation on held-out shards (`data.val`) during training: contrastive loss and retrieval recall both ways.
+
+Every rank encodes its share of the validation samples through the live engine (so it works under every ZeRO
+stage, ZeRO-3's partitioned weights included, and no rank waits while another evaluates alone); the loss is the
+training loss over the global validation batch, and rank 0 ranks all gathered features with
+`zeroshot.metrics.retrieval_metrics`. Each sample contributes one image and the caption the loader picked for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from vlpretrain.config import RunConfig
+from vlpretrain.engine import DistEnv, Engine
+
+
+class Validator:
+    """`run(engine)` -> {"val": metrics} on rank 0 ({} elsewhere); built before training so bad paths fail early."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, env: DistEnv, loss_fn: Any):
+        from vlpretrain.data import build_loader
+        from vlpretrain.models import get_tokenizer, image_transform
+
+        self.cfg, self.env, self.loss_fn = cfg, env, loss_fn
+        data = replace(cfg.data, train=cfg.data.val, mode="epoch", weights=None, samples_per_epoch=None,
+                       augment=False, shuffle_buffer=0)
+        self.loader = build_loader(data, image_transform(model, train=False), get_tokenizer(cfg.model),
+                                   rank=env.rank, world_size=env.world_size)
+        per_batch = cfg.data.batch_size * env.world_size
+        # every rank runs the same number of batches, so the collectives below line up
+        self.batches = max(1, min(self.loader.batches_per_epoch, math.ceil(cfg.eval.val_samples / per_batch)))
+
+    @torch.no_grad()
+    def run(self, engine: Engine) -> dict[str, dict[str, float]]:
+        module, dtype = engine.module, torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        was_training = module.training
+        module.eval()
+        images_f, texts_f, losses = [], [], []
+        try:
+            self.loader.set_epoch(0)
+            for i, (images, texts) in enumerate(self.loader):
+                if i >= self.batches:
+                    break
+                out = engine(images.to(self.env.device, dtype), texts.to(self.env.device))
+                image_f, text_f, scale = out[0].float(), out[1].float(), out[2].float()
+                bias = out[3].float() if len(out) > 3 else None
+                losses.append(self.loss_fn(image_f, text_f, scale, bias).detach())
+                images_f.append(image_f)
+                texts_f.append(text_f)
+        finally:
+            module.train(was_training)
+        loss = torch.stack(losses).mean()
+        image_all, text_all = _gather(torch.cat(images_f), self.env), _gather(torch.cat(texts_f), self.env)
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.env.world_size
+        if not self.env.is_main:
+            return {}
+        from zeroshot.metrics import retrieval_metrics
+
+        metrics = retrieval_metrics(image_all.cpu(), text_all.cpu(), torch.arange(len(text_all)))
+        return {"val": {"loss": float(loss), **metrics}}
+
+
+def _gather(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Rows of every rank, rank by rank (all ranks hold the same number)."""
+    if env.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(env.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
