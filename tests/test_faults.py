@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from zeroshot_fakes import write_wds
+from zeroshot_fakes import write_folder_tree, write_wds
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.engine.checkpoint import safe_torch_load
@@ -165,6 +165,40 @@ def test_zeroshot_eval_on_a_truncated_safetensors(tmp_path):
     msg = one_line_error(cli("eval", "--model", str(model), "--benchmark", "mnist", "--root", str(tmp_path / "mnist"),
                              module="zeroshot.cli"))
     assert str(model) in msg and "truncated" in msg
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "bomb"])
+def test_unreadable_image_in_an_eval_set_with_a_worker_is_one_line(tmp_path, bad):
+    from zeroshot.datasets import get_benchmark
+
+    folders = [get_benchmark("imagenetv2").folders[i] for i in (0, 1)]
+    write_folder_tree(tmp_path / "v2", folders, per_class=2)
+    victim = sorted((tmp_path / "v2" / folders[1]).iterdir())[0]
+    if bad == "corrupt":
+        victim.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    else:  # a tiny file that claims 40000 x 40000 pixels: PIL refuses it as a decompression bomb
+        from PIL import Image
+
+        Image.new("1", (40000, 40000)).save(victim, format="PNG")
+    r = cli("eval", "--model", "tiny-vit", "--benchmark", "imagenetv2", "--root", str(tmp_path / "v2"),
+            "--workers", "1", "--batch-size", "2", "--no-progress", module="zeroshot.cli")
+    msg = one_line_error(r)
+    assert str(victim) in msg and "Original Traceback" not in r.stderr
+
+
+def test_csv_with_a_bom_is_read_and_latin1_is_named(tmp_path):
+    from PIL import Image
+
+    from vlpretrain.data import write_shards
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\na.png,café noir\n".encode("utf-8"))
+    m = write_shards(tmp_path / "bom.csv", tmp_path / "out", image_root=tmp_path, progress=False)
+    assert m["samples"] == 1
+    (tmp_path / "latin.csv").write_bytes("image,caption\na.png,café noir\n".encode("latin-1"))
+    msg = one_line_error(cli("make-shards", str(tmp_path / "latin.csv"), str(tmp_path / "out2"), "--image-root",
+                             str(tmp_path)))
+    assert "latin.csv:2: not UTF-8" in msg
 
 
 def test_model_naming_a_missing_file(tmp_path):

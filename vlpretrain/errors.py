@@ -19,3 +19,14 @@ class CheckpointError(VLPretrainError):
 
 class TrainingError(VLPretrainError):
     """Training cannot continue (for example, too many non-finite losses in a row)."""
+
+
+def without_worker_traceback(error: VLPretrainError) -> VLPretrainError:
+    """The same error with its own one-line message, when a DataLoader worker re-raised it wrapped in the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return type(error)(last.removeprefix(prefix).removeprefix(f"{type(error).__name__}: "))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vlpretrain.errors import DataError
+from vlpretrain.errors import DataError, VLPretrainError, without_worker_traceback
 from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,14 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: in
     return data
 
 
+def _worker_errors_cleaned(batches: Iterable) -> Iterator:
+    """`batches`, with a worker's DataError (an unreadable image, say) raised as its own one-line message."""
+    try:
+        yield from batches
+    except VLPretrainError as e:
+        raise without_worker_traceback(e) from None
+
+
 def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Image features from an open_clip-style model (`encode_image`) or from any plain image encoder."""
     encode = getattr(model, "encode_image", None)
@@ -102,7 +110,7 @@ def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, ba
     total = len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
     feats, labels = [], []
     with eval_mode(model), progress_bar(total, desc, "img", enabled=progress) as bar:
-        for i, batch in enumerate(_batches(data, batch_size, workers, device)):
+        for i, batch in enumerate(_worker_errors_cleaned(_batches(data, batch_size, workers, device))):
             if not isinstance(batch, list | tuple) or len(batch) < 2:
                 raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
             images, y = batch[0], batch[1]

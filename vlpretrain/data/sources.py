@@ -148,23 +148,40 @@ def _resolve_image(value: str, root: Path) -> str:
 
 
 def _table_rows(path: Path, delimiter: str | None) -> Iterator[tuple[str, dict]]:
-    """(where, row) pairs of a csv/tsv (delimiter given) or jsonl (delimiter None) file."""
-    with open(path, encoding="utf-8", newline="") as f:
-        if delimiter is None:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object per line")
-                yield f"{path.name}:{i}", row
-        else:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            for row in reader:
-                yield f"{path.name}:{reader.line_num}", row
+    """(where, row) pairs of a csv/tsv (delimiter given) or jsonl (delimiter None) file, UTF-8 with or without a
+    byte-order mark; other encodings are named as the problem, with the line where decoding failed."""
+    # utf-8-sig reads a BOM-prefixed file (Excel's "CSV UTF-8") as well as plain UTF-8
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        try:
+            if delimiter is None:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{i}: expected a JSON object per line")
+                    yield f"{path.name}:{i}", row
+            else:
+                reader = csv.DictReader(f, delimiter=delimiter)
+                for row in reader:
+                    yield f"{path.name}:{reader.line_num}", row
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                            "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """The 1-based number of the first line that is not valid UTF-8 (text decoding reads ahead in blocks)."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return i
+    return 0
 
 
 def _captions_of(value) -> list[str]:

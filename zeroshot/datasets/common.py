@@ -21,7 +21,7 @@ def open_rgb(path: Path | str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
