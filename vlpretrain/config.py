@@ -75,7 +75,9 @@ class DataConfig:
     samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
     batch_size: int = _f(128, "samples per rank per micro-step")
     workers: int = _f(1, "loader worker processes per rank")
-    shuffle_buffer: int = _f(2000, "samples held in the shuffle buffer")
+    interleave_shards: int = _f(4, "shards each loader worker reads at once, taking samples from them at random "
+                                   "(mixes sorted shards); 1: one after another")
+    shuffle_buffer: int = _f(2000, "samples held in the shuffle buffer (after interleaving)")
     image_size: int | None = _f(None, "input resolution; default: the model's")
     augment: bool = _f(True, "random resized crop while training")
     crop_scale: list[float] = _f([0.9, 1.0], "random resized crop scale range")

@@ -80,7 +80,7 @@ class _ShardData:
         return self.loader
 
     def stats(self) -> dict[str, float]:
-        return {f"data/{k}": v for k, v in self.loader.stats.as_dict().items()}
+        return {f"data/{k}": v for k, v in self.loader.log_stats().items()}
 
 
 def _stream(data: DataFn, state: TrainState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
