@@ -408,13 +408,15 @@ def test_degenerate_batches_warn_once_naming_the_fix(sorted_folder, caplog):
         assert len(warned) == 1
         assert "sorted" in warned[0] and "--keep-order" in warned[0] and "data.interleave_shards (now 1)" in warned[0]
         caplog.clear()
-        run(DataConfig(train=sorted_folder["mixed"], batch_size=64, workers=0), tokenizer=class_tokenizer)
+        mixed, _ = run(DataConfig(train=sorted_folder["mixed"], batch_size=64, workers=0), tokenizer=class_tokenizer)
         assert not [r for r in caplog.records if "degenerate" in r.getMessage()]
+    assert mixed.log_stats()["caption_diversity"] > 0.9
     # 64 samples of one to four classes: nearly every caption in a batch is shared (a class met at a shard's edge
     # may have one sample alone)
     row = loader.log_stats()
-    assert row.keys() == {"samples", "skipped", "repeated_captions"} and row["samples"] == 960
+    assert row.keys() == {"samples", "skipped", "repeated_captions", "caption_diversity"} and row["samples"] == 960
     assert 0.95 < row["repeated_captions"] <= 1.0
+    assert row["caption_diversity"] < 0.5  # about 3 classes a batch where a random batch holds all 10
     assert loader.log_stats() == {"samples": 960, "skipped": 0}  # the window starts again
 
 

@@ -46,3 +46,7 @@ def test_caption_diversity_window_means_and_first_batches():
     assert d.ready and d.first == [["a", "a", "b", "c"], ["a", "b"]]
     assert d.take() == {"repeated_captions": pytest.approx((0.5 + 0.0 + 1.0) / 3)}
     assert d.take() == {}
+    d.expected = 2.0
+    d.add(["a", "b"])
+    d.add(["a", "a"])
+    assert d.take() == {"repeated_captions": 0.5, "caption_diversity": pytest.approx(1.5 / 2.0)}

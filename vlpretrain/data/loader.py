@@ -38,7 +38,13 @@ from vlpretrain.data.plan import (
     seed_of,
     shard_sample_counts,
 )
-from vlpretrain.data.stats import CaptionDiversity, LoaderStats, WorkerStats, diversity_ratio
+from vlpretrain.data.stats import (
+    CaptionDiversity,
+    LoaderStats,
+    WorkerStats,
+    diversity_ratio,
+    expected_distinct,
+)
 from vlpretrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -149,7 +155,8 @@ class ShardLoader:
     `batches_per_epoch` is the same on every rank (ranks step together); `len()` is what is left of this epoch after
     `start_batch`. `stats` sums good and skipped samples since the loader was built; `diversity` follows how often
     captions repeat within a batch (`repeated_captions`: the fraction of a batch's samples whose caption occurs more
-    than once in it) and the loader warns once, early, when batches are far less varied than the data.
+    than once in it; `caption_diversity`: distinct captions per batch over what a random batch of captions sampled
+    from the shards holds) and the loader warns once, early, when batches are far less varied than the data.
     """
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
@@ -227,7 +234,7 @@ class ShardLoader:
             epoch, start_batch = epoch + 1, 0
 
     def log_stats(self) -> dict[str, float]:
-        """A metrics line's figures: `stats` counts, and `repeated_captions` averaged since the previous call."""
+        """A metrics line's figures: `stats` counts, and the `diversity` means since the previous call."""
         return {**self.stats.as_dict(), **self.diversity.take()}
 
     def _check_diversity(self, tokens: torch.Tensor) -> None:
@@ -242,6 +249,7 @@ class ShardLoader:
         if not captions:
             return
         reference = [row.numpy().tobytes() for row in self.tokenizer(captions).cpu()]
+        self.diversity.expected = expected_distinct(reference, self.cfg.batch_size)
         ratio = diversity_ratio(self.diversity.first, reference)
         if ratio < DEGENERATE_RATIO:
             first = self.diversity.first

@@ -140,16 +140,22 @@ def diversity_ratio(batches: Sequence[Sequence[Hashable]], reference: Sequence[H
 
 
 class CaptionDiversity:
-    """Per-batch caption statistics of one rank: means over each log window, and the first batches kept for a check."""
+    """Per-batch caption statistics of one rank: means over each log window, and the first batches kept for a check.
+
+    Once `expected` (distinct captions a random batch of the data would hold) is known, windows also report
+    `caption_diversity`: distinct captions per batch over `expected`, about 1 when batches are well mixed.
+    """
 
     def __init__(self, check_batches: int):
         self.check_batches = check_batches
         self.first: list[list[Hashable]] = []  # the first `check_batches` batches' captions
-        self._repeated, self._batches = 0.0, 0
+        self.expected: float | None = None
+        self._repeated, self._distinct, self._batches = 0.0, 0, 0
 
     def add(self, captions: Sequence[Hashable]) -> None:
         """Count one batch's captions (any hashable form of them: text or token rows)."""
         self._repeated += repeated_caption_fraction(captions)
+        self._distinct += len(set(captions))
         self._batches += 1
         if len(self.first) < self.check_batches:
             self.first.append(list(captions))
@@ -160,9 +166,11 @@ class CaptionDiversity:
         return len(self.first) >= self.check_batches
 
     def take(self) -> dict[str, float]:
-        """`repeated_captions`: the mean repeated-caption fraction of the batches since the last call (none: {})."""
+        """Means over the batches since the last call: `repeated_captions` (and `caption_diversity`); none: {}."""
         if not self._batches:
             return {}
         out = {"repeated_captions": self._repeated / self._batches}
-        self._repeated, self._batches = 0.0, 0
+        if self.expected:
+            out["caption_diversity"] = self._distinct / self._batches / self.expected
+        self._repeated, self._distinct, self._batches = 0.0, 0, 0
         return out
