@@ -117,8 +117,9 @@ def test_plan_gives_every_rank_the_same_number_of_batches():
 
 
 @pytest.mark.slow
-def test_exact_epoch_two_ranks_two_workers_visit_every_sample_once(even_shards):
-    cfg = DataConfig(train=even_shards, batch_size=3, workers=2, shuffle_buffer=4, seed=3)
+@pytest.mark.parametrize("interleave", [1, 4])
+def test_exact_epoch_two_ranks_two_workers_visit_every_sample_once(even_shards, interleave):
+    cfg = DataConfig(train=even_shards, batch_size=3, workers=2, shuffle_buffer=4, seed=3, interleave_shards=interleave)
     seen = []
     for rank in range(2):
         loader, batches = run(cfg, rank=rank, world=2)
@@ -184,10 +185,12 @@ def test_weighted_mixture(tmp_path):
                      world_size=1)
 
 
+@pytest.mark.parametrize("interleave", [1, 3])
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_start_batch_resume_equals_the_continuation(tmp_path, workers):
+def test_start_batch_resume_equals_the_continuation(tmp_path, workers, interleave):
     pattern = make_shards(tmp_path, [7, 5, 9, 6])  # workers with unequal batch counts
-    cfg = DataConfig(train=pattern, batch_size=2, workers=workers, shuffle_buffer=5, seed=2)
+    cfg = DataConfig(train=pattern, batch_size=2, workers=workers, shuffle_buffer=5, seed=2,
+                     interleave_shards=interleave)
     _, full = run(cfg, epoch=1, transform=noisy)
     for start in (1, 3, 4, len(full) - 1):
         _, resumed = run(cfg, epoch=1, start=start, transform=noisy)
@@ -338,3 +341,85 @@ def test_shard_gone_after_start_is_counted_unreadable(tmp_path):
     batches = list(loader)
     assert dict(loader.stats.skipped) == {"unreadable shard": 6}
     assert len(batches) == 6 and set(i for b in ids(batches) for i in b) == set(range(18)) - set(range(6, 12))
+
+
+def test_interleaving_mixes_shards_keeps_their_order_and_is_seeded(tmp_path):
+    pattern = make_shards(tmp_path, [8, 8, 8, 8])  # shard k holds ids 8k .. 8k+7
+    base = dict(train=pattern, batch_size=8, workers=0, shuffle_buffer=0)
+    one_by_one = ids(run(DataConfig(**base, interleave_shards=1))[1])
+    assert all(len({i // 8 for i in b}) == 1 for b in one_by_one)  # today's behaviour: a batch is one shard
+    mixed = ids(run(DataConfig(**base, interleave_shards=4))[1])
+    assert len({i // 8 for i in mixed[0]}) >= 3
+    stream = [i for b in mixed for i in b]
+    assert sorted(stream) == list(range(32))  # every sample exactly once
+    for k in range(4):
+        assert [i for i in stream if i // 8 == k] == list(range(8 * k, 8 * k + 8))  # each shard read in its order
+    assert ids(run(DataConfig(**base, interleave_shards=4))[1]) == mixed
+    assert ids(run(DataConfig(**base, interleave_shards=4, seed=1))[1]) != mixed
+    assert ids(run(DataConfig(**base, interleave_shards=4), epoch=1)[1]) != mixed
+    with pytest.raises(ConfigError, match="data.interleave_shards: must be >= 1"):
+        run(DataConfig(**base, interleave_shards=0))
+
+
+def class_tokenizer(captions: list[str]) -> torch.Tensor:
+    """'a photo of a k03.' -> [[3]]: the class of each sample, read back from its caption."""
+    return torch.tensor([[int(c.rsplit(" ", 1)[1][1:].rstrip("."))] for c in captions])
+
+
+def classes_per_batch(batches) -> list[int]:
+    return [len(set(tokens[:, 0].tolist())) for _, tokens in batches]
+
+
+@pytest.fixture(scope="module")
+def sorted_folder(tmp_path_factory):
+    """A 10-class ImageFolder sorted on disk (96 images a class), written in source order and in the default order."""
+    tmp = tmp_path_factory.mktemp("sorted")
+    for k in range(10):
+        (tmp / "src" / f"k{k:02d}").mkdir(parents=True)
+        for i in range(96):
+            Image.new("RGB", (4, 4), (25 * k, i, 7)).save(tmp / "src" / f"k{k:02d}" / f"{i:03d}.png")
+    for name, keep in (("kept", True), ("mixed", False)):
+        write_shards(tmp / "src", tmp / name, templates=["a photo of a {c}."], shard_size=96, keep_order=keep,
+                     progress=False)
+    return {name: str(tmp / name / "shard-{000000..000009}.tar") for name in ("kept", "mixed")}
+
+
+def test_class_sorted_folder_gives_batches_of_every_class(sorted_folder):
+    # the shuffle buffer is a third of a shard, as in a run on CIFAR-10's 5,000-image class shards with 2,000
+    def mix(name: str, **kw) -> list[int]:
+        cfg = DataConfig(train=sorted_folder[name], batch_size=64, workers=0, shuffle_buffer=32, **kw)
+        return classes_per_batch(run(cfg, tokenizer=class_tokenizer)[1])
+
+    before = mix("kept", interleave_shards=1)  # source-order shards, one read after another
+    interleaved = mix("kept")  # the same shards, the default interleaving
+    after = mix("mixed")  # the default write order and interleaving
+    assert len(before) == len(after) == 15
+    assert max(before) <= 4 and sorted(before)[7] <= 3
+    assert sorted(interleaved)[7] >= 4 and sum(interleaved) > 1.5 * sum(before)
+    assert min(after) >= 8
+
+
+def test_degenerate_batches_warn_once_naming_the_fix(sorted_folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.loader"):
+        cfg = DataConfig(train=sorted_folder["kept"], batch_size=64, workers=0, shuffle_buffer=32,
+                         interleave_shards=1)
+        loader, _ = run(cfg, tokenizer=class_tokenizer)
+        warned = [r.getMessage() for r in caplog.records if "degenerate" in r.getMessage()]
+        assert len(warned) == 1
+        assert "sorted" in warned[0] and "--keep-order" in warned[0] and "data.interleave_shards (now 1)" in warned[0]
+        caplog.clear()
+        mixed, _ = run(DataConfig(train=sorted_folder["mixed"], batch_size=64, workers=0), tokenizer=class_tokenizer)
+        assert not [r for r in caplog.records if "degenerate" in r.getMessage()]
+    assert mixed.metrics()["data/caption_diversity"] > 0.9
+    # 64 samples of one to four classes: nearly every caption in a batch is shared (a class met at a shard's edge
+    # may have one sample alone)
+    row = {k.removeprefix("data/"): v for k, v in loader.metrics().items()}
+    assert row.keys() == {"samples", "skipped", "repeated_captions", "caption_diversity"} and row["samples"] == 960
+    assert 0.95 < row["repeated_captions"] <= 1.0
+    assert row["caption_diversity"] < 0.5  # about 3 classes a batch where a random batch holds all 10
+    assert loader.metrics() == {"data/samples": 960, "data/skipped": 0}  # the window starts again
+
+
+def test_unique_captions_are_not_repeated(even_shards):
+    loader, batches = run(DataConfig(train=even_shards, batch_size=8, workers=0))
+    assert len(batches) == 6 and loader.metrics()["data/repeated_captions"] == 0.0

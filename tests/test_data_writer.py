@@ -67,7 +67,7 @@ def table_source(tmp_path):
 def test_csv_groups_rows_per_image_and_reports_every_skipped_row(table_source, tmp_path):
     src = table_source / "captions.txt"
     assert detect_format(src) == "csv"  # Flickr8k's captions.txt is recognised by its header
-    m = write_shards(src, tmp_path / "out", image_root=table_source / "Images", progress=False)
+    m = write_shards(src, tmp_path / "out", image_root=table_source / "Images", keep_order=True, progress=False)
     samples = read_shards(tmp_path / "out")
     assert [meta(s)["source"] for s in samples] == ["a.jpg", "b.png", "c.jpg"]
     assert meta(samples[0])["captions"] == ["a red box", "red again", "third red"]
@@ -84,7 +84,8 @@ def test_csv_groups_rows_per_image_and_reports_every_skipped_row(table_source, t
 
 def test_one_sample_per_caption(table_source, tmp_path):
     m = write_shards(table_source / "captions.txt", tmp_path / "out", format="csv",
-                     image_root=table_source / "Images", one_sample_per_caption=True, progress=False)
+                     image_root=table_source / "Images", one_sample_per_caption=True, keep_order=True,
+                     progress=False)
     samples = read_shards(tmp_path / "out")
     assert [s["txt"].decode() for s in samples] == ["a red box", "green", "red again", "blue", "third red"]
     assert m["samples"] == 5
@@ -94,13 +95,14 @@ def test_tsv_with_img2dataset_url_column_and_jsonl_caption_lists(tmp_path):
     image(tmp_path / "imgs" / "p.jpg")
     image(tmp_path / "imgs" / "q.webp", fmt="WEBP")
     (tmp_path / "pairs.tsv").write_text("url\tcaption\nimgs/p.jpg\tfirst\nimgs/q.webp\tsecond\n")
-    write_shards(tmp_path / "pairs.tsv", tmp_path / "o1", progress=False)
+    write_shards(tmp_path / "pairs.tsv", tmp_path / "o1", keep_order=True, progress=False)
     assert [(s["txt"], "webp" in s) for s in read_shards(tmp_path / "o1")] == [(b"first", False), (b"second", True)]
 
     rows = [{"file": str(tmp_path / "imgs" / "p.jpg"), "text": ["one", "two"]},
             {"file": str(tmp_path / "imgs" / "q.webp"), "text": "three"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_shards(tmp_path / "d.jsonl", tmp_path / "o2", image_column="file", caption_column="text", progress=False)
+    write_shards(tmp_path / "d.jsonl", tmp_path / "o2", image_column="file", caption_column="text", keep_order=True,
+                 progress=False)
     assert [meta(s)["captions"] for s in read_shards(tmp_path / "o2")] == [["one", "two"], ["three"]]
 
 
@@ -121,7 +123,7 @@ def test_coco_captions_with_its_image_folder(tmp_path):
     ann.parent.mkdir()
     ann.write_text(json.dumps(coco))
     assert detect_format(ann) == "coco"
-    m = write_shards(ann, tmp_path / "out", progress=False)
+    m = write_shards(ann, tmp_path / "out", keep_order=True, progress=False)
     assert [meta(s)["captions"] for s in read_shards(tmp_path / "out")] == [["one"], ["two a", "two b"]]
     assert m["skipped"]["rows"] == [{"where": "captions_train2017.json: image id 3", "reason": "empty caption",
                                      "detail": "no non-empty caption annotation"}]
@@ -135,7 +137,7 @@ def test_folder_with_sidecar_captions(tmp_path):
     (src / "2.txt").write_text("second")
     image(src / "3.jpg")  # no caption file
     assert detect_format(src) == "folder"
-    m = write_shards(src, tmp_path / "out", progress=False)
+    m = write_shards(src, tmp_path / "out", keep_order=True, progress=False)
     assert [(meta(s)["source"], s["txt"]) for s in read_shards(tmp_path / "out")] == [
         ("2.png", b"second"), ("x/1.jpg", b"first picture")]
     assert m["skipped"]["by_reason"] == {"missing caption": 1}
@@ -149,7 +151,7 @@ def test_labelled_image_folder_with_templates(tmp_path):
     tmpl = tmp_path / "t.txt"
     tmpl.write_text("# comment\na {c} on a table\n\nthe {c}\n")
     assert detect_format(src) == "labelled"
-    write_shards(src, tmp_path / "out", templates=tmpl, progress=False)
+    write_shards(src, tmp_path / "out", templates=tmpl, keep_order=True, progress=False)
     samples = read_shards(tmp_path / "out")
     assert [(meta(s)["label"], meta(s)["class"]) for s in samples] == [(0, "ankle boot")] * 3 + [(1, "dress")] * 3
     allowed = {0: {"an ankle boot on a table", "the ankle boot"}, 1: {"a dress on a table", "the dress"}}
@@ -191,7 +193,7 @@ def test_labelled_idx_files(tmp_path, layout):
     write_idx(raw / ("train-labels-idx1-ubyte" + ".gz" * gz), labels, gz)
     # class names come from --classes (here the demo's file); without it idx labels are named by their number
     fashion = FASHION_CLASSES if layout == "torchvision" else None
-    write_shards(root, tmp_path / "out", templates=["{c}"], classes=fashion, progress=False)
+    write_shards(root, tmp_path / "out", templates=["{c}"], classes=fashion, keep_order=True, progress=False)
     samples = read_shards(tmp_path / "out")
     names = load_classes(FASHION_CLASSES) if layout == "torchvision" else [str(i) for i in range(10)]
     assert [s["txt"].decode() for s in samples] == [names[i] for i in labels]
@@ -253,7 +255,7 @@ def test_byte_identical_reruns_whatever_the_workers(many_images, tmp_path):
 
 
 def test_shard_bytes_max_side_and_reencode(many_images, tmp_path):
-    m = write_shards(many_images, tmp_path / "o", shard_bytes=6 * 1024, max_side=16, progress=False)
+    m = write_shards(many_images, tmp_path / "o", shard_bytes=6 * 1024, max_side=16, keep_order=True, progress=False)
     assert all(s["bytes"] <= 6 * 1024 + 10240 for s in m["shards"]) and len(m["shards"]) > 2
     samples = read_shards(tmp_path / "o")
     last = meta(samples[-1])
@@ -294,3 +296,51 @@ def test_cli_make_shards(many_images, tmp_path, capsys):
     assert "23 samples in 3 shards; skipped 0" in capsys.readouterr().out
     assert cli_main(["make-shards", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "source does not exist" in capsys.readouterr().err
+
+
+def class_folders(root: Path, classes: int, per_class: int) -> Path:
+    """An ImageFolder sorted on disk: class k's images in folder kNN, drawn in a colour of their own."""
+    for k in range(classes):
+        for i in range(per_class):
+            image(root / f"k{k:02d}" / f"{i:03d}.png", (25 * k, i % 256, 7), size=(6, 4), fmt="PNG")
+    return root
+
+
+def shard_classes(outdir: Path) -> dict[str, set[int]]:
+    classes: dict[str, set[int]] = {}
+    for s in read_shards(outdir):
+        classes.setdefault(s["__shard__"], set()).add(meta(s)["label"])
+    return classes
+
+
+def test_class_sorted_folder_is_written_in_a_seeded_random_order(tmp_path):
+    src = class_folders(tmp_path / "src", classes=10, per_class=30)
+    shuffled = write_shards(src, tmp_path / "mixed", templates=["a photo of a {c}."], shard_size=60, progress=False)
+    kept = write_shards(src, tmp_path / "kept", templates=["a photo of a {c}."], shard_size=60, keep_order=True,
+                        progress=False)
+    assert shuffled["order"] == {"shuffled": True, "seed": 0} and kept["order"] == {"shuffled": False}
+    # source order puts two classes in each shard of 60 (30 per class); the shuffled order nearly all ten
+    assert max(len(c) for c in shard_classes(tmp_path / "kept").values()) == 2
+    assert min(len(c) for c in shard_classes(tmp_path / "mixed").values()) >= 9
+    ids = {p: sorted(meta(s)["source"] for s in read_shards(tmp_path / p)) for p in ("mixed", "kept")}
+    assert ids["mixed"] == ids["kept"] and len(set(ids["kept"])) == 300  # the same samples, each once
+    assert [meta(s)["source"] for s in read_shards(tmp_path / "kept")] == ids["kept"]  # kept: source order
+
+
+def test_write_order_is_seeded_and_byte_identical(many_images, tmp_path):
+    a = write_shards(many_images, tmp_path / "a", shard_size=5, seed=3, progress=False)
+    write_shards(many_images, tmp_path / "b", shard_size=5, seed=3, workers=2, progress=False)
+    write_shards(many_images, tmp_path / "c", shard_size=5, seed=4, progress=False)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    order = {d: [meta(s)["source"] for s in read_shards(tmp_path / d)] for d in "abc"}
+    assert order["a"] != order["c"] and sorted(order["a"]) == sorted(order["c"])
+    assert order["a"] != sorted(order["a"])
+    assert a["order"] == {"shuffled": True, "seed": 3}
+    assert json.loads((tmp_path / "c" / "_manifest.json").read_text())["order"] == {"shuffled": True, "seed": 4}
+
+
+def test_cli_make_shards_keep_order(many_images, tmp_path):
+    assert cli_main(["make-shards", str(many_images), str(tmp_path / "o"), "--keep-order", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert manifest["order"] == {"shuffled": False} and manifest["inputs"]["keep_order"] is True
+    assert [meta(s)["source"] for s in read_shards(tmp_path / "o")] == [f"{i:03d}.jpg" for i in range(23)]

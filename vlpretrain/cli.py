@@ -88,7 +88,7 @@ def _make_shards(p: argparse.ArgumentParser):
     p.add_argument("--reencode", action="store_true", help="store every image as JPEG")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of JPEGs the writer encodes")
     p.add_argument("--workers", type=int, default=1, help="processes preparing images")
-    p.add_argument("--seed", type=int, default=0, help="seed of template captions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order and of template captions")
     p.add_argument("--templates", help="caption templates file, one per line with {c} (labelled format)")
     p.add_argument("--classes", help="class names in label order (labelled format): a file with one per line, or "
                    "a benchmark name from `zeroshot list` (e.g. fashion-mnist); idx files otherwise get numbers")
@@ -98,6 +98,8 @@ def _make_shards(p: argparse.ArgumentParser):
     p.add_argument("--image-root", help="folder that relative image paths start from")
     p.add_argument("--one-sample-per-caption", action="store_true",
                    help="one sample per caption row instead of one per image with all its captions")
+    p.add_argument("--keep-order", action="store_true",
+                   help="write samples in source order instead of a seeded random order of the whole source")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when OUTDIR holds intact shards written from the same inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,7 +112,8 @@ def _make_shards(p: argparse.ArgumentParser):
                          jpeg_quality=a.jpeg_quality, workers=a.workers, seed=a.seed, templates=a.templates,
                          classes=_class_names(a.classes), split=a.split, image_column=a.image_column,
                          caption_column=a.caption_column, image_root=a.image_root,
-                         one_sample_per_caption=a.one_sample_per_caption, skip_existing=a.skip_existing,
+                         one_sample_per_caption=a.one_sample_per_caption, keep_order=a.keep_order,
+                         skip_existing=a.skip_existing,
                          progress=not a.no_progress)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
         print(f"{a.outdir}: {m['samples']} samples in {len(m['shards'])} shards; "

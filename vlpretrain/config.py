@@ -113,7 +113,9 @@ class DataConfig:
     samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
     batch_size: int = _f(128, "samples per rank per micro-step")
     workers: int = _f(1, "loader worker processes per rank")
-    shuffle_buffer: int = _f(2000, "samples held in the shuffle buffer")
+    interleave_shards: int = _f(4, "shards each loader worker reads at once, taking samples from them at random "
+                                   "(mixes sorted shards); 1: one after another")
+    shuffle_buffer: int = _f(2000, "samples held in the shuffle buffer (after interleaving)")
     image_size: int | None = _f(None, "input resolution; default: the model's")
     augment: bool = _f(True, "random resized crop while training")
     crop_scale: list[float] = _f([0.9, 1.0], "random resized crop scale range")
@@ -124,6 +126,8 @@ class DataConfig:
         _need(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _need(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
         _need(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _need(self.interleave_shards >= 1, "data.interleave_shards",
+              f"must be >= 1 (1 reads shards one after another), got {self.interleave_shards}")
         _need(self.image_size is None or self.image_size >= 1, "data.image_size",
               f"must be >= 1, got {self.image_size}")
         lo_hi = self.crop_scale

@@ -1,8 +1,9 @@
 """The streaming loader: webdataset shards -> (images, tokens) batches for one rank, through DataLoader workers.
 
-Each DataLoader worker runs the stages of `stages.py` on the shards its plan (`plan.py`) gives it and yields whole
-batches with the counts of what it skipped; this process sums those counts in `loader.stats`, logs each skip
-reason once, and stops the run with a DataError when the error budget is exceeded.
+Each DataLoader worker runs the stages of `stages.py` on the shards its plan (`plan.py`) gives it (reading
+`data.interleave_shards` of them at once) and yields whole batches with the counts of what it skipped; this process
+sums those counts in `loader.stats`, logs each skip reason once, stops the run with a DataError when the error
+budget is exceeded, and warns once when the first batches' captions are far less varied than the shards'.
 
 Use (the trainer keeps the epoch and the batches consumed in it, and passes both on resume):
 
@@ -37,7 +38,13 @@ from vlpretrain.data.plan import (
     seed_of,
     shard_sample_counts,
 )
-from vlpretrain.data.stats import LoaderStats, WorkerStats
+from vlpretrain.data.stats import (
+    CaptionDiversity,
+    LoaderStats,
+    WorkerStats,
+    diversity_ratio,
+    expected_distinct,
+)
 from vlpretrain.data.stream import Position, forever_epochs
 from vlpretrain.errors import ConfigError, DataError
 
@@ -48,6 +55,12 @@ log = logging.getLogger(__name__)
 BUDGET_MIN_SAMPLES = 1000
 # A worker that reads this many samples beyond its shuffle buffer without one usable sample gives up.
 STALL_SAMPLES = 10_000
+# Batch diversity is checked once, on the first batches, against captions sampled from shards spread over the list:
+# a batch holding under DEGENERATE_RATIO of the distinct captions a random batch would hold draws a warning.
+DIVERSITY_CHECK_BATCHES = 8
+DIVERSITY_PEEK_SHARDS = 32
+DIVERSITY_PEEK_SAMPLES = 16
+DEGENERATE_RATIO = 0.5
 
 
 def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -98,10 +111,11 @@ class _EpochStream(IterableDataset):
         except DataError as e:  # handed over as data: the main process raises it with a clean one-line message
             yield None, None, stats.take(), str(e)
 
-    def _pipeline(self, shards, stats: WorkerStats, skipper: stages.Skipper, shuffle_rng: random.Random,
-                  in_main_process: bool) -> Iterator[dict]:
+    def _pipeline(self, shards, stats: WorkerStats, skipper: stages.Skipper, interleave_rng: random.Random,
+                  shuffle_rng: random.Random, in_main_process: bool) -> Iterator[dict]:
         steps: list[Callable] = [
-            partial(stages.read_shards, stats=stats, expected=self.expected),
+            partial(stages.read_shards, stats=stats, expected=self.expected, interleave=self.cfg.interleave_shards,
+                    rng=interleave_rng),
             partial(stages.with_caption, stats=stats),
             partial(stages.shuffle, size=self.cfg.shuffle_buffer, rng=shuffle_rng),
             partial(stages.skip, skipper=skipper),
@@ -117,16 +131,18 @@ class _EpochStream(IterableDataset):
         if cfg.mode == "epoch":
             def one_pass(p: int) -> Iterator[dict]:
                 shards = [(self.urls[i], seed_of("shard", cfg.seed, epoch, self.urls[i], p)) for i in mine.shards]
+                mix = random.Random(seed_of("interleave", cfg.seed, epoch, rank, worker, p))
                 rng = random.Random(seed_of("shuffle", cfg.seed, epoch, rank, worker, p))
-                return self._pipeline(shards, stats, skipper, rng, in_main_process)
+                return self._pipeline(shards, stats, skipper, mix, rng, in_main_process)
 
             samples = stages.repeat_passes(one_pass, stats, f"rank {rank} worker {worker}")
         else:
             draws = stages.resampled_shards(self.groups, cfg.weights,
                                             random.Random(seed_of("draw", cfg.seed, epoch, rank, worker)),
                                             lambda d: seed_of("draw", cfg.seed, epoch, rank, worker, d))
+            mix = random.Random(seed_of("interleave", cfg.seed, epoch, rank, worker))
             rng = random.Random(seed_of("shuffle", cfg.seed, epoch, rank, worker))
-            samples = self._pipeline(draws, stats, skipper, rng, in_main_process)
+            samples = self._pipeline(draws, stats, skipper, mix, rng, in_main_process)
         yield from stages.batches(samples, cfg.batch_size, mine.batches - mine.skip_batches, self.tokenizer, stats)
 
 
@@ -138,7 +154,10 @@ class ShardLoader:
     """Batches `(images FloatTensor[B,3,H,W], tokens LongTensor[B,ctx])` of one epoch for one rank.
 
     `batches_per_epoch` is the same on every rank (ranks step together); `len()` is what is left of this epoch after
-    `start_batch`. `stats` sums good and skipped samples since the loader was built.
+    `start_batch`. `stats` sums good and skipped samples since the loader was built; `diversity` follows how often
+    captions repeat within a batch (`repeated_captions`: the fraction of a batch's samples whose caption occurs more
+    than once in it; `caption_diversity`: distinct captions per batch over what a random batch of captions sampled
+    from the shards holds) and the loader warns once, early, when batches are far less varied than the data.
     """
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
@@ -161,6 +180,8 @@ class ShardLoader:
         self.draft_size = math.ceil(size / math.sqrt(max(cfg.crop_scale[0], 0.05))) if size and cfg.augment \
             else size
         self.stats = LoaderStats()
+        self.diversity = CaptionDiversity(DIVERSITY_CHECK_BATCHES)
+        self._diversity_checked = False
         self._logged: set[str] = set()
         self.set_epoch(epoch, start_batch)
 
@@ -198,6 +219,7 @@ class ShardLoader:
             if error is not None:
                 raise DataError(error)
             self._check_budget(final=False)
+            self._check_diversity(tokens)
             yield images, tokens
         self._check_budget(final=True)
 
@@ -214,8 +236,33 @@ class ShardLoader:
         return forever_epochs(run_epoch, epoch, start_batch)
 
     def metrics(self) -> dict[str, float]:
-        """Good and skipped sample counts since the loader was built, as `data/...` metrics."""
-        return {f"data/{k}": v for k, v in self.stats.as_dict().items()}
+        """A metrics line's `data/...` figures: good and skipped sample counts since the loader was built, and
+        the batch caption-diversity means since the previous call."""
+        return {f"data/{k}": v for k, v in {**self.stats.as_dict(), **self.diversity.take()}.items()}
+
+    def _check_diversity(self, tokens: torch.Tensor) -> None:
+        # token rows stand for captions: equal rows are what the text tower cannot tell apart
+        self.diversity.add([row.numpy().tobytes() for row in tokens.cpu()])
+        if self._diversity_checked or not self.diversity.ready:
+            return
+        self._diversity_checked = True
+        local = [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
+        spread = local[::max(1, len(local) // DIVERSITY_PEEK_SHARDS)][:DIVERSITY_PEEK_SHARDS]
+        captions = stages.peek_captions(spread, DIVERSITY_PEEK_SAMPLES)
+        if not captions:
+            return
+        reference = [row.numpy().tobytes() for row in self.tokenizer(captions).cpu()]
+        self.diversity.expected = expected_distinct(reference, self.cfg.batch_size)
+        ratio = diversity_ratio(self.diversity.first, reference)
+        if ratio < DEGENERATE_RATIO:
+            first = self.diversity.first
+            held = sum(len(set(b)) for b in first) / len(first)
+            log.warning("batches look degenerate: the first %d held %.1f distinct captions each, %.0f%% of what "
+                        "random batches of these shards would hold (captions sampled from %d shards); the shards are "
+                        "probably sorted (by class, date or source). Re-write them shuffled (vlpretrain make-shards "
+                        "without --keep-order) or raise data.interleave_shards (now %d) or data.shuffle_buffer "
+                        "(now %d)", len(first), held, 100 * ratio, len(spread), self.cfg.interleave_shards,
+                        self.cfg.shuffle_buffer)
 
     def _absorb(self, delta: dict[str, Any]) -> None:
         for reason, example in self.stats.merge(delta):

@@ -2,7 +2,8 @@
 
 Each reader turns a path into a `Source`: an ordered stream of `Record`s (one future sample: image, captions, optional
 label) and `Skip`s (a source row that cannot become a sample, with its reason). The order is fixed by the files alone,
-so that the writer's shards are reproducible.
+so that the writer's shards are reproducible. Readers that can make a record from an index row (a file path, a table
+row) hand out a `Rows` sequence, so that the writer shuffles row indices and makes each record only when it writes it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import csv
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 
@@ -44,10 +46,34 @@ class Skip:
 
 @dataclass
 class Source:
-    """An ordered stream of records and skips, with its length when the reader knows it."""
+    """An ordered stream of records and skips, with its length when the reader knows it.
+
+    `items` is a Sequence when the reader can give any item by index (the writer then shuffles indices only).
+    """
 
     items: Iterable[Record | Skip]
     total: int | None = None
+
+
+class Rows(Sequence):
+    """A reader's index rows (file paths, table rows) made into records only when one is accessed."""
+
+    def __init__(self, rows: Sequence[Any], make: Callable[[Any], Record | Skip]):
+        self.rows, self.make = rows, make
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Record | Skip: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Record | Skip]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.make(r) for r in self.rows[i]]
+        return self.make(self.rows[i])
 
 
 @dataclass
@@ -320,16 +346,14 @@ def read_folder(path: Path, opts: SourceOptions) -> Source:
     """Images anywhere under `path`, each captioned by the .txt file of the same stem beside it."""
     files = _image_files(path)
 
-    def items() -> Iterator[Record | Skip]:
-        for f in files:
-            rel = str(f.relative_to(path))
-            txt = f.with_suffix(".txt")
-            if not txt.is_file():
-                yield Skip(rel, "missing caption", f"no {txt.name}")
-                continue
-            yield Record(rel, str(f), (txt.read_text(encoding="utf-8", errors="replace").strip(),), rel)
+    def record(f: Path) -> Record | Skip:
+        rel = str(f.relative_to(path))
+        txt = f.with_suffix(".txt")
+        if not txt.is_file():
+            return Skip(rel, "missing caption", f"no {txt.name}")
+        return Record(rel, str(f), (txt.read_text(encoding="utf-8", errors="replace").strip(),), rel)
 
-    return Source(items(), len(files))
+    return Source(Rows(files, record), len(files))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,12 +464,12 @@ def read_labelled(path: Path, opts: SourceOptions) -> Source:
         raise DataError(f"{path}: not a labelled set ({' or '.join(LABELLED_LAYOUTS)} layout)")
     data = LABELLED_LAYOUTS[layout][1](path, opts)
 
-    def items() -> Iterator[Record | Skip]:
-        for sid, image, label in data.samples():
-            if not 0 <= label < len(data.classes):
-                yield Skip(sid, "missing caption", f"label {label} has no class name")
-                continue
-            name = data.classes[label]
-            yield Record(sid, image, (_template_caption(opts.templates, opts.seed, sid, name),), sid, label, name)
+    def record(row: tuple[str, str | np.ndarray, int]) -> Record | Skip:
+        sid, image, label = row
+        if not 0 <= label < len(data.classes):
+            return Skip(sid, "missing caption", f"label {label} has no class name")
+        name = data.classes[label]
+        return Record(sid, image, (_template_caption(opts.templates, opts.seed, sid, name),), sid, label, name)
 
-    return Source(items(), data.total)
+    # the rows hold paths or views into the already loaded arrays, never decoded images
+    return Source(Rows(list(data.samples()), record), data.total)

@@ -1,5 +1,6 @@
-"""The loader's stages, each a small generator over the stream before it: shards -> samples -> caption -> shuffle
--> skip -> decode -> transform -> batches. They run inside one DataLoader worker and count what they drop.
+"""The loader's stages, each a small generator over the stream before it: shards -> samples (several shards
+interleaved) -> caption -> shuffle -> skip -> decode -> transform -> batches. They run inside one DataLoader worker
+and count what they drop.
 
 Randomness is per sample, seeded from the sample's shard seed and key: the caption picked and the augmentation
 applied to a sample depend only on (seed, epoch, shard, key), never on what came before it in the stream, which is
@@ -14,6 +15,7 @@ import json
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from functools import partial
 from typing import Any
 
@@ -53,38 +55,78 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return f.read()
 
 
-def read_shards(shards: Iterable[tuple[str, int]], stats: WorkerStats,
-                expected: dict[str, int | None]) -> Iterator[Sample]:
+def _shard_samples(url: str, shard_seed: int, stats: WorkerStats, expected: dict[str, int | None]) -> Iterator[Sample]:
+    """Raw samples of one shard; a shard that cannot be opened or ends early has its lost samples counted."""
+    count, current = 0, None
+    try:
+        for key, ext, read in _tar_members(url):
+            if current is not None and key != current["__key__"]:
+                yield current
+                count, current = count + 1, None
+            if current is None:
+                stats.read(url)
+                current = {"__key__": key, "__url__": url, "__seed__": seed_of(shard_seed, key)}
+            current[ext] = read()
+    except (tarfile.TarError, EOFError) as e:
+        stats.skip(url, "truncated tar", f"after {count} samples ({e})", n=max(1, (expected.get(url) or 0) - count))
+        return
+    except OSError as e:  # missing, unreadable, or an I/O error part way
+        stats.skip(url, "unreadable shard", f"after {count} samples ({e.strerror or e})",
+                   n=max(1, (expected.get(url) or 0) - count))
+        return
+    if current is not None:
+        yield current
+        count += 1
+    missing = (expected.get(url) or 0) - count
+    if missing > 0:  # a cut exactly between two files reads as a clean end of archive
+        stats.skip(url, "truncated tar", f"ends after {count} of {count + missing} samples", n=missing)
+
+
+def read_shards(shards: Iterable[tuple[str, int]], stats: WorkerStats, expected: dict[str, int | None],
+                interleave: int = 1, rng: random.Random | None = None) -> Iterator[Sample]:
     """Raw samples (`__key__`, `__url__`, `__seed__` and one entry per file) of each (url, shard seed).
 
+    `interleave` shards are open at once and each next sample comes from one of them picked by `rng`; when one
+    ends the next shard in line takes its place. Every sample of every shard still comes exactly once, so epochs
+    stay exact, and the order depends only on the shard list and `rng`, so a resumed run can skip to its place.
     A shard that cannot be opened, or ends early, costs the samples it should still have held (from the writer's
     manifest or a header scan) under "unreadable shard" / "truncated tar"; the partial sample at a cut is dropped.
     """
-    for url, shard_seed in shards:
-        count, current = 0, None
+    assert interleave >= 1 and (interleave == 1 or rng is not None)
+    pending = iter(shards)
+    open_: list[Iterator[Sample]] = []
+    while True:
+        while len(open_) < interleave and (nxt := next(pending, None)) is not None:
+            open_.append(_shard_samples(*nxt, stats, expected))
+        if not open_:
+            return
+        i = rng.randrange(len(open_)) if rng is not None and len(open_) > 1 else 0
+        sample = next(open_[i], None)
+        if sample is None:
+            open_.pop(i)
+            continue
+        yield sample
+
+
+def peek_captions(urls: Iterable[str], per_shard: int) -> list[str]:
+    """The first caption of each of the first `per_shard` samples of every shard (a shard that fails gives fewer)."""
+    out: list[str] = []
+    for url in urls:
+        samples: dict[str, Sample] = {}
         try:
-            for key, ext, read in _tar_members(url):
-                if current is not None and key != current["__key__"]:
-                    yield current
-                    count, current = count + 1, None
-                if current is None:
-                    stats.read(url)
-                    current = {"__key__": key, "__url__": url, "__seed__": seed_of(shard_seed, key)}
-                current[ext] = read()
-        except (tarfile.TarError, EOFError) as e:
-            stats.skip(url, "truncated tar", f"after {count} samples ({e})",
-                       n=max(1, (expected.get(url) or 0) - count))
-            continue
-        except OSError as e:  # missing, unreadable, or an I/O error part way
-            stats.skip(url, "unreadable shard", f"after {count} samples ({e.strerror or e})",
-                       n=max(1, (expected.get(url) or 0) - count))
-            continue
-        if current is not None:
-            yield current
-            count += 1
-        missing = (expected.get(url) or 0) - count
-        if missing > 0:  # a cut exactly between two files reads as a clean end of archive
-            stats.skip(url, "truncated tar", f"ends after {count} of {count + missing} samples", n=missing)
+            with closing(_tar_members(url)) as members:
+                for key, ext, read in members:
+                    if key not in samples and len(samples) == per_shard:
+                        break
+                    sample = samples.setdefault(key, {})
+                    if ext in ("txt", "json"):  # image bytes are never read
+                        sample[ext] = read()
+        except (tarfile.TarError, EOFError, OSError):
+            pass
+        for sample in samples.values():
+            caps = [c.strip() for c in _captions(sample) or [] if c.strip()]
+            out += caps[:1]
+    return out
 
 
 def _captions(sample: Sample) -> list[str] | None:

@@ -1,8 +1,10 @@
-"""Counts of good and skipped samples: collected in each loader worker, sent with every batch, summed per rank."""
+"""Counts of good and skipped samples (collected in each loader worker, sent with every batch, summed per rank), and
+how varied the captions of each batch are (pure functions, and their running means for the metrics log)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,4 +101,76 @@ class LoaderStats:
         """Plain numbers for metric logs: `samples`, `skipped`, and `skipped/<reason>`."""
         out: dict[str, Any] = {"samples": self.samples, "skipped": self.bad}
         out.update({f"skipped/{r}": n for r, n in sorted(self.skipped.items())})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch diversity: a batch drawn from sorted shards holds one class (or date, or source), and a contrastive loss over
+# near-identical pairs cannot fall below ln(batch size); the captions in a batch show it without looking at images
+
+
+def repeated_caption_fraction(captions: Sequence[Hashable]) -> float:
+    """Fraction of a batch's samples whose caption occurs more than once in that batch."""
+    if not captions:
+        return 0.0
+    counts = Counter(captions)
+    return sum(n for n in counts.values() if n > 1) / len(captions)
+
+
+def expected_distinct(reference: Sequence[Hashable], n: int) -> float:
+    """Distinct captions expected among `n` drawn at random (with replacement) from the frequencies in `reference`."""
+    if not reference:
+        return 0.0
+    total = len(reference)
+    return sum(1.0 - (1.0 - c / total) ** n for c in Counter(reference).values())
+
+
+def diversity_ratio(batches: Sequence[Sequence[Hashable]], reference: Sequence[Hashable]) -> float:
+    """Mean distinct captions per batch over those a random batch of the same size from `reference` would hold.
+
+    About 1 (or above) for well-mixed batches, whatever the data (unique captions or a few templates per class);
+    far below 1 when each batch comes from one part of a sorted dataset.
+    """
+    sizes = [len(b) for b in batches if b]
+    if not sizes or not reference:
+        return 1.0
+    observed = sum(len(set(b)) for b in batches if b) / len(sizes)
+    expected = sum(expected_distinct(reference, n) for n in sizes) / len(sizes)
+    return observed / expected if expected else 1.0
+
+
+class CaptionDiversity:
+    """Per-batch caption statistics of one rank: means over each log window, and the first batches kept for a check.
+
+    Once `expected` (distinct captions a random batch of the data would hold) is known, windows also report
+    `caption_diversity`: distinct captions per batch over `expected`, about 1 when batches are well mixed.
+    """
+
+    def __init__(self, check_batches: int):
+        self.check_batches = check_batches
+        self.first: list[list[Hashable]] = []  # the first `check_batches` batches' captions
+        self.expected: float | None = None
+        self._repeated, self._distinct, self._batches = 0.0, 0, 0
+
+    def add(self, captions: Sequence[Hashable]) -> None:
+        """Count one batch's captions (any hashable form of them: text or token rows)."""
+        self._repeated += repeated_caption_fraction(captions)
+        self._distinct += len(set(captions))
+        self._batches += 1
+        if len(self.first) < self.check_batches:
+            self.first.append(list(captions))
+
+    @property
+    def ready(self) -> bool:
+        """Whether the first `check_batches` batches have been seen."""
+        return len(self.first) >= self.check_batches
+
+    def take(self) -> dict[str, float]:
+        """Means over the batches since the last call: `repeated_captions` (and `caption_diversity`); none: {}."""
+        if not self._batches:
+            return {}
+        out = {"repeated_captions": self._repeated / self._batches}
+        if self.expected:
+            out["caption_diversity"] = self._distinct / self._batches / self.expected
+        self._repeated, self._distinct, self._batches = 0.0, 0, 0
         return out

@@ -1,6 +1,9 @@
 """Write image-caption sources as webdataset tar shards: `{key}.jpg` (or the image's own encoding), `.txt`, `.json`.
 
-Records are prepared (read, checked, optionally resized or re-encoded) in a process pool but written in source order,
+Records are written in a random order of the whole source, drawn from the seed (or in source order with
+`keep_order`): sources are often sorted by class, date or origin, and a loader that streams shards one after another
+would then fill whole batches from one class. Only row indices are shuffled; each record is read when it is written.
+Records are prepared (read, checked, optionally resized or re-encoded) in a process pool but written in that order,
 and every tar header field that could vary (mtime, owner, mode) is fixed, so the same input and seed give the same
 shards byte for byte. Shards and the manifest are written under a temporary name and renamed when complete.
 """
@@ -17,7 +20,7 @@ import logging
 import multiprocessing
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlpretrain.data.plan import seed_of
 from vlpretrain.data.sources import (
     Record,
     Skip,
@@ -39,7 +43,7 @@ from vlpretrain.formats import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: samples in a seeded random order by default, recorded under "order"
 # PIL format name -> file extension kept in the shard (and recognised by the loader)
 EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
                  "PPM": "ppm"}
@@ -227,6 +231,20 @@ def _ordered_map(pool, workers: int, prepare, items, chunk: int = 64) -> Iterato
         yield from pending.popleft().get()
 
 
+def write_order(items: Iterable[Record | Skip], seed: int | None) -> Iterable[Record | Skip]:
+    """`items` in source order (seed None) or in a random order drawn from `seed`, the same on every machine.
+
+    A Sequence is permuted by index, so its records are made only as they are written; any other iterable is
+    collected first (its records refer to images by path or array view, so no image is decoded to do so).
+    """
+    if seed is None:
+        return items
+    rows = items if isinstance(items, Sequence) else list(items)
+    # numpy's permutation keeps 8 bytes per row, where a list of Python ints would take about 36
+    perm = np.random.Generator(np.random.PCG64(seed_of("write order", seed))).permutation(len(rows))
+    return (rows[int(i)] for i in perm)
+
+
 def _fingerprint(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -261,12 +279,13 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
                  classes: str | os.PathLike | list[str] | None = None, split: str = "train",
                  image_column: str = "image", caption_column: str = "caption",
                  image_root: str | os.PathLike | None = None, one_sample_per_caption: bool = False,
-                 skip_existing: bool = False, progress: bool = True) -> dict[str, Any]:
+                 keep_order: bool = False, skip_existing: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write `source` as `outdir/{prefix}-NNNNNN.tar` shards plus `outdir/_manifest.json`; returns the manifest.
 
-    The manifest holds the inputs, sample count, each shard's samples and bytes, and every skipped source row with
-    its reason. With `skip_existing`, a manifest written from the same inputs whose shards are intact is returned
-    without writing anything.
+    Samples go in a random order of the whole source drawn from `seed`, or in source order with `keep_order`.
+    The manifest holds the inputs, that order (`order: {shuffled, seed}`), sample count, each shard's samples and
+    bytes, and every skipped source row with its reason. With `skip_existing`, a manifest written from the same
+    inputs whose shards are intact is returned without writing anything.
     """
     if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise ConfigError("shard_size and shard_bytes must be positive")
@@ -285,7 +304,7 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
               "templates_sha256": hashlib.sha256("\n".join(tmpl).encode()).hexdigest() if tmpl else None,
               "image_column": image_column, "caption_column": caption_column,
               "image_root": str(Path(image_root).resolve()) if image_root else None,
-              "one_sample_per_caption": one_sample_per_caption}
+              "one_sample_per_caption": one_sample_per_caption, "keep_order": keep_order}
     out.mkdir(parents=True, exist_ok=True)
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
@@ -300,7 +319,8 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     prepare = functools.partial(prepare_record, opts=EncodeOptions(max_side, reencode, jpeg_quality))
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
-        results = _ordered_map(pool, workers, prepare, records.items) if pool else map(prepare, records.items)
+        items = write_order(records.items, None if keep_order else seed)
+        results = _ordered_map(pool, workers, prepare, items) if pool else map(prepare, items)
         bar = tqdm(results, total=records.total, unit="img", desc=f"make-shards {out}", disable=not progress,
                    mininterval=1.0)
         n = 0
@@ -320,7 +340,8 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     by_reason: dict[str, int] = {}
     for s in skipped:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
-    manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "samples": n, "shards": shards,
+    order = {"shuffled": False} if keep_order else {"shuffled": True, "seed": seed}
+    manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "order": order, "samples": n, "shards": shards,
                 "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
     _write_json_atomic(out / MANIFEST, manifest)
     for name in previous - {s["name"] for s in shards}:
