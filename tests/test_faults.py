@@ -300,3 +300,120 @@ def test_safe_load_allows_exactly_plain_state(tmp_path):
     with pytest.raises(CheckpointError):
         safe_torch_load(bad)
     assert not (tmp_path / "marker").exists()
+
+
+# ---- 3. make-shards is all or nothing ---------------------------------------------------------------------------
+
+def _photos(folder: Path, n: int, shade: int = 0) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i % 256, shade, 7)).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(f"photo {i}")
+    return folder
+
+
+def test_interrupted_make_shards_leaves_the_previous_dataset_whole(tmp_path):
+    import signal
+    import time
+
+    src = _photos(tmp_path / "src", 3000)
+    out = tmp_path / "out"
+    first = cli("make-shards", str(src), str(out), "--format", "folder", "--shard-size", "100", "--no-progress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    manifest = (out / "_manifest.json").read_text()
+    p = subprocess.Popen([sys.executable, "-m", "vlpretrain.cli", "make-shards", str(src), str(out), "--format",
+                          "folder", "--shard-size", "10", "--seed", "1", "--workers", "2", "--no-progress"],
+                         env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = out / ".make-shards-incomplete"
+    start = time.time()
+    while time.time() - start < 120 and len(list(staging.glob("*.tar"))) < 3:
+        time.sleep(0.01)
+    assert len(list(staging.glob("*.tar"))) >= 3, "the second run ended before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["interrupted"], err
+    assert not staging.exists() and not list(out.rglob("*.tmp"))
+    assert {q.name: q.read_bytes() for q in out.glob("*.tar")} == before  # 30 old shards, none new
+    assert (out / "_manifest.json").read_text() == manifest
+
+
+def test_another_dataset_in_the_folder_is_refused_unless_replaced(tmp_path):
+    out = tmp_path / "out"
+    assert cli("make-shards", str(_photos(tmp_path / "a", 20)), str(out), "--format", "folder",
+               "--no-progress").returncode == 0
+    b = _photos(tmp_path / "b", 30, shade=200)
+    msg = one_line_error(cli("make-shards", str(b), str(out), "--format", "folder", "--no-progress"))
+    assert str(out) in msg and "--overwrite" in msg
+    r = cli("make-shards", str(b), str(out), "--format", "folder", "--no-progress", "--overwrite")
+    assert r.returncode == 0 and json.loads((out / "_manifest.json").read_text())["samples"] == 30
+
+
+def test_the_loader_refuses_shards_the_manifest_does_not_list(tmp_path):
+    from vlpretrain.config import DataConfig
+    from vlpretrain.data import build_loader, write_shards
+    from vlpretrain.errors import DataError
+
+    write_shards(_photos(tmp_path / "a", 20), tmp_path / "out", "folder", shard_size=10, progress=False)
+    write_shards(_photos(tmp_path / "b", 10), tmp_path / "other", "folder", prefix="extra", progress=False)
+    shutil.copy(tmp_path / "other" / "extra-000000.tar", tmp_path / "out")
+    cfg = DataConfig(train=str(tmp_path / "out" / "*.tar"), batch_size=2, workers=0)
+    with pytest.raises(DataError, match="extra-000000.tar: not listed in"):
+        build_loader(cfg, lambda im: torch.zeros(3), lambda caps: torch.zeros(len(caps), 2), rank=0, world_size=1)
+
+
+# ---- 4. truncated shards lose no sample uncounted -------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", ["half", "member boundary"])
+def test_a_truncated_shard_counts_every_lost_sample(tmp_path, cut):
+    import tarfile
+
+    from vlpretrain.config import DataConfig
+    from vlpretrain.data import build_loader, write_shards
+
+    write_shards(_photos(tmp_path / "a", 100), tmp_path / "out", "folder", shard_size=50, progress=False)
+    shard = tmp_path / "out" / "shard-000000.tar"
+    data = shard.read_bytes()
+    if cut == "half":
+        keep = len(data) // 2
+    else:  # just before the 21st sample's first header: the archive reads as 20 whole samples, then ends cleanly
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+            keep = next(m.offset for m in members if m.name.startswith(f"{20:09d}."))
+    shard.write_bytes(data[:keep])
+    from vlpretrain.data import stages
+    from vlpretrain.data.plan import shard_sample_counts
+    from vlpretrain.data.stats import WorkerStats
+    from vlpretrain.errors import DataError
+
+    # the manifest's count stays the expected one, so every sample the cut took is counted as skipped
+    expected = shard_sample_counts([str(shard)])[0]
+    assert expected == 50
+    stats = WorkerStats()
+    read = sum(1 for _ in stages.read_shards([(str(shard), 0)], stats, {str(shard): expected}))
+    lost = sum(n for _, reason, n in stats.take()["skipped"] if reason == "truncated tar")
+    assert read + lost == 50 and lost >= 20
+    if cut == "member boundary":
+        assert read == 20
+    # and the error budget sees them: 100 samples expected, 20 or more lost is over 10%
+    cfg = DataConfig(train=str(tmp_path / "out" / "shard-{000000..000001}.tar"), batch_size=10, workers=0,
+                     shuffle_buffer=0, error_budget=0.1)
+    loader = build_loader(cfg, lambda im: torch.zeros(3), lambda caps: torch.zeros(len(caps), 2, dtype=torch.long),
+                          rank=0, world_size=1)
+    with pytest.raises(DataError, match="over data.error_budget.*shard-000000.tar"):
+        for _ in loader:
+            pass
+
+
+def test_a_non_tar_file_named_tar_is_named_as_such(tmp_path):
+    from vlpretrain.config import DataConfig
+    from vlpretrain.data import build_loader
+    from vlpretrain.errors import DataError
+
+    (tmp_path / "fake.tar").write_bytes(b"PK\x03\x04 this is a zip file, not a tar" * 40)
+    cfg = DataConfig(train=str(tmp_path / "fake.tar"), batch_size=2, workers=0)
+    with pytest.raises(DataError, match="fake.tar: not a tar file"):
+        build_loader(cfg, lambda im: torch.zeros(3), lambda caps: torch.zeros(len(caps), 2), rank=0, world_size=1)

@@ -102,6 +102,8 @@ def _make_shards(p: argparse.ArgumentParser):
                    help="write samples in source order instead of a seeded random order of the whole source")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when OUTDIR holds intact shards written from the same inputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset OUTDIR already holds (by default another dataset there is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
@@ -113,7 +115,7 @@ def _make_shards(p: argparse.ArgumentParser):
                          classes=_class_names(a.classes), split=a.split, image_column=a.image_column,
                          caption_column=a.caption_column, image_root=a.image_root,
                          one_sample_per_caption=a.one_sample_per_caption, keep_order=a.keep_order,
-                         skip_existing=a.skip_existing,
+                         skip_existing=a.skip_existing, replace=a.overwrite,
                          progress=not a.no_progress)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(m["skipped"]["by_reason"].items()))
         print(f"{a.outdir}: {m['samples']} samples in {len(m['shards'])} shards; "

@@ -18,6 +18,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 
 # The writer's record of a shard folder: inputs, counts, shards with their sample counts, skipped rows.
 MANIFEST = "_manifest.json"
+# The folder make-shards writes a run's shards into before they replace the folder's dataset all at once.
+INCOMPLETE = ".make-shards-incomplete"
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

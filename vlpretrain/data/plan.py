@@ -37,7 +37,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from vlpretrain.errors import ConfigError, DataError
-from vlpretrain.formats import MANIFEST
+from vlpretrain.formats import INCOMPLETE, MANIFEST
 
 
 def seed_of(*parts: object) -> int:
@@ -81,7 +81,10 @@ def _manifest_counts(directory: Path, cache: dict[Path, dict[str, tuple[int, int
 
 
 def scan_tar_samples(path: str | Path) -> int:
-    """Samples in a tar shard by its headers alone (consecutive files sharing a key); stops at a truncation."""
+    """Samples in a tar shard by its headers alone (consecutive files sharing a key); stops at a truncation.
+
+    A file that is not a tar archive at all is a DataError naming it (not a shard of zero samples).
+    """
     count, last = 0, None
     try:
         with tarfile.open(path, "r:") as tar:
@@ -89,13 +92,28 @@ def scan_tar_samples(path: str | Path) -> int:
                 key, _ = base_plus_ext(info.name)
                 if info.isreg() and key is not None and key != last:
                     count, last = count + 1, key
-    except (tarfile.ReadError, EOFError, OSError):
+    except tarfile.ReadError as e:
+        if count == 0 and not _looks_like_tar(path):
+            raise DataError(f"{path}: not a tar file ({e}); data.train must name webdataset tar shards") from None
+    except (EOFError, OSError):
         pass
     return count
 
 
+def _looks_like_tar(path: str | Path) -> bool:
+    """A ustar/GNU magic at offset 257 of the first header, or an empty file (a truncated shard)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return len(head) < 512 or head[257:262] == b"ustar"
+
+
 def shard_sample_counts(urls: list[str]) -> list[int]:
-    """Samples per shard: from the writer's `_manifest.json` beside the shards when it matches, else a header scan."""
+    """Samples per shard: from the writer's `_manifest.json` beside the shards, else a header scan.
+
+    A shard smaller than its manifest entry was cut short: the manifest's count stays the expected one, so the
+    loader counts every lost sample as truncated. A shard the manifest does not list, or one larger than listed,
+    was not written by the run that wrote the manifest: a DataError, so two runs' shards are never mixed.
+    """
     cache: dict[Path, dict[str, tuple[int, int]]] = {}
     counts = []
     for url in urls:
@@ -104,8 +122,18 @@ def shard_sample_counts(urls: list[str]) -> list[int]:
             if "://" in url or url.startswith("pipe:"):
                 raise DataError(f"{url}: epoch mode counts samples of local shards only; use data.mode: resampled")
             raise DataError(f"{url}: shard does not exist")
-        known = _manifest_counts(path.parent, cache).get(path.name)
-        counts.append(known[0] if known and known[1] == path.stat().st_size else scan_tar_samples(path))
+        listed = _manifest_counts(path.parent, cache)
+        if (path.parent / INCOMPLETE).exists() and not listed:
+            raise DataError(f"{path.parent}: an interrupted make-shards left this folder without a manifest; "
+                            "run make-shards again")
+        known = listed.get(path.name)
+        size = path.stat().st_size
+        if listed and known is None:
+            raise DataError(f"{url}: not listed in {path.parent / MANIFEST} (a shard of another make-shards run?)")
+        if known and size > known[1]:
+            raise DataError(f"{url}: {size} bytes, but {path.parent / MANIFEST} lists {known[1]} (changed since it "
+                            "was written)")
+        counts.append(known[0] if known else scan_tar_samples(path))
     return counts
 
 

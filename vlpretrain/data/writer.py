@@ -11,6 +11,7 @@ shards byte for byte. Shards and the manifest are written under a temporary name
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import io
@@ -19,7 +20,10 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +43,8 @@ from vlpretrain.data.sources import (
     read_source,
 )
 from vlpretrain.errors import ConfigError, DataError
-from vlpretrain.formats import MANIFEST
+from vlpretrain.formats import INCOMPLETE, MANIFEST
+from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +284,16 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
                  classes: str | os.PathLike | list[str] | None = None, split: str = "train",
                  image_column: str = "image", caption_column: str = "caption",
                  image_root: str | os.PathLike | None = None, one_sample_per_caption: bool = False,
-                 keep_order: bool = False, skip_existing: bool = False, progress: bool = True) -> dict[str, Any]:
+                 keep_order: bool = False, skip_existing: bool = False, replace: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
     """Write `source` as `outdir/{prefix}-NNNNNN.tar` shards plus `outdir/_manifest.json`; returns the manifest.
 
     Samples go in a random order of the whole source drawn from `seed`, or in source order with `keep_order`.
     The manifest holds the inputs, that order (`order: {shuffled, seed}`), sample count, each shard's samples and
     bytes, and every skipped source row with its reason. With `skip_existing`, a manifest written from the same
-    inputs whose shards are intact is returned without writing anything.
+    inputs whose shards are intact is returned without writing anything. Writing is all or nothing: shards are
+    staged and replace the folder's dataset at the end; a folder holding another dataset is refused unless
+    `replace`.
     """
     if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise ConfigError("shard_size and shard_bytes must be positive")
@@ -309,51 +317,104 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
         return manifest
-    previous = _read_previous_shards(out)
+    previous = _check_replaceable(out, inputs, replace)
     _, records = read_source(src, fmt, opts)
-
-    from tqdm import tqdm
-
-    sink = ShardSink(out, prefix, shard_size, shard_bytes)
+    # this run's shards go to a staging folder and replace the folder's dataset only once all are written, so an
+    # interrupted run leaves the previous dataset whole (and no mix of the two)
+    staging = out / INCOMPLETE
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    sink = ShardSink(staging, prefix, shard_size, shard_bytes)
     skipped: list[dict[str, str]] = []
     prepare = functools.partial(prepare_record, opts=EncodeOptions(max_side, reencode, jpeg_quality))
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
-        items = write_order(records.items, None if keep_order else seed)
-        results = _ordered_map(pool, workers, prepare, items) if pool else map(prepare, items)
-        bar = tqdm(results, total=records.total, unit="img", desc=f"make-shards {out}", disable=not progress,
-                   mininterval=1.0)
-        n = 0
-        for r in bar:
-            if isinstance(r, Skip):
-                skipped.append({"where": r.where, "reason": r.reason, "detail": r.detail})
-                continue
-            sink.add(f"{n:09d}", sample_files(r))
-            n += 1
+        with _sigterm_as_interrupt():
+            items = write_order(records.items, None if keep_order else seed)
+            results = _ordered_map(pool, workers, prepare, items) if pool else map(prepare, items)
+            n = 0
+            with progress_bar(records.total, f"make-shards {out}", "img", enabled=progress) as bar:
+                for r in results:
+                    bar.update(1)
+                    if isinstance(r, Skip):
+                        skipped.append({"where": r.where, "reason": r.reason, "detail": r.detail})
+                        continue
+                    sink.add(f"{n:09d}", sample_files(r))
+                    n += 1
+            shards = sink.finish()
     except BaseException:
         sink.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if pool:
             pool.terminate()
-    shards = sink.finish()
     by_reason: dict[str, int] = {}
     for s in skipped:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
     order = {"shuffled": False} if keep_order else {"shuffled": True, "seed": seed}
     manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "order": order, "samples": n, "shards": shards,
                 "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
-    _write_json_atomic(out / MANIFEST, manifest)
-    for name in previous - {s["name"] for s in shards}:
-        (out / name).unlink(missing_ok=True)  # shards of an earlier, longer run would otherwise look current
+    _swap_in(out, staging, previous, shards, manifest)
     if skipped:
         log.warning("%s: skipped %d source rows (%s); see %s", src, len(skipped),
                     ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())), out / MANIFEST)
     return manifest
 
 
-def _read_previous_shards(outdir: Path) -> set[str]:
+def _swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str, Any]],
+             manifest: dict[str, Any]) -> None:
+    """Replace the folder's dataset by the staged one: the old manifest goes first (a folder without one, beside a
+    staging folder, is refused by the loader), then the old shards, then the new ones, then their manifest."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in previous:
+        (out / name).unlink(missing_ok=True)
+    for s in shards:
+        os.replace(staging / s["name"], out / s["name"])
+    _write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> set[str]:
+    """The shard names of the dataset `out` holds, which this run may replace: one written from the same source,
+    or any when `replace`; another dataset (or tar files no manifest accounts for) is refused."""
     try:
-        return {s["name"] for s in json.loads((outdir / MANIFEST).read_text()).get("shards", [])}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return set()
+        old = json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        old = None
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    names = {s["name"] for s in (old or {}).get("shards", []) if isinstance(s, dict) and "name" in s}
+    loose = sorted(p.name for p in out.glob("*.tar") if p.name not in names)
+    # the same source written again (other shard sizes, seed, ...) is the same dataset; another source is not
+    same = old is not None and (old.get("inputs") or {}).get("source") == inputs["source"]
+    if not replace and ((old is not None and not same) or loose):
+        what = f"a dataset written from {old.get('inputs', {}).get('source', '?')}" if old else \
+            f"{len(loose)} tar files no {MANIFEST} accounts for"
+        raise DataError(f"{out}: holds {what}; pass --overwrite (replace=True) to replace it, or choose another "
+                        "folder")
+    return names | (set(loose) if replace else set())
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them (one message instead of one per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the writer like Ctrl-C (clean up, one line, exit 130) instead of killing it mid-file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
