@@ -6,8 +6,11 @@
     entries = zeroshot.evaluate_suite(model, ["cifar10", "mnist"], "/data")       # one sub-folder each
     zeroshot.update_results("results.json", "ViT-B-32", None, entries)          # see zeroshot/results.py
     probe = zeroshot.linear_probe(model, "cifar10", "/data/cifar10")            # CLIP-protocol linear probe
+    tuned = zeroshot.adapt(model, "cifar10", "/data/cifar10", shots=4)          # few-shot learned prompts
 """
 
+from zeroshot.adapt import AdaptConfig, AdaptResult, adapt
+from zeroshot.adapters import Adapter
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
@@ -17,7 +20,7 @@ from zeroshot.probe import linear_probe
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "Benchmark", "ResultEntry", "Results", "build_classifier", "classification_metrics",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "ResultEntry", "Results", "adapt", "build_classifier", "classification_metrics",
     "classify", "encode_images", "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks",
     "mean_per_class_recall", "read_results", "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
 ]
