@@ -9,7 +9,7 @@
     tuned = zeroshot.adapt(model, "cifar10", "/data/cifar10", shots=4)          # few-shot learned prompts
 """
 
-from zeroshot.adapt import AdaptConfig, AdaptResult, adapt
+from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.adapters import Adapter
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
@@ -20,7 +20,8 @@ from zeroshot.probe import linear_probe
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "ResultEntry", "Results", "adapt", "build_classifier", "classification_metrics",
-    "classify", "encode_images", "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks",
-    "mean_per_class_recall", "read_results", "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "ResultEntry", "Results", "adapt",
+    "adapt_head", "build_classifier", "classification_metrics", "classify", "encode_images", "evaluate",
+    "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall", "read_results",
+    "run_zeroshot", "top_k_accuracy", "update_results", "write_results",
 ]

@@ -233,3 +233,13 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     if val_top1 is not None:
         metrics["val_top1"] = val_top1
     return AdaptResult(adapter, metrics)
+
+
+def adapt_head(model: nn.Module, adapter: Adapter, *, tokenizer=None,
+                   source: str | os.PathLike = "adapter") -> torch.Tensor:
+    """The adapted (embed_dim, classes) head of the adapter's benchmark, once `adapter.check` has accepted `model`."""
+    bench = get_benchmark(adapter.benchmark)
+    prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
+    adapter.check(model, bench.name, prompts, source=source)
+    with frozen(model):
+        return adapter.head(model, prompts)

@@ -1,4 +1,4 @@
-"""`zeroshot` console script: list | eval | probe | adapt | report. Parse, look up, call; subcommands register with @command."""
+"""`zeroshot` console script: list | eval | probe | adapt | report. Parse, look up, call; commands use @command."""
 
 from __future__ import annotations
 
@@ -159,8 +159,8 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     """The results entry of the adapted head of `--adapter` on its benchmark's test split."""
     from vlpretrain.errors import CheckpointError
     from vlpretrain.models import image_transform
-    from zeroshot.adapt import task_name
-    from zeroshot.adapters import Adapter, prompt_set
+    from zeroshot.adapt import adapt_head, task_name
+    from zeroshot.adapters import Adapter
     from zeroshot.datasets import get_benchmark
     from zeroshot.evaluate import head_metrics
     from zeroshot.results import ResultEntry
@@ -170,15 +170,14 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     if len(names) != 1 or bench.name != adapter.benchmark:
         raise CheckpointError(f"{a.adapter}: adapter is for benchmark {adapter.benchmark}, not {','.join(names)}")
     model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
-    prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
-    adapter.check(model, bench.name, prompts, source=a.adapter)
     device = _device(a)
     model.to(device)
-    head = adapter.head(model, prompts)
+    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter)
     data = bench.load(a.root, split="test", transform=image_transform(model, train=False), format=a.format)
     metrics = head_metrics(model, head, data, headline=bench.metric, batch_size=a.batch_size, workers=a.workers,
                            device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
-    metrics["shots"] = float(adapter.info.get("shots", "nan"))
+    if "shots" in adapter.info:
+        metrics["shots"] = float(adapter.info["shots"])
     return ResultEntry(task_name(adapter.method), bench.name, bench.metric, metrics, str(data.root), data.format)
 
 
