@@ -49,6 +49,23 @@ def default_tokenizer(model: nn.Module):
     return open_clip.tokenizer.SimpleTokenizer(context_length=int(ctx or 77))
 
 
+def expand_prompts(classnames: Sequence[ClassName],
+                   templates: Sequence[Template]) -> tuple[list[str], list[int], list[int]]:
+    """Every prompt of the ensemble with its class and template index, class by class (synonyms share both)."""
+    prompts, class_ids, template_ids = [], [], []
+    for i, c in enumerate(classnames):
+        for name in ([c] if isinstance(c, str) else c):
+            prompts += [fill(t, name) for t in templates]
+            class_ids += [i] * len(templates)
+            template_ids += list(range(len(templates)))
+    return prompts, class_ids, template_ids
+
+
+def ensemble_head(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The (embed_dim, classes) head from each class's sum of L2-normalised prompt embeddings and prompt count."""
+    return F.normalize(sums / counts.unsqueeze(1).to(sums), dim=-1).T.contiguous()
+
+
 def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, classnames: Sequence[ClassName],
                 templates: Sequence[Template]) -> Path:
     key = {"weights": weights_digest(model, scope="model"), "tokenizer": [type(tokenizer).__name__,
@@ -102,19 +119,14 @@ def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName
         cache = _cache_file(cache_dir, model, tokenizer, classnames, templates)
         if cache.is_file():
             return torch.load(cache, map_location=device, weights_only=True)["head"]
-    prompts, owners = [], []
-    for i, c in enumerate(classnames):
-        for name in ([c] if isinstance(c, str) else c):
-            prompts += [fill(t, name) for t in templates]
-            owners += [i] * len(templates)
+    prompts, owners, _ = expand_prompts(classnames, templates)
     sums = None
     for start, emb in text_batches(model, tokenizer, prompts, batch_size=batch_size, device=device):
         if sums is None:
             sums = torch.zeros(len(classnames), emb.shape[1], device=device)
         sums.index_add_(0, torch.tensor(owners[start:start + len(emb)], device=device), F.normalize(emb, dim=-1))
     assert sums is not None
-    counts = torch.bincount(torch.tensor(owners, device=device), minlength=len(classnames)).unsqueeze(1)
-    head = F.normalize(sums / counts, dim=-1).T.contiguous()
+    head = ensemble_head(sums, torch.bincount(torch.tensor(owners, device=device), minlength=len(classnames)))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")

@@ -1,5 +1,5 @@
-"""`zeroshot` console script: list | eval | probe | report | export-results. Parse, look up, call; subcommands
-register with @command."""
+"""`zeroshot` console script: list | eval | probe | adapt | report | export-results. Parse, look up, call;
+subcommands register with @command."""
 
 from __future__ import annotations
 
@@ -111,13 +111,14 @@ def _eval(p: argparse.ArgumentParser):
                    help="zeroshot: one results file (default); clip_benchmark: its JSON per benchmark into --out")
     p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
+    p.add_argument("--adapter", help="adapter file from `zeroshot adapt`: classify with the adapted head instead of "
+                                     "the prompt ensemble (one benchmark, the adapter's)")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.evaluate import evaluate_suite
         from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "test")
-        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
 
         def show(e: ResultEntry) -> None:
             # the headline is printed first under its own name; `headline` itself is only a copy of it
@@ -126,6 +127,10 @@ def _eval(p: argparse.ArgumentParser):
             print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
                   f"({e.format} at {e.root})", flush=True)
 
+        if a.adapter:
+            show(entry := _eval_adapter(a, names))
+            return _save(a, [entry])
+        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
         entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
                                  workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
                                  progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
@@ -160,6 +165,83 @@ def _probe(p: argparse.ArgumentParser):
                   f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
             entries.append(ResultEntry("linear_probe", name, bench.metric, m, str(a.root), a.format))
         return _save(a, entries)
+
+    return run
+
+
+def _eval_adapter(a: argparse.Namespace, names: list[str]):
+    """The results entry of the adapted head of `--adapter` on its benchmark's test split."""
+    from vlpretrain.errors import CheckpointError
+    from vlpretrain.models import image_transform
+    from zeroshot.adapt import adapt_head, task_name
+    from zeroshot.adapters import Adapter
+    from zeroshot.datasets import get_benchmark
+    from zeroshot.evaluate import head_metrics
+    from zeroshot.results import ResultEntry
+
+    adapter = Adapter.load(a.adapter)
+    bench = get_benchmark(names[0])
+    if len(names) != 1 or bench.name != adapter.benchmark:
+        raise CheckpointError(f"{a.adapter}: adapter is for benchmark {adapter.benchmark}, not {','.join(names)}")
+    model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+    device = _device(a)
+    model.to(device)
+    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter)
+    data = bench.load(a.root, split="test", transform=image_transform(model, train=False), format=a.format)
+    metrics = head_metrics(model, head, data, headline=bench.metric, batch_size=a.batch_size, workers=a.workers,
+                           device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
+    if "shots" in adapter.info:
+        metrics["shots"] = float(adapter.info["shots"])
+    return ResultEntry(task_name(adapter.method), bench.name, bench.metric, metrics, str(data.root), data.format)
+
+
+@command("adapt", "few-shot adaptation of a zero-shot head: learned prompts or (IA)^3 vectors, towers frozen")
+def _adapt(p: argparse.ArgumentParser):
+    from zeroshot.adapt import DEFAULT_LR, AdaptConfig
+
+    d = AdaptConfig()
+    _model_and_data_args(p, "results JSON to write or update (task adapt_prompt or adapt_ia3)")
+    p.add_argument("--method", choices=("prompt", "ia3"), default="prompt",
+                   help="prompt: learned context offsets; ia3: learned key/value/MLP scales (default: prompt)")
+    p.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
+    p.add_argument("--save", help="write the learned vectors here (safetensors), for `zeroshot eval --adapter`")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"most training steps (default: {d.steps})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {DEFAULT_LR['prompt']} for prompt, "
+                                            f"{DEFAULT_LR['ia3']} for ia3)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"decay of the learned change towards the zero-shot head (default: {d.weight_decay})")
+    p.add_argument("--n-ctx", type=int, default=d.n_ctx,
+                   help=f"prompt: context tokens with learned offsets (default: {d.n_ctx})")
+    p.add_argument("--class-specific", action="store_true", help="prompt: one context per class and template")
+    p.add_argument("--train-batch", type=int, default=d.batch_size,
+                   help=f"training images per step (default: {d.batch_size})")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"share of the shots held out for early stopping; 0: off (default: {d.val_fraction})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shots, the held-out part and the batches")
+    p.add_argument("--max-images", type=int, help="cap each split at this many evenly spaced images")
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/vlpretrain/features)")
+
+    def run(a: argparse.Namespace) -> int:
+        from zeroshot.adapt import adapt
+        from zeroshot.datasets import get_benchmark
+        from zeroshot.results import ResultEntry
+
+        names = _checked_benchmarks(a, "train")
+        if len(names) != 1:
+            raise ConfigError("--benchmark: adapt fits one benchmark at a time (an adapter belongs to one)")
+        cfg = AdaptConfig(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, n_ctx=a.n_ctx,
+                          class_specific=a.class_specific, batch_size=a.train_batch, val_fraction=a.val_fraction)
+        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+        bench = get_benchmark(names[0])
+        result = adapt(model, bench.name, a.root, shots=a.shots, method=a.method, config=cfg, tokenizer=tokenizer,
+                       seed=a.seed, batch_size=a.batch_size, workers=a.workers, device=_device(a),
+                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir)
+        m = result.metrics
+        print(f"{bench.name}: {result.task} {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
+              f"shots={int(m['shots'])}  steps={int(m['steps'])}  test={int(m['images'])}", flush=True)
+        if a.save:
+            print(f"wrote {result.adapter.save(a.save)}")
+        return _save(a, [ResultEntry(result.task, bench.name, bench.metric, m, str(a.root), a.format)])
 
     return run
 

@@ -43,9 +43,17 @@ def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tok
     """Metrics of the zero-shot head built from `data`'s prompts on `data`'s images (see evaluate)."""
     device = resolve_device(device, model)
     head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
+    return head_metrics(model, head, data, headline=headline, batch_size=batch_size, workers=workers, device=device,
+                        max_images=max_images, progress=progress, desc=desc)
+
+
+def head_metrics(model: nn.Module, head: torch.Tensor, data: EvalSet, *, headline: str = "top1",
+                 batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
+                 max_images: int | None = None, progress: bool = False, desc: str = "images") -> dict[str, float]:
+    """Metrics of a classification head (embed_dim, classes), zero-shot or adapted, on `data`'s images."""
     feats, labels = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
                                   workers=workers, device=device, progress=progress, desc=desc)
-    return classification_metrics(F.normalize(feats, dim=-1) @ head.cpu(), labels, headline=headline)
+    return classification_metrics(F.normalize(feats, dim=-1) @ head.float().cpu(), labels, headline=headline)
 
 
 def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_average_precision", tokenizer=None,

@@ -30,19 +30,29 @@ def column_labels(results: list[Results], paths: list[Path]) -> list[str]:
     return [f"{label} [{paths[i]}]" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
 
+def task_label(task: str, metrics: dict[str, float]) -> str:
+    """The task as a report shows it: with its shots when few-shot (adapted heads, few-shot probes)."""
+    shots = metrics.get("shots")
+    return f"{task} ({int(shots)}-shot)" if shots is not None and not math.isnan(shots) else task
+
+
 def comparison_rows(results: list[Results]) -> list[tuple[str, str, str, list[float | None]]]:
-    """(task, benchmark, metric, headline value per file or None) for every task/benchmark any file has."""
+    """(task, benchmark, metric, headline value per file or None) for every task/benchmark any file has; a task is
+    labelled with its shots when every file ran it at the same k."""
     keys: dict[tuple[str, str], str] = {}
+    labels: dict[tuple[str, str], set[str]] = {}
     for res in results:
         for e in res.results:
             keys.setdefault((e.task, e.benchmark), e.metric)
+            labels.setdefault((e.task, e.benchmark), set()).add(task_label(e.task, e.metrics))
     rows = []
     for (task, bench), metric in keys.items():
         values = []
         for res in results:
             e = res.get(task, bench)
             values.append(e.headline if e is not None else None)
-        rows.append((task, bench, metric, values))
+        shown = labels[(task, bench)]
+        rows.append((shown.pop() if len(shown) == 1 else task, bench, metric, values))
     return rows
 
 
@@ -79,7 +89,7 @@ def bar_chart(results: list[Results], paths: list[Path], out: Path) -> Path:
         ys = [100 * v[col] if v[col] is not None and not math.isnan(v[col]) else 0.0 for *_, v in rows]
         ax.bar(xs, ys, width=width, label=label)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([b if t == "zeroshot" else f"{b}\n({t})" for t, b, _, _ in rows], rotation=45, ha="right")
+    ax.set_xticklabels([b if t == "zeroshot" else f"{b}\n{t}" for t, b, _, _ in rows], rotation=45, ha="right")
     ax.set_ylabel("headline metric (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize="small")

@@ -1,0 +1,227 @@
+"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3) on the real tiny open_clip model: exact zero-step
+heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from zeroshot_fakes import write_wds
+
+import zeroshot
+from vlpretrain.config import ModelConfig
+from vlpretrain.errors import CheckpointError, ConfigError
+from vlpretrain.models import build_model, export_model, image_transform
+from zeroshot.adapt import AdaptConfig, adapt, fit_adapter
+from zeroshot.adapters import Adapter, adapted_head, initial_tensors, prompt_set
+from zeroshot.classifier import build_classifier, default_tokenizer
+from zeroshot.cli import main
+from zeroshot.evaluate import run_zeroshot
+
+METHODS = [("prompt", False), ("prompt", True), ("ia3", False)]
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("tiny-vit").eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    """The mnist benchmark in CLIP_benchmark's layout: 6 training and 3 test images per class."""
+    root = tmp_path_factory.mktemp("mnist")
+    classes = [str(i) for i in range(10)]
+    write_wds(root, classes, [i % 10 for i in range(60)], shards=2, ext="png", split="train")
+    write_wds(root, classes, [i % 10 for i in range(30)], shards=1, ext="png", split="test")
+    return root
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, class_specific", METHODS)
+def test_zero_steps_reproduce_the_zero_shot_head(model, method, class_specific):
+    bench = zeroshot.get_benchmark("fashion-mnist")
+    classnames = [("T-shirt", "top"), *bench.classnames[1:]]  # synonyms are averaged as the ensemble does
+    tokenizer = default_tokenizer(model)
+    prompts = prompt_set(model, tokenizer, classnames, bench.templates)
+    expected = build_classifier(model, tokenizer, classnames, bench.templates)
+    feats = torch.randn(20, 128)
+    fit = fit_adapter(model, method, prompts, feats, torch.arange(20) % 10, steps=0,
+                      config=AdaptConfig(class_specific=class_specific))
+    assert fit.steps == 0
+    with torch.no_grad():
+        head = adapted_head(model, method, fit.tensors, prompts)
+    assert head.shape == expected.shape == (128, 10)
+    torch.testing.assert_close(head, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_adapt_with_zero_steps_scores_as_zero_shot(model, mnist_root, tmp_path, method):
+    result = adapt(model, "mnist", mnist_root, shots=4, method=method, config=AdaptConfig(steps=0),
+                   cache_dir=tmp_path)
+    data = zeroshot.get_benchmark("mnist").load(mnist_root, transform=image_transform(model, train=False))
+    plain = run_zeroshot(model, data)
+    for key in ("top1", "top5", "mean_per_class_recall", "images"):
+        assert result.metrics[key] == plain[key]
+    assert (result.metrics["shots"], result.metrics["num_train"], result.metrics["steps"]) == (4, 40, 0)
+    assert result.task == f"adapt_{method}"
+
+
+def test_learned_prompt_beats_a_poor_hand_prompt_on_training_images(model):
+    """Images whose features are the text directions of 'a sketch of a {c}.' (plus noise), classified with the hand
+    prompt 'a photo of a {c}.': the context offsets can reach the better prompt, so training accuracy rises."""
+    tokenizer = default_tokenizer(model)
+    classnames = ["cat", "dog", "car", "tree", "boat", "shoe", "bird", "house"]
+    target = build_classifier(model, tokenizer, classnames, ["a sketch of a {c}."]).T
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8).repeat(8)
+    x = F.normalize(target[y] + 0.5 * target.std() * torch.randn(len(y), 128, generator=g), dim=-1)
+    prompts = prompt_set(model, tokenizer, classnames, ["a photo of a {c}."])
+    cfg = AdaptConfig(lr=1e-2, val_fraction=0.0)
+
+    def train_accuracy(steps: int) -> float:
+        fit = fit_adapter(model, "prompt", prompts, x, y, config=cfg, steps=steps)
+        with torch.no_grad():
+            return float(((x @ adapted_head(model, "prompt", fit.tensors, prompts)).argmax(1) == y).float().mean())
+
+    zero_shot, learned = train_accuracy(0), train_accuracy(100)
+    assert zero_shot < 1.0 and learned > zero_shot
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_model_weights_are_bit_identical_after_adapting(mnist_root, tmp_path, method):
+    model = tiny_model()
+    model.train()
+    before = state(model)
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    cfg = AdaptConfig(steps=20, val_fraction=0.0)  # no early stopping: 20 steps are taken for sure
+    result = adapt(model, "mnist", mnist_root, shots=4, method=method, config=cfg, cache_dir=tmp_path)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
+                                                                                                         after[k])]
+    assert model.training and flags == {k: p.requires_grad for k, p in model.named_parameters()}
+    # something was learned (not a silent no-op): the tensors moved from their initial values
+    init = initial_tensors(model, method, prompt_set(model, None, [str(i) for i in range(10)],
+                                                     zeroshot.get_benchmark("mnist").templates))
+    assert result.metrics["steps"] == 20 and any(not torch.equal(result.adapter.tensors[k], init[k]) for k in init)
+
+
+def test_early_stopping_returns_the_best_checked_step_and_refit_replays_it(model):
+    tokenizer = default_tokenizer(model)
+    prompts = prompt_set(model, tokenizer, ["cat", "dog", "car"], ["a photo of a {c}.", "a {c}."])
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 128, generator=g), torch.arange(30) % 3
+    vx, vy = torch.randn(9, 128, generator=g), torch.arange(9) % 3
+    cfg = AdaptConfig(steps=60, eval_every=5, patience=3, lr=5e-2)
+    fit = fit_adapter(model, "prompt", prompts, x, y, config=cfg, val=(vx, vy))
+    checked = [s for s, _, _ in fit.history]
+    assert checked[0] == 0 and all(b - a == 5 for a, b in zip(checked, checked[1:]))
+    best = max(fit.history, key=lambda h: (h[1], -h[2]))
+    assert (fit.steps, fit.val_top1) == (best[0], best[1])
+    stopped_early = checked[-1] < 60
+    assert not stopped_early or len([s for s in checked if s > fit.steps]) == cfg.patience
+    again = fit_adapter(model, "prompt", prompts, x, y, config=cfg, steps=fit.steps)
+    assert all(torch.equal(again.tensors[k], fit.tensors[k]) for k in fit.tensors)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ia3"])
+def test_adapter_file_round_trip_gives_the_identical_head(model, tmp_path, method):
+    bench = zeroshot.get_benchmark("fashion-mnist")
+    prompts = prompt_set(model, None, bench.classnames, bench.templates)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in initial_tensors(model, method,
+                                                                                            prompts).items()}
+    adapter = Adapter(method, tensors, bench.name, 10, zeroshot.features.weights_digest(model, scope="model"),
+                      prompts.digest(), {"shots": "4"})
+    path = adapter.save(tmp_path / "a.safetensors")
+    back = Adapter.load(path)
+    assert (back.method, back.benchmark, back.num_classes, back.info["shots"]) == (method, "fashion-mnist", 10, "4")
+    back.check(model, bench.name, prompts, source=path)
+    assert torch.equal(back.head(model, prompts), adapter.head(model, prompts))
+    assert path.stat().st_size < 200_000 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_settings_and_files_are_user_errors(model, tmp_path):
+    with pytest.raises(ConfigError, match="steps: expected an integer >= 0"):
+        AdaptConfig(steps=-1)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        AdaptConfig(val_fraction=1.0)
+    prompts = prompt_set(model, None, ["a", "b"], ["a photo of a {c}."])
+    with pytest.raises(ConfigError, match=r"n_ctx: expected 1\.\.14"):
+        initial_tensors(model, "prompt", prompts, n_ctx=15)
+    with pytest.raises(ConfigError, match="method: expected one of prompt, ia3"):
+        initial_tensors(model, "lora", prompts)
+    (tmp_path / "x.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="x.safetensors: not a safetensors adapter file"):
+        Adapter.load(tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="adapter file does not exist"):
+        Adapter.load(tmp_path / "none.safetensors")
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Two exported tiny models with different weights (an architecture name would be re-initialised each load)."""
+    folder = tmp_path_factory.mktemp("models")
+    return [export_model(tiny_model(seed), ModelConfig(name="tiny-vit"), folder / f"m{seed}.safetensors")
+            for seed in (0, 1)]
+
+
+def test_adapt_cli_end_to_end_then_eval_with_the_adapter(exported, mnist_root, tmp_path, capsys):
+    out, adapter = tmp_path / "results.json", tmp_path / "adapter.safetensors"
+    common = ["--model", str(exported[0]), "--benchmark", "mnist", "--root", str(mnist_root), "--out", str(out)]
+    assert main(["adapt", *common, "--shots", "4", "--steps", "10", "--save", str(adapter),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    assert "mnist: adapt_prompt top1=" in printed and f"wrote {adapter}" in printed
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["task"] == "adapt_prompt" and entry["metric"] == "top1"
+    assert entry["metrics"]["shots"] == 4 and entry["metrics"]["num_train"] == 40 and entry["metrics"]["images"] == 30
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the probe's train and test features
+
+    assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
+    (again,) = json.loads(out.read_text())["results"]  # same task and benchmark: the entry is replaced
+    for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):
+        assert again["metrics"][key] == entry["metrics"][key]  # the saved head classifies as the fitted one did
+
+    assert main(["eval", *common[:-2], "--out", str(tmp_path / "zs.json"), "--no-progress"]) == 0
+    assert main(["probe", *common, "--shots", "4", "--l2", "1.0", "--cache-dir", str(tmp_path / "cache")]) == 0
+    zeroshot.update_results(out, str(exported[0]), None, zeroshot.read_results(tmp_path / "zs.json").results)
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    for task in ("zeroshot", "adapt_prompt (4-shot)", "linear_probe (4-shot)"):
+        assert f"| {task} | mnist | top1 |" in md
+
+
+@pytest.mark.parametrize("case", ["benchmark", "model", "not an adapter"])
+def test_a_mismatched_adapter_is_refused_with_one_line(exported, mnist_root, tmp_path, capsys, case):
+    adapter = tmp_path / "adapter.safetensors"
+    assert main(["adapt", "--model", str(exported[0]), "--benchmark", "mnist", "--root", str(mnist_root),
+                 "--shots", "2", "--steps", "0", "--method", "ia3", "--save", str(adapter),
+                 "--cache-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    model, bench = exported[0], "mnist"
+    if case == "benchmark":
+        bench = "fashion-mnist"
+        write_wds(tmp_path / "fashion-mnist", [str(i) for i in range(10)], list(range(10)), shards=1, ext="png")
+    elif case == "model":
+        model = exported[1]
+    else:
+        adapter.write_bytes(b"\0" * 64)
+    root = tmp_path if case == "benchmark" else mnist_root
+    assert main(["eval", "--model", str(model), "--benchmark", bench, "--root", str(root),
+                 "--adapter", str(adapter), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    expected = {"benchmark": f"error: {adapter}: adapter is for benchmark mnist, not fashion-mnist",
+                "model": f"error: {adapter}: adapter was fitted on other model weights",
+                "not an adapter": f"error: {adapter}: not a safetensors adapter file"}[case]
+    assert err.startswith(expected) and err.count("\n") == 1 and "Traceback" not in err
