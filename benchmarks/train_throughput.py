@@ -39,7 +39,8 @@ def _ours(a: argparse.Namespace, out: str) -> None:
     cfg = load_config(None, [
         "data.train=synthetic", f"model.name={a.model}", f"data.batch_size={a.batch_size}",
         f"train.steps={a.steps}", f"train.precision={a.precision}", f"train.zero_stage={a.zero_stage}",
-        "train.log_every=1", "train.progress=false", f"train.output_dir={out}", "train.warmup_steps=10",
+        "train.log_every=1", "train.progress=false", f"train.output_dir={out}",
+        f"train.warmup_steps={min(10, a.steps)}",
         f"model.compile={str(a.compile).lower()}", f"train.loss_chunk={a.loss_chunk}"])
     model = build_model(cfg.model)
     size = image_size(model)
@@ -54,6 +55,7 @@ def _ours(a: argparse.Namespace, out: str) -> None:
                 yield batch
 
     train(cfg, data=EpochBatches(data))
+    _write_peak(out)
 
 
 def _open_clip(a: argparse.Namespace, out: str) -> None:
@@ -70,6 +72,19 @@ def _open_clip(a: argparse.Namespace, out: str) -> None:
           "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
           "--local-loss", "--gather-with-grad", "--seed", "0",
           "--grad-clip-norm", "1.0", *(["--torchcompile"] if a.compile else [])])  # 1.0: our train.clip_grad default
+    _write_peak(out)
+
+
+def _write_peak(out: str) -> None:
+    """Peak memory of this child: the GPU's allocator high-water mark, else the process's peak resident set."""
+    import resource
+
+    import torch
+
+    peak = {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        peak["cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    (Path(out) / "peak.json").write_text(json.dumps(peak))
 
 
 def _median_after_warmup(values: list[float], warmup: int) -> float:
@@ -77,7 +92,7 @@ def _median_after_warmup(values: list[float], warmup: int) -> float:
     return statistics.median(kept)
 
 
-def _run_child(which: str, a: argparse.Namespace, out: str) -> tuple[list[float], str]:
+def _run_child(which: str, a: argparse.Namespace, out: str) -> tuple[list[float], str, dict[str, float]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
@@ -86,11 +101,12 @@ def _run_child(which: str, a: argparse.Namespace, out: str) -> tuple[list[float]
     log = r.stdout + r.stderr
     if r.returncode != 0:
         raise SystemExit(f"{which} run failed:\n{log[-3000:]}")
+    peak = json.loads((Path(out) / "peak.json").read_text())
     if which == "ours":
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-        return [r["samples_per_s"] for r in rows if "samples_per_s" in r], log
+        return [r["samples_per_s"] for r in rows if "samples_per_s" in r], log, peak
     text = log + "".join(p.read_text() for p in Path(out).rglob("out.log"))
-    return [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", text)], log
+    return [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", text)], log, peak
 
 
 def _flops_per_sample(model_name: str) -> float:
@@ -131,17 +147,21 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    results = {}
+    results, peaks = {}, {}
     for which in ("open_clip", "ours"):
         with tempfile.TemporaryDirectory() as out:
-            rates, _ = _run_child(which, a, out)
+            rates, _, peaks[which] = _run_child(which, a, out)
         results[which] = _median_after_warmup(rates, a.warmup)
     ratio = results["ours"] / results["open_clip"]
     print(f"device: {device}   model: {a.model}   batch: {a.batch_size}   precision: {a.precision}   "
-          f"steps: {a.steps} (median after {a.warmup})")
+          f"steps: {a.steps} (median after {a.warmup})   compile: {a.compile}")
     print(f"open_clip_train : {results['open_clip']:10.1f} samples/s")
     print(f"vlpretrain      : {results['ours']:10.1f} samples/s   (ZeRO-{a.zero_stage})")
     print(f"ratio           : {ratio:10.2f}x")
+    kind = "cuda_gib" if "cuda_gib" in peaks["ours"] else "rss_gib"
+    what = "GPU memory allocated" if kind == "cuda_gib" else "process resident set"
+    print(f"peak memory     : open_clip_train {peaks['open_clip'][kind]:.2f} GiB, vlpretrain "
+          f"{peaks['ours'][kind]:.2f} GiB ({what})")
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)

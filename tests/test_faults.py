@@ -290,6 +290,7 @@ def test_export_of_a_json_architecture_loads_after_the_json_moves(tmp_path):
         torch.testing.assert_close(again.encode_image(images), model.encode_image(images))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file is a plain pickle, on purpose
 def test_safe_load_allows_exactly_plain_state(tmp_path):
     ok = tmp_path / "ok.pt"
     torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3, "ds_version": "x"}, ok)

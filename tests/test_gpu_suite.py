@@ -1,0 +1,24 @@
+"""benchmarks/gpu_suite.sh end to end in its dry mode (CPU, tiny model), so the one-call GPU check never rots."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_prints_every_figure():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHON"] = os.environ.get("PYTHON", __import__("sys").executable)
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry"], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = r.stdout
+    for needle in ("== environment", "open_clip_train :", "vlpretrain      :", "ratio           :",
+                   "peak memory     :", "== gpu_suite done"):
+        assert needle in out, needle
+    ratio = float(out.split("ratio           :")[1].split("x")[0])
+    assert ratio > 0
