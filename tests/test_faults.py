@@ -157,6 +157,19 @@ def test_unwritable_output_dir(tmp_path):
     assert "train.output_dir" in msg
 
 
+def test_unwritable_out_fails_before_the_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    write_wds(tmp_path / "mnist", [str(i) for i in range(10)], [i % 10 for i in range(4)], shards=1, ext="png")
+    msg = one_line_error(cli("eval", "--model", "tiny-vit", "--benchmark", "mnist", "--root", str(tmp_path / "mnist"),
+                             "--out", str(blocker / "results.json"), module="zeroshot.cli"))
+    assert msg.startswith(f"error: --out {blocker / 'results.json'}: cannot write there")
+    model = tmp_path / "m.safetensors"
+    export_model(build_model("tiny-vit"), ModelConfig(name="tiny-vit"), model)
+    msg = one_line_error(cli("export", str(model), str(blocker / "out.safetensors")))
+    assert "cannot write there" in msg
+
+
 def test_zeroshot_eval_on_a_truncated_safetensors(tmp_path):
     model = tmp_path / "m.safetensors"
     export_model(build_model("tiny-vit"), ModelConfig(name="tiny-vit"), model)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlpretrain.console import Commands
+from vlpretrain.console import Commands, check_writable
 from vlpretrain.errors import ConfigError, VLPretrainError
 
 COMMANDS = Commands("vlpretrain", "Contrastive vision-language pretraining.")
@@ -62,13 +62,17 @@ def _train(p: argparse.ArgumentParser):
 
 @command("export", "write a consolidated safetensors model from a checkpoint of any ZeRO stage")
 def _export(p: argparse.ArgumentParser):
-    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("checkpoint", help="checkpoint folder, a run folder (its latest checkpoint), or an export of ours")
+    p.add_argument("out", help="output .safetensors file, or a folder with --format open_clip")
+    p.add_argument("--format", choices=("safetensors", "open_clip"), default="safetensors",
+                   help="open_clip: open_clip's local model folder, loadable as `local-dir:OUT` by open_clip and "
+                        "CLIP_benchmark")
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.engine import export_checkpoint
 
-        print(export_checkpoint(a.checkpoint, a.out))
+        check_writable(a.out)
+        print(export_checkpoint(a.checkpoint, a.out, format=a.format))
         return 0
 
     return run
@@ -152,6 +156,7 @@ def _upcycle(p: argparse.ArgumentParser):
         from vlpretrain.models import count_parameters, read_export_config, upcycle
 
         cfg = load_config(a.config, a.overrides)
+        check_writable(a.out)
         if cfg.model.moe.num_experts < 1:
             raise ConfigError(f"{a.config}: model.moe.num_experts: must be >= 1 to upcycle")
         arch = a.arch

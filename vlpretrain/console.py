@@ -7,12 +7,14 @@ A command is a function that adds its arguments to its sub-parser and returns th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from vlpretrain.errors import VLPretrainError
+from vlpretrain.errors import ConfigError, VLPretrainError
 
 Runner = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], Runner]
@@ -53,6 +55,19 @@ class Commands:
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                                 category=FutureWarning)
         return run_command(self.build_parser().parse_args(argv))
+
+
+def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+    """Fail now, in one line, when `path` could not be written once the work is done."""
+    target = Path(path).expanduser()
+    folder = target if target.is_dir() else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
 
 def run_command(args: argparse.Namespace) -> int:

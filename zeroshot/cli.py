@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlpretrain.console import Commands
+from vlpretrain.console import Commands, check_writable
 from vlpretrain.errors import ConfigError, VLPretrainError
 
 COMMANDS = Commands("zeroshot", "Zero-shot evaluation of CLIP-style models.")
@@ -70,10 +70,14 @@ def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
-    """The --benchmark names, each found under --root, so that unknown names and missing data fail before the
-    model loads."""
+    """The --benchmark names, each found under --root (and --out writable), so that unknown names, missing data
+    and an unwritable output fail before the model loads."""
     from zeroshot.datasets import get_benchmark
 
+    if a.out:
+        check_writable(a.out)
+    if getattr(a, "save", None):
+        check_writable(a.save, "--save")
     names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
     if not names:
         raise ConfigError("--benchmark: give at least one benchmark name")

@@ -124,19 +124,27 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return found
 
 
-def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Consolidated safetensors model from a checkpoint of any ZeRO stage, loadable by open_clip for dense models.
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, format: str = "safetensors") -> Path:
+    """A consolidated model from a checkpoint of any ZeRO stage (or a run folder, or an export of ours).
 
-    Every checkpoint this package writes holds its consolidated weights as `model.safetensors`, so exporting never
-    reads (let alone unpickles) DeepSpeed's state files.
+    format "safetensors": our export (config in its metadata), loadable by open_clip for dense models;
+    "open_clip": open_clip's local model folder (`local-dir:OUT`). Every checkpoint this package writes holds its
+    consolidated weights as `model.safetensors`, so exporting never reads (let alone unpickles) DeepSpeed's state.
     """
     from vlpretrain.config import from_dict
-    from vlpretrain.models import export_model, load_state_dict
+    from vlpretrain.models import export_model, export_open_clip_dir, load_state_dict, read_export_config
 
-    ckpt = resolve_checkpoint(path)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt}: has no model.safetensors (every checkpoint vlpretrain writes has one; "
-                              "DeepSpeed state files are never unpickled to rebuild it)")
-    cfg = from_dict(json.loads((ckpt / "client_state.json").read_text())["config"], str(ckpt))
-    return export_model(None, cfg.model, out, state_dict=load_state_dict(weights))
+    src = Path(path)
+    if src.is_file() and (model_cfg := read_export_config(src)) is not None:
+        weights = src
+    else:
+        ckpt = resolve_checkpoint(path)
+        weights = ckpt / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{ckpt}: has no model.safetensors (every checkpoint vlpretrain writes has one; "
+                                  "DeepSpeed state files are never unpickled to rebuild it)")
+        model_cfg = from_dict(json.loads((ckpt / "client_state.json").read_text())["config"], str(ckpt)).model
+    state = load_state_dict(weights)
+    if format == "open_clip":
+        return export_open_clip_dir(state, model_cfg, out)
+    return export_model(None, model_cfg, out, state_dict=state)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,39 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, out)
     out.with_suffix(".json").write_text(json.dumps(_model_cfg_dict(cfg), indent=2) + "\n")
+    return out
+
+
+def export_open_clip_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: str | os.PathLike) -> Path:
+    """open_clip's local model folder: `open_clip_config.json` (model_cfg, preprocess_cfg) and
+    `open_clip_model.safetensors`, so `open_clip.create_model_and_transforms("local-dir:OUT")` (and CLIP_benchmark's
+    `--model local-dir:OUT`) load it without knowing our configs. Dense models only: open_clip has no MoE layers."""
+    from safetensors.torch import save_file
+
+    if cfg.moe.num_experts > 0:
+        raise ConfigError("model.moe: an MoE model cannot be an open_clip folder (open_clip has no MoE layers); "
+                          "export it as .safetensors and load it with vlpretrain.models.load_model")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    with _quiet_open_clip():
+        model = open_clip.create_model(_arch_name(cfg.name), device="cpu")
+    # the sizes, mean and std open_clip would use for this architecture, written out in full
+    preprocess = {**dataclasses.asdict(open_clip.transform.PreprocessCfg()),
+                  **open_clip.get_model_preprocess_cfg(model)}
+    preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}
+    state = {k: v.detach().float().contiguous().clone() for k, v in state_dict.items()}
+    for attr in ("logit_scale", "logit_bias"):
+        if attr in state and state[attr].numel() == 1:
+            state[attr] = state[attr].reshape(())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "open_clip_model.safetensors"))
+    config = {"model_cfg": model_config_dict(cfg.name), "preprocess_cfg": preprocess}
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # a half-written folder never carries the final name
     return out
 
 
