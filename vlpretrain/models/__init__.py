@@ -17,8 +17,10 @@ from vlpretrain.models.clip import (
 from vlpretrain.models.moe import (
     convert_to_moe,
     export_state_dict,
+    moe_aux_loss,
     moe_layers,
     moe_losses,
+    moe_stats,
 )
 from vlpretrain.models.upcycle import upcycle
 
@@ -26,8 +28,10 @@ __all__ = [
     "build_model",
     "convert_to_moe",
     "export_state_dict",
+    "moe_aux_loss",
     "moe_layers",
     "moe_losses",
+    "moe_stats",
     "upcycle",
     "count_parameters",
     "export_model",

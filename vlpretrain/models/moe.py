@@ -324,22 +324,30 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def moe_losses(model: nn.Module) -> tuple[Tensor, dict[str, float]]:
-    """Weighted auxiliary loss of the latest forward (to add to the contrastive loss) and routing metrics.
-
-    The loss is aux_loss_weight * (sum of the layers' balance losses) + z_loss_weight * (sum of their
-    z-losses), as Switch and ST-MoE add one term per layer. Metrics per tower average over its layers:
-    `moe/{tower}/balance`, `/zloss`, `/dropped` (fraction of assignments), `/load_max` (busiest expert's
-    load times E: 1.0 is even), and `moe/{tower}/b{block}/e{expert}` the load of each expert of each layer.
-    """
+def moe_aux_loss(model: nn.Module) -> Tensor:
+    """Weighted auxiliary loss of the latest forward, to add to the contrastive loss: aux_loss_weight * (sum of
+    the layers' balance losses) + z_loss_weight * (sum of their z-losses), one term per layer as Switch and ST-MoE
+    add them. Device tensors only: no host synchronisation."""
     total: Tensor = torch.zeros(())
+    for layer in moe_layers(model):
+        if layer.aux is not None:
+            total = total + layer.aux_loss_weight * layer.aux.balance + layer.z_loss_weight * layer.aux.zloss
+    return total
+
+
+def moe_stats(model: nn.Module) -> dict[str, float]:
+    """Routing metrics of the latest forward (read on logging steps: it copies device values to the host).
+
+    Per tower, averaged over its layers: `moe/{tower}/balance`, `/zloss`, `/dropped` (fraction of assignments),
+    `/load_max` (busiest expert's load times E: 1.0 is even), and `moe/{tower}/b{block}/e{expert}` the load of each
+    expert of each layer.
+    """
     stats: dict[str, float] = {}
     per_tower: dict[str, list[MoEAux]] = {}
     for layer in moe_layers(model):
         if layer.aux is None:
             continue
         a = layer.aux
-        total = total + layer.aux_loss_weight * a.balance + layer.z_loss_weight * a.zloss
         per_tower.setdefault(layer.tower, []).append(a)
         for e, v in enumerate(a.load.tolist()):
             stats[f"moe/{layer.tower}/b{layer.block}/e{e}"] = v
@@ -349,7 +357,12 @@ def moe_losses(model: nn.Module) -> tuple[Tensor, dict[str, float]]:
         stats[f"moe/{tower}/zloss"] = sum(float(a.zloss.detach()) for a in auxes) / n
         stats[f"moe/{tower}/dropped"] = sum(float(a.dropped) for a in auxes) / n
         stats[f"moe/{tower}/load_max"] = max(float(a.load.max()) * a.load.numel() for a in auxes)
-    return total, stats
+    return stats
+
+
+def moe_losses(model: nn.Module) -> tuple[Tensor, dict[str, float]]:
+    """`moe_aux_loss` and `moe_stats` of the latest forward together."""
+    return moe_aux_loss(model), moe_stats(model)
 
 
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
