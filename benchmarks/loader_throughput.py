@@ -133,7 +133,6 @@ def main() -> None:
     labels = [v[0] if v else "webdataset" for v in VARIANTS]
     header = f"{'size':>9} {'workers':>7} " + " ".join(f"{h:>11}" for h in labels) + \
         f" {'ours/plain':>11} {'off/plain':>11}"
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in a.sizes:
             width, height = (int(v) for v in spec.split("x"))
@@ -175,7 +174,6 @@ def main() -> None:
                 best = {k: max(v) / w for k, v in got.items()}
                 row = f"{spec:>9} {w:>7} " + " ".join(f"{best[k]:>11.1f}" for k in labels) + \
                     f" {best['ours'] / best['webdataset']:>10.2f}x {best['both off'] / best['webdataset']:>10.2f}x"
-                rows.append(row)
                 print(row, flush=True)
     print(f"# load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

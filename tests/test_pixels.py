@@ -109,10 +109,11 @@ def test_fast_decode_is_within_resampling_rounding_of_pil(jpeg_shards):
     assert other.float().mean() > 5  # the comparison above can tell a different crop apart
 
 
-def test_fast_path_is_seeded_and_resumes_exactly_from_workers(jpeg_shards):
-    loader, full = batches(jpeg_shards, train_transform(), defer=True, workers=2)
-    _, again = batches(jpeg_shards, train_transform(), defer=True, workers=2)
-    _, resumed = batches(jpeg_shards, train_transform(), defer=True, workers=2, start=3)
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_fast_path_is_seeded_and_resumes_exactly(jpeg_shards, workers):
+    loader, full = batches(jpeg_shards, train_transform(), defer=True, workers=workers)
+    _, again = batches(jpeg_shards, train_transform(), defer=True, workers=workers)
+    _, resumed = batches(jpeg_shards, train_transform(), defer=True, workers=workers, start=3)
     assert all(x.dtype == torch.uint8 and x.shape == (4, 3, SIZE, SIZE) and x.is_contiguous() for x, _ in full)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full, again))
     assert len(resumed) == len(full) - 3

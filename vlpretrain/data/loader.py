@@ -4,6 +4,8 @@ Each DataLoader worker runs the stages of `stages.py` on the shards its plan (`p
 `data.interleave_shards` of them at once) and yields whole batches with the counts of what it skipped; this process
 sums those counts in `loader.stats`, logs each skip reason once, stops the run with a DataError when the error
 budget is exceeded, and warns once when the first batches' captions are far less varied than the shards'.
+With an open_clip transform the pixels stay uint8 from decode to batch (`pixels.py`: `data.fast_decode`,
+`data.uint8_batches`); the trainer normalises them on its device, other callers get them normalised here.
 
 Use (the trainer keeps the epoch and the batches consumed in it, and passes both on resume):
 
