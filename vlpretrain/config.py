@@ -119,6 +119,12 @@ class DataConfig:
     image_size: int | None = _f(None, "input resolution; default: the model's")
     augment: bool = _f(True, "random resized crop while training")
     crop_scale: list[float] = _f([0.9, 1.0], "random resized crop scale range")
+    fast_decode: bool = _f(True, "decode JPEGs with libjpeg-turbo straight into uint8 tensors and crop/resize them with "
+                                 "torch's antialiased uint8 kernels (open_clip transforms; resampling within a level "
+                                 "or two of PIL's); false: PIL throughout, as open_clip's transform does")
+    uint8_batches: bool = _f(True, "batches leave the loader workers as uint8 pixels and the training step normalises "
+                                   "them on its device (a quarter of the bytes, the same floats); false: float "
+                                   "batches normalised in the workers")
     error_budget: float = _f(0.01, "fraction of bad samples tolerated before the run stops")
     seed: int = _f(0, "seed of shuffling and caption choice, combined with the epoch")
 
@@ -130,6 +136,9 @@ class DataConfig:
               f"must be >= 1 (1 reads shards one after another), got {self.interleave_shards}")
         _need(self.image_size is None or self.image_size >= 1, "data.image_size",
               f"must be >= 1, got {self.image_size}")
+        for key in ("fast_decode", "uint8_batches"):
+            value = getattr(self, key)
+            _need(isinstance(value, bool), f"data.{key}", f"expected true or false, got {value!r}")
         lo_hi = self.crop_scale
         _need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale",
               f"expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")

@@ -71,7 +71,8 @@ def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> BatchS
 
     transform = image_transform(model, train=True, size=cfg.data.image_size,
                                 crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
-    return build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank, world_size=env.world_size)
+    return build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank, world_size=env.world_size,
+                        defer_normalize=True)
 
 
 def _forward(engine: Engine, images, texts, cfg: RunConfig, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
@@ -227,7 +228,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             state.batch_in_epoch = index + 1
             torch.manual_seed(tc.seed * 1_000_003 + micro * 101 + env.rank)  # router jitter etc.: resumable
             micro += 1
-            images, texts = images.to(env.device, dtype), texts.to(env.device)
+            images, texts = data.normalize(images.to(env.device, non_blocking=True), dtype), texts.to(env.device)
             loss, extra = _forward(engine, images, texts, cfg, loss_fn)
             nonfinite, stopping = _agree(env, not math.isfinite(loss.item()), stop.requested)
             n = images.shape[0] * env.world_size
@@ -330,7 +331,7 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not
 # the state the checkpoint holds. Anything else differing from the checkpoint's run is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.log_every", "train.save_every", "train.keep_last",
-                     "train.progress", "train.report_to", "train.wandb_", "train.max_nonfinite", "train.output_dir", "data.workers", "model.pretrained",
+                     "train.progress", "train.report_to", "train.wandb_", "train.max_nonfinite", "train.output_dir", "data.workers", "data.fast_decode", "data.uint8_batches", "model.pretrained",
                      "model.compile", "model.grad_checkpointing", "eval.")
 
 

@@ -4,6 +4,8 @@ Each DataLoader worker runs the stages of `stages.py` on the shards its plan (`p
 `data.interleave_shards` of them at once) and yields whole batches with the counts of what it skipped; this process
 sums those counts in `loader.stats`, logs each skip reason once, stops the run with a DataError when the error
 budget is exceeded, and warns once when the first batches' captions are far less varied than the shards'.
+With an open_clip transform the pixels stay uint8 from decode to batch (`pixels.py`: `data.fast_decode`,
+`data.uint8_batches`); the trainer normalises them on its device, other callers get them normalised here.
 
 Use (the trainer keeps the epoch and the batches consumed in it, and passes both on resume):
 
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpretrain.config import DataConfig
 from vlpretrain.data import stages
+from vlpretrain.data.pixels import Chain, split_transform
 from vlpretrain.data.plan import (
     EpochPlan,
     expand_shards,
@@ -99,7 +102,8 @@ class _EpochStream(IterableDataset):
         self.cfg, self.plan, self.epoch = loader.cfg, plan, epoch
         self.rank, self.urls, self.groups = loader.rank, loader.urls, loader.groups
         self.expected, self.draft = loader.expected, loader.draft_size
-        self.transform, self.tokenizer = loader.transform, loader.tokenizer
+        self.sample_transform, self.decode_tensors = loader.sample_transform, loader.decode_tensors
+        self.tokenizer = loader.tokenizer
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -119,8 +123,8 @@ class _EpochStream(IterableDataset):
             partial(stages.with_caption, stats=stats),
             partial(stages.shuffle, size=self.cfg.shuffle_buffer, rng=shuffle_rng),
             partial(stages.skip, skipper=skipper),
-            partial(stages.decode, stats=stats, draft=self.draft),
-            partial(stages.transform, fn=self.transform, keep_global_rng=in_main_process),
+            partial(stages.decode, stats=stats, draft=self.draft, as_tensor=self.decode_tensors),
+            partial(stages.transform, fn=self.sample_transform, keep_global_rng=in_main_process),
         ]
         return reduce(lambda stream, step: step(stream), steps, shards)
 
@@ -150,8 +154,15 @@ def _passthrough(item: Any) -> Any:
     return item
 
 
+def _cast(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return images.to(dtype)
+
+
 class ShardLoader:
     """Batches `(images FloatTensor[B,3,H,W], tokens LongTensor[B,ctx])` of one epoch for one rank.
+
+    With `defer_normalize` (and `data.uint8_batches`, an open_clip transform) images stay uint8 [B,3,H,W] for the
+    training step to turn into model input on its device: `normalize(images.to(device), dtype)`.
 
     `batches_per_epoch` is the same on every rank (ranks step together); `len()` is what is left of this epoch after
     `start_batch`. `stats` sums good and skipped samples since the loader was built; `diversity` follows how often
@@ -162,12 +173,14 @@ class ShardLoader:
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                  rank: int, world_size: int, epoch: int = 0, start_batch: int = 0, image_size: int | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool | None = None, defer_normalize: bool = False):
         cfg.validate()  # a DataConfig built in Python skips load_config
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
-        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.rank, self.world_size = rank, world_size
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._set_pixel_path(transform, defer_normalize)
         self.groups = expand_shards(cfg.train)
         self.urls = [u for g in self.groups for u in g]
         for url in self.urls:
@@ -184,6 +197,34 @@ class ShardLoader:
         self._diversity_checked = False
         self._logged: set[str] = set()
         self.set_epoch(epoch, start_batch)
+
+    def _set_pixel_path(self, transform: Callable, defer_normalize: bool) -> None:
+        """Choose how a sample's pixels are decoded and transformed, and what form batches leave the workers in."""
+        cfg, pixels = self.cfg, split_transform(transform)
+        # a sample's transform, what the workers' batches hold, and what this process still does to them
+        self.sample_transform: Callable = transform
+        self.decode_tensors, self.uint8_batches = False, False
+        self._normalize: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = _cast
+        self._normalize_here = False
+        if pixels is None:
+            if cfg.uint8_batches or cfg.fast_decode:
+                log.info("data.uint8_batches / data.fast_decode apply to open_clip's transforms (a Compose ending in "
+                         "ToTensor, Normalize); %s is applied as it is", type(transform).__name__)
+            return
+        if cfg.fast_decode and pixels.tensor is not None:
+            self.decode_tensors = True
+            self.sample_transform = pixels.tensor if cfg.uint8_batches else Chain(pixels.tensor, pixels.normalize)
+        elif cfg.uint8_batches:
+            self.sample_transform = pixels.pil
+        self.uint8_batches = cfg.uint8_batches
+        if self.uint8_batches:
+            self._normalize = pixels.normalize
+            self._normalize_here = not defer_normalize
+
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Model input from a batch of this loader, on the batch's device: uint8 pixels normalised as the transform's
+        Normalize would (fp32, then `dtype`); batches that are floats already are only cast."""
+        return self._normalize(images, dtype)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Move to `epoch`, resuming after its first `start_batch` batches (which are skipped undecoded)."""
@@ -220,7 +261,7 @@ class ShardLoader:
                 raise DataError(error)
             self._check_budget(final=False)
             self._check_diversity(tokens)
-            yield images, tokens
+            yield (self._normalize(images, torch.float32) if self._normalize_here else images), tokens
         self._check_budget(final=True)
 
     def forever(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Position]:
@@ -286,13 +327,17 @@ class ShardLoader:
 
 def build_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                  rank: int | None = None, world_size: int | None = None, epoch: int = 0, start_batch: int = 0,
-                 image_size: int | None = None, pin_memory: bool = False) -> ShardLoader:
+                 image_size: int | None = None, pin_memory: bool | None = None,
+                 defer_normalize: bool = False) -> ShardLoader:
     """The loader of `cfg` for this rank (see `ShardLoader`); rank/world size default to torch.distributed or env.
 
     `transform` maps a PIL RGB image to a tensor (e.g. `vlpretrain.models.image_transform(model, train=True)`),
     `tokenizer` maps a list of captions to token ids. `image_size` (else `cfg.image_size`, else the transform's)
-    sets how far large JPEGs may be draft-decoded.
+    sets how far large JPEGs may be draft-decoded. `pin_memory` defaults to whether CUDA is available.
+    `defer_normalize` leaves uint8 batches (`data.uint8_batches`) for the training step to normalise on its device
+    with `loader.normalize`; without it this process normalises them and batches are floats either way.
     """
     rank, world_size = dist_rank_world(rank, world_size)
     return ShardLoader(cfg, transform, tokenizer, rank=rank, world_size=world_size, epoch=epoch,
-                       start_batch=start_batch, image_size=image_size, pin_memory=pin_memory)
+                       start_batch=start_batch, image_size=image_size, pin_memory=pin_memory,
+                       defer_normalize=defer_normalize)

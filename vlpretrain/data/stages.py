@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from vlpretrain.data.pixels import decode_rgb
 from vlpretrain.data.plan import seed_of
 from vlpretrain.data.stats import WorkerStats
 from vlpretrain.errors import DataError
@@ -196,21 +198,27 @@ def skip(samples: Iterable[Sample], skipper: Skipper) -> Iterator[Sample]:
         yield s
 
 
-def decode(samples: Iterable[Sample], stats: WorkerStats, draft: int | None) -> Iterator[Sample]:
-    """PIL RGB images; a JPEG much larger than `draft` px is decoded at a reduced scale (PIL's draft mode)."""
+def decode(samples: Iterable[Sample], stats: WorkerStats, draft: int | None,
+           as_tensor: bool = False) -> Iterator[Sample]:
+    """PIL RGB images, or with `as_tensor` uint8 RGB tensors [3, H, W] of the same pixels (`pixels.decode_rgb`);
+    a JPEG much larger than `draft` px is decoded at a reduced scale (PIL's draft mode) either way."""
     for s in samples:
         try:
-            img = Image.open(io.BytesIO(s.pop("bytes")))
-            if draft and img.format == "JPEG":
-                img.draft("RGB", (draft, draft))  # picks the largest 1/2^k scale that stays >= draft px
-            s["image"] = img.convert("RGB")
+            data = s.pop("bytes")
+            if as_tensor:
+                s["image"] = decode_rgb(data, draft)
+            else:
+                img = Image.open(io.BytesIO(data))
+                if draft and img.format == "JPEG":
+                    img.draft("RGB", (draft, draft))  # picks the largest 1/2^k scale that stays >= draft px
+                s["image"] = img.convert("RGB")
         except Exception as e:  # PIL raises many types for bad data
             stats.skip(s["__url__"], "undecodable image", f"{s['__key__']}.{s['ext']}: {type(e).__name__}: {e}")
             continue
         yield s
 
 
-def transform(samples: Iterable[Sample], fn: Callable[[Image.Image], torch.Tensor],
+def transform(samples: Iterable[Sample], fn: Callable[[Any], torch.Tensor],
               keep_global_rng: bool) -> Iterator[Sample]:
     """Apply the image transform with torch's RNG seeded per sample (restored after, in the main process)."""
     for s in samples:
@@ -248,7 +256,8 @@ def batches(samples: Iterable[Sample], batch_size: int, count: int,
             stats.ok()
             chunk.append(s)
         assert len(chunk) == batch_size, "worker streams are endless (passes or resampling)"
-        images = torch.stack([s["image"] for s in chunk])
+        # in a worker this stacks straight into shared memory, which the DataLoader would otherwise copy it to
+        images = default_collate([s["image"] for s in chunk])
         tokens = tokenizer([s["caption"] for s in chunk])
         yield images, tokens, stats.take()
 

@@ -29,6 +29,10 @@ class BatchSource(Protocol):
         """Counters for `metrics.jsonl` (e.g. samples skipped by reason), keyed as they should be logged."""
         ...
 
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Model input in `dtype` from a batch's images, already on the training device (uint8 pixels normalised)."""
+        ...
+
 
 def forever_epochs(run_epoch: Callable[[int, int], Iterable[Batch]], epoch: int = 0,
                    start_batch: int = 0) -> Iterator[Position]:
@@ -57,3 +61,6 @@ class EpochBatches:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return images.to(dtype)
