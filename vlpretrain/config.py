@@ -155,6 +155,9 @@ class TrainConfig:
     betas: list[float] = _f([0.9, 0.98], "AdamW betas")
     eps: float = _f(1e-6, "AdamW epsilon")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
+    accumulation: Literal["exact", "independent"] = _f(
+        "exact", "exact: the loss over all micro-steps' samples (one extra forward each); independent: each "
+        "micro-step its own contrastive batch")
     clip_grad: float = _f(1.0, "gradient norm clipping; 0 disables")
     precision: Literal["fp32", "bf16"] = _f("fp32", "training precision (fp32 is faster on CPUs)")
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
