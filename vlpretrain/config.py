@@ -96,9 +96,18 @@ class ModelConfig:
     pretrained: str | None = _path_field(None, help="local checkpoint (.pt/.bin/.safetensors) to start from")
     grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     compile: bool = _f(False, "wrap the model in torch.compile")
+    lock_image: bool = _f(False, "freeze the image tower (LiT): no gradients, no optimizer state")
+    lock_image_unlocked_blocks: int = _f(0, "last blocks of a locked image tower left trainable, with its head")
+    lock_image_freeze_bn: bool = _f(True, "BatchNorm layers of a locked image tower keep their running statistics")
+    lock_text: bool = _f(False, "freeze the text tower")
+    lock_text_unlocked_blocks: int = _f(0, "last blocks of a locked text tower left trainable, with its head")
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse MoE layers"})
 
     def validate(self) -> None:
+        for tower in ("image", "text"):
+            key, n = f"model.lock_{tower}_unlocked_blocks", getattr(self, f"lock_{tower}_unlocked_blocks")
+            _need(n >= 0, key, f"must be >= 0, got {n}")
+            _need(n == 0 or getattr(self, f"lock_{tower}"), key, f"has no effect unless model.lock_{tower} is true")
         self.moe.validate()
 
 
