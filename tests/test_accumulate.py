@@ -1,6 +1,7 @@
 """Contrastive-exact accumulation: k micro-batches of b give the loss and parameter gradients of one batch of k x b
 (every loss form, 1 and 2 processes), randomness replays in the second pass, MoE auxiliary losses count once per
-micro-batch; in the trainer, the same losses and weights as one big batch, and non-finite groups skipped whole."""
+micro-batch; in the trainer, the same losses and weights as one big batch, MoE towers under ZeRO-3 as under ZeRO-0,
+and non-finite groups skipped whole."""
 
 import json
 import os
@@ -49,9 +50,9 @@ class TorchEngine:
         return (self.steps + 1) % self.micro_steps == 0
 
 
-def model_for(loss: str, moe: MoEConfig | None = None) -> torch.nn.Module:
+def model_for(loss: str, moe: MoEConfig | None = None, patch_dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(name="tiny-vit", moe=moe or MoEConfig())
+    cfg = ModelConfig(name="tiny-vit", moe=moe or MoEConfig(), patch_dropout=patch_dropout)
     return build_model(cfg, loss="siglip" if loss.startswith("siglip") else "clip").train()
 
 
@@ -96,13 +97,13 @@ def test_exact_equals_one_big_batch(name):
 
 
 def test_randomness_replays_and_moe_aux_counts_once_per_micro_batch():
-    """Router jitter draws the same values in both passes; the gradient is that of one autograd
+    """Patch dropout and router jitter draw the same values in both passes; the gradient is that of one autograd
     graph over the k micro-batch forwards, plus the mean of their MoE auxiliary losses."""
     moe = MoEConfig(num_experts=4, top_k=2, towers="both", jitter=0.1, capacity_factor=8.0, aux_loss_weight=0.5,
                     z_loss_weight=0.1)
     images, texts = batch(K * B)
     loss_fn = ClipLoss()
-    ref = model_for("clip", moe)
+    ref = model_for("clip", moe, patch_dropout=0.5)
     torch.manual_seed(7)
     outs, aux = [], 0.0
     for im, tx in zip(images.chunk(K), texts.chunk(K)):
@@ -111,7 +112,7 @@ def test_randomness_replays_and_moe_aux_counts_once_per_micro_batch():
     ref_loss = loss_fn(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]), outs[0].scale)
     (ref_loss + aux / K).backward()
 
-    model = model_for("clip", moe)
+    model = model_for("clip", moe, patch_dropout=0.5)
     torch.manual_seed(7)
     loss, got = exact_step(model, loss_fn, images, texts, K, moe=True)
     assert loss.item() == pytest.approx((ref_loss + aux / K).item(), rel=1e-5)
@@ -212,6 +213,19 @@ def test_trainer_exact_bf16_follows_the_big_batch(tmp_path):
     la, lb = losses(tmp_path / "big"), losses(tmp_path / "exact")
     for s in la:  # bf16 rounds a batch of 4 and one of 8 differently: close, not equal
         assert lb[s] == pytest.approx(la[s], rel=2e-2), s
+
+
+def test_trainer_exact_with_moe_towers_zero3_follows_zero0(tmp_path):
+    moe = ["model.moe.num_experts=4", "model.moe.towers=both", "model.moe.jitter=0.1", "model.moe.capacity_factor=8.0",
+           "train.grad_accum=2", "train.steps=2", "train.warmup_steps=1", "train.eps=0.01"]
+    run(tmp_path / "z0", *moe)
+    run(tmp_path / "z3", *moe, "train.zero_stage=3")
+    a, b = losses(tmp_path / "z0"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2] and a[2] != a[1]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    rows = [json.loads(x) for x in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["moe/image/dropped"] == 0.0 and "moe/text/balance" in rows[0]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,11 @@ class MetricsLogger:
                              mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def log(self, row: dict[str, Any]) -> None:
-        """One training metrics line."""
+        """One training metrics line, stamped with the wall-clock time (seconds since the epoch) it was written."""
         if not self.active:
             return
         self.last_loss = row.get("loss", self.last_loss)
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps({**row, "time": time.time()}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in row.items():
@@ -54,7 +55,7 @@ class MetricsLogger:
         if not self.active or not results:
             return
         for bench, values in results.items():
-            self._file.write(json.dumps({"step": step, "eval": bench, **values}) + "\n")
+            self._file.write(json.dumps({"step": step, "eval": bench, **values, "time": time.time()}) + "\n")
             if self._tb is not None:
                 for k, v in values.items():
                     if isinstance(v, int | float):

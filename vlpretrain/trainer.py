@@ -35,6 +35,7 @@ from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.loss import build_loss, reduce_mean
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 
 log = logging.getLogger("vlpretrain")
 
@@ -209,6 +210,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             state.epoch, state.batch_in_epoch = group[-1][0], group[-1][1] + 1
             torch.manual_seed(tc.seed * 1_000_003 + micro * 101 + env.rank)  # router jitter etc.: resumable
             micro += len(group)
+            masking = masked_fraction(state.step, tc.steps, tc.unmasked_steps, cfg.model.patch_dropout)
+            set_patch_dropout(engine.module, masking)  # FLIP: the last train.unmasked_steps see every patch
             loss, extra = accumulation.loss([(images, texts) for _, _, images, texts in group])
             nonfinite, stopping = _agree(env, not math.isfinite(loss.item()), stop.requested)
             n = sum(images.shape[0] for _, _, images, _ in group) * env.world_size
@@ -232,6 +235,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                        "lr": engine.lr, "samples": state.samples,
                        "samples_per_s": window_samples / max(now - window_t, 1e-9),
                        "nonfinite_skipped": state.nonfinite_total, **extra, **data.metrics()}
+                if cfg.model.patch_dropout:
+                    row["patch_dropout"] = masking
                 window_t, window_samples = now, 0
                 metrics.log(row)
             metrics.advance()

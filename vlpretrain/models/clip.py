@@ -24,6 +24,7 @@ from torch import nn
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models.lock import lock_towers
+from vlpretrain.models.patch_dropout import enable_patch_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 _registered = False
@@ -91,8 +92,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: bool = True) -> nn.Module:
     """Build the open_clip model named by `cfg` (with MoE layers and local weights when configured).
 
-    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values. Locked towers
-    (`model.lock_image`, `model.lock_text`) are applied here.
+    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values. Patch dropout
+    (`model.patch_dropout`) and locked towers (`model.lock_image`, `model.lock_text`) are applied here.
     """
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
@@ -102,6 +103,8 @@ def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: boo
         kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     with _quiet_open_clip():
         model = open_clip.create_model(arch, device="cpu", precision="fp32", **kwargs)
+    if cfg.patch_dropout > 0:
+        enable_patch_dropout(model, cfg.patch_dropout)
     if cfg.moe.num_experts > 0:
         from vlpretrain.models.moe import convert_to_moe
 
@@ -269,6 +272,7 @@ def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
         # how it was trained is not how it is used: a loaded model has no locked tower
         cfg.lock_image = cfg.lock_text = False
         cfg.lock_image_unlocked_blocks = cfg.lock_text_unlocked_blocks = 0
+        cfg.patch_dropout = 0.0
     else:
         cfg = ModelConfig(name=path_or_arch, pretrained=pretrained)
     state_has_bias = False
