@@ -67,7 +67,10 @@ def test_zero_stages_same_fp32_trajectory(tmp_path):
     traj = {}
     for stage in (0, 1, 2, 3):
         out = tmp_path / f"z{stage}"
-        run(out, "train.steps=5", f"train.zero_stage={stage}", "train.grad_accum=2", nproc=2)
+        # independent micro-batches, as this test was written for; exact accumulation across stages is in
+        # test_accumulate.py and test_lock.py (Adam's eps-level sensitivity needs its own tolerance there)
+        run(out, "train.steps=5", f"train.zero_stage={stage}", "train.grad_accum=2", "train.accumulation=independent",
+            nproc=2)
         traj[stage] = losses(out)
     assert sorted(traj[0]) == [1, 2, 3, 4, 5]
     ref = np.array([traj[0][k] for k in sorted(traj[0])])

@@ -1,6 +1,10 @@
 """Run `vlpretrain.train` on deterministic synthetic batches (used by the trainer tests, one or more processes).
 
-usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--resume latest] [k=v ...]
+usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--resume latest] [--per-sample]
+    [k=v ...]
+
+--per-sample draws every sample from its own seed, in epochs of SAMPLES_PER_EPOCH samples per rank, so that k
+micro-batches of b hold exactly the samples of one batch of k x b (the accumulation tests compare the two).
 """
 
 import argparse
@@ -17,6 +21,7 @@ from vlpretrain.errors import VLPretrainError
 from vlpretrain.trainer import train
 
 BATCHES_PER_EPOCH = 5
+SAMPLES_PER_EPOCH = 48
 
 
 def main() -> None:
@@ -25,6 +30,7 @@ def main() -> None:
     p.add_argument("--nan-batches", default="")
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--resume", default=None)
+    p.add_argument("--per-sample", action="store_true")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args()
     try:
@@ -48,8 +54,20 @@ def main() -> None:
                 time.sleep(a.slow)
             yield images, torch.randint(1, 49000, (bs, 16), generator=g)
 
+    def sample(epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(((epoch * 1000 + i) * 8 + rank) * 7919)
+        return torch.randn(3, 28, 28, generator=g), torch.randint(1, 49000, (16,), generator=g)
+
+    def per_sample(epoch: int, start: int):
+        for b in range(start, SAMPLES_PER_EPOCH // bs):
+            images, texts = zip(*(sample(epoch, i) for i in range(b * bs, (b + 1) * bs)))
+            images = torch.stack(images)
+            if epoch * (SAMPLES_PER_EPOCH // bs) + b in nan:
+                images[:] = float("nan")
+            yield images, torch.stack(texts)
+
     try:
-        summary = train(cfg, resume=a.resume, data=EpochBatches(data))
+        summary = train(cfg, resume=a.resume, data=EpochBatches(per_sample if a.per_sample else data))
     except VLPretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

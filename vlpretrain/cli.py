@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,10 +31,18 @@ def _info(p: argparse.ArgumentParser):
         cfg = load_config(a.config, a.overrides)
         print(f"# resolved config of {a.config}")
         print(dump_yaml(cfg), end="")
+        from vlpretrain.accumulate import contrastive_batch
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        t = cfg.train
+        print(f"# batch: {cfg.data.batch_size} per rank x {t.grad_accum} micro-steps ({t.accumulation}) x "
+              f"{world} ranks (WORLD_SIZE)")
+        for k, v in contrastive_batch(t, cfg.data.batch_size, world).items():
+            print(f"#   {k}: {v:,}")
         if not a.no_model:
             from vlpretrain.models import build_model, count_parameters
 
-            model = build_model(cfg.model)
+            model = build_model(cfg.model, loss=cfg.train.loss)
             counts = count_parameters(model)
             print("# parameters")
             for k, v in counts.items():

@@ -96,9 +96,21 @@ class ModelConfig:
     pretrained: str | None = _path_field(None, help="local checkpoint (.pt/.bin/.safetensors) to start from")
     grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     compile: bool = _f(False, "wrap the model in torch.compile")
+    patch_dropout: float = _f(0.0, "fraction of image patches dropped in training forwards (FLIP); none in evaluation")
+    lock_image: bool = _f(False, "freeze the image tower (LiT): no gradients, no optimizer state")
+    lock_image_unlocked_blocks: int = _f(0, "last blocks of a locked image tower left trainable, with its head")
+    lock_image_freeze_bn: bool = _f(True, "BatchNorm layers of a locked image tower keep their running statistics")
+    lock_text: bool = _f(False, "freeze the text tower")
+    lock_text_unlocked_blocks: int = _f(0, "last blocks of a locked text tower left trainable, with its head")
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "sparse MoE layers"})
 
     def validate(self) -> None:
+        _need(0 <= self.patch_dropout < 1, "model.patch_dropout",
+              f"expected a fraction 0 <= p < 1, got {self.patch_dropout}")
+        for tower in ("image", "text"):
+            key, n = f"model.lock_{tower}_unlocked_blocks", getattr(self, f"lock_{tower}_unlocked_blocks")
+            _need(n >= 0, key, f"must be >= 0, got {n}")
+            _need(n == 0 or getattr(self, f"lock_{tower}"), key, f"has no effect unless model.lock_{tower} is true")
         self.moe.validate()
 
 
@@ -169,6 +181,9 @@ class TrainConfig:
     betas: list[float] = _f([0.9, 0.98], "AdamW betas")
     eps: float = _f(1e-6, "AdamW epsilon")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
+    accumulation: Literal["exact", "independent"] = _f(
+        "exact", "exact: the loss over all micro-steps' samples (one extra forward each); independent: each "
+        "micro-step its own contrastive batch")
     clip_grad: float = _f(1.0, "gradient norm clipping; 0 disables")
     precision: Literal["fp32", "bf16"] = _f("fp32", "training precision (fp32 is faster on CPUs)")
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
@@ -176,6 +191,7 @@ class TrainConfig:
     loss: Literal["clip", "siglip"] = _f("clip", "InfoNCE (CLIP) or sigmoid (SigLIP) loss")
     local_loss: bool = _f(True, "each rank computes its rows against all columns")
     loss_chunk: int = _f(0, "column chunk of the logit matrix; 0 computes it whole")
+    unmasked_steps: int = _f(0, "last steps trained without patch dropout (FLIP's unmasked tuning)")
     seed: int = _f(0, "seed of weights and data order")
     stop_after: int = _f(0, "stop with a checkpoint after this many steps in one invocation (job slots); 0: never")
     log_every: int = _f(10, "steps between metric lines")
@@ -203,6 +219,8 @@ class TrainConfig:
         _need(self.clip_grad >= 0, "train.clip_grad", f"must be >= 0 (0 disables), got {self.clip_grad}")
         _need(not self.offload_optimizer or self.zero_stage > 0, "train.offload_optimizer",
               "needs train.zero_stage 1, 2 or 3")
+        _need(0 <= self.unmasked_steps <= self.steps, "train.unmasked_steps",
+              f"expected 0..{self.steps} (train.steps), got {self.unmasked_steps}")
         _need(self.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0, got {self.loss_chunk}")
         _need(self.stop_after >= 0, "train.stop_after", f"must be >= 0, got {self.stop_after}")
         _need(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
@@ -252,6 +270,8 @@ class RunConfig:
         """Every section's own rules, then the rules that span sections; `load_config` calls this once."""
         for section in (self.model, self.data, self.train, self.eval):
             section.validate()
+        _need(self.train.unmasked_steps == 0 or self.model.patch_dropout > 0, "train.unmasked_steps",
+              "has no effect without model.patch_dropout")
         moe = self.model.moe
         _need(not (moe.num_experts > 0 and moe.backend == "deepspeed" and self.train.zero_stage == 3),
               "model.moe.backend", "DeepSpeed's MoE does not run under ZeRO-3 (train.zero_stage=3); "

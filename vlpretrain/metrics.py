@@ -92,11 +92,11 @@ class MetricsLogger:
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.1)
 
     def log(self, row: dict[str, Any]) -> None:
-        """One training metrics line."""
+        """One training metrics line, stamped with the wall-clock time (seconds since the epoch) it was written."""
         if not self.active:
             return
         self.last_loss = row.get("loss", self.last_loss)
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps({**row, "time": time.time()}) + "\n")
         self._file.flush()
         scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         for sink in self._sinks:
@@ -122,7 +122,7 @@ class MetricsLogger:
         if not self.active or not results:
             return
         for bench, values in results.items():
-            self._file.write(json.dumps({"step": step, "eval": bench, **values}) + "\n")
+            self._file.write(json.dumps({"step": step, "eval": bench, **values, "time": time.time()}) + "\n")
             scalars = {f"eval/{bench}/{k}": v for k, v in values.items() if isinstance(v, int | float)}
             for sink in self._sinks:
                 sink.scalars(scalars, step)

@@ -1,7 +1,8 @@
-"""The training loop: build, then for each micro-batch: forward, loss, backward, step, log, maybe checkpoint, maybe
-evaluate. Launch it as one process, under torchrun, or under the deepspeed launcher; it reads its place from the
-environment. It talks to DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the
-`BatchSource` protocol (`vlpretrain.data.stream`).
+"""The training loop: build, then for each optimizer step: its micro-batches, loss, backward and step (exact or
+independent accumulation, `vlpretrain.accumulate`), log, maybe checkpoint, maybe evaluate. Launch it as one
+process, under torchrun, or under the deepspeed launcher; it reads its place from the environment. It talks to
+DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `BatchSource` protocol
+(`vlpretrain.data.stream`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 import torch
 
+from vlpretrain.accumulate import build_accumulation
 from vlpretrain.config import RunConfig, dump_yaml
 from vlpretrain.data.stream import BatchSource
 from vlpretrain.engine import (
     DistEnv,
-    Engine,
     build_engine,
     init_distributed,
     latest_checkpoint,
@@ -34,6 +35,7 @@ from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.loss import build_loss, reduce_mean
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
@@ -75,25 +77,10 @@ def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> BatchS
                         defer_normalize=True)
 
 
-def _forward(engine: Engine, images, texts, cfg: RunConfig, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
-    """Features from both towers, the contrastive loss and (for MoE towers) the weighted auxiliary losses."""
-    out = engine(images, texts)
-    image_f, text_f, scale = out[0].float(), out[1].float(), out[2].float()
-    bias = out[3].float() if len(out) > 3 else None
-    loss = loss_fn(image_f, text_f, scale, bias)
-    extra = {"logit_scale": scale.detach().reshape(-1)[0].item()}
-    if cfg.model.moe.num_experts > 0:
-        from vlpretrain.models.moe import moe_losses
-
-        aux, stats = moe_losses(engine.module)
-        loss = loss + aux
-        extra.update(stats)
-    return loss, extra
-
-
 def _agree(env: DistEnv, *flags: bool) -> list[bool]:
     """Every rank learns whether any rank raised each flag (ranks must skip or stop together)."""
-    t = torch.tensor([float(f) for f in flags])
+    # on the process group's device: NCCL reduces only GPU tensors
+    t = torch.tensor([float(f) for f in flags], device=env.device)
     if env.world_size > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
@@ -192,6 +179,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
     validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
+    accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize)
     state = TrainState()
     if resume:
         path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
@@ -209,7 +197,6 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                             report_to=tc.report_to, config=asdict(cfg))
     stop = StopRequest()
     batches = data.forever(state.epoch, state.batch_in_epoch)
-    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
     final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
@@ -224,17 +211,18 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     # ---- loop -------------------------------------------------------------------------------------------------
     try:
         while state.step < tc.steps:
-            state.epoch, index, images, texts = next(batches)
-            state.batch_in_epoch = index + 1
+            group = [next(batches) for _ in range(accumulation.micro_batches)]
+            state.epoch, state.batch_in_epoch = group[-1][0], group[-1][1] + 1
             torch.manual_seed(tc.seed * 1_000_003 + micro * 101 + env.rank)  # router jitter etc.: resumable
-            micro += 1
-            images, texts = data.normalize(images.to(env.device, non_blocking=True), dtype), texts.to(env.device)
-            loss, extra = _forward(engine, images, texts, cfg, loss_fn)
+            micro += len(group)
+            masking = masked_fraction(state.step, tc.steps, tc.unmasked_steps, cfg.model.patch_dropout)
+            set_patch_dropout(engine.module, masking)  # FLIP: the last train.unmasked_steps see every patch
+            loss, extra = accumulation.loss([(images, texts) for _, _, images, texts in group])
             nonfinite, stopping = _agree(env, not math.isfinite(loss.item()), stop.requested)
-            n = images.shape[0] * env.world_size
+            n = sum(images.shape[0] for _, _, images, _ in group) * env.world_size
             state.samples += n
             window_samples += n
-            if nonfinite:
+            if nonfinite:  # with exact accumulation the whole group of micro-batches is skipped
                 state.nonfinite_total += 1
                 nonfinite_run += 1
                 log.warning("non-finite loss at step %d: batch skipped (%d in a row)", state.step, nonfinite_run)
@@ -243,10 +231,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                                         f"last good checkpoint: {last_ckpt or 'none'}")
                 continue
             nonfinite_run = 0
-            boundary = engine.at_boundary
-            engine.backward(loss)
-            engine.step()
-            if not boundary:
+            if not accumulation.backward():  # independent micro-batches, inside an accumulation
                 continue
             state.step += 1
             if state.step % tc.log_every == 0 or state.step == tc.steps:
@@ -255,6 +240,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                        "lr": engine.lr, "samples": state.samples,
                        "samples_per_s": window_samples / max(now - window_t, 1e-9),
                        "nonfinite_skipped": state.nonfinite_total, **extra, **data.metrics()}
+                if cfg.model.patch_dropout:
+                    row["patch_dropout"] = masking
                 window_t, window_samples = now, 0
                 metrics.log(row)
             metrics.advance()

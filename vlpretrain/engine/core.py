@@ -79,8 +79,10 @@ class Engine:
     def __call__(self, *inputs: torch.Tensor) -> Any:
         return self._ds(*inputs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self._ds.backward(loss)
+    def backward(self, loss: torch.Tensor, average_micro_steps: bool = True) -> None:
+        """Gradients of `loss`, accumulated; `average_micro_steps` divides them by the micro-steps per optimizer
+        step (DeepSpeed's default), which a caller whose loss already carries the exact gradient turns off."""
+        self._ds.backward(loss, scale_wrt_gas=average_micro_steps)
 
     def step(self) -> None:
         """Apply the accumulated gradients at an accumulation boundary (DeepSpeed counts micro-steps itself)."""

@@ -24,6 +24,8 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
+from vlpretrain.models.lock import lock_towers
+from vlpretrain.models.patch_dropout import enable_patch_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 _registered = False
@@ -91,7 +93,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: bool = True) -> nn.Module:
     """Build the open_clip model named by `cfg` (with MoE layers and local weights when configured).
 
-    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values.
+    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values. Patch dropout
+    (`model.patch_dropout`) and locked towers (`model.lock_image`, `model.lock_text`) are applied here.
     """
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
@@ -101,6 +104,8 @@ def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: boo
         kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     with _quiet_open_clip():
         model = open_clip.create_model(arch, device="cpu", precision="fp32", **kwargs)
+    if cfg.patch_dropout > 0:
+        enable_patch_dropout(model, cfg.patch_dropout)
     if cfg.moe.num_experts > 0:
         from vlpretrain.models.moe import convert_to_moe
 
@@ -108,6 +113,7 @@ def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: boo
     if cfg.pretrained and load_pretrained:
         load_weights(model, cfg.pretrained)
     _flatten_scalars(model)
+    lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -172,7 +178,8 @@ def image_transform(model: nn.Module, train: bool, size: int | None = None,
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total, per-tower and active-per-token parameter counts (MoE layers count only k of their experts)."""
+    """Total, per-tower, active-per-token (MoE layers count only k of their experts) and trainable (not locked)
+    parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     image = sum(p.numel() for p in model.visual.parameters()) if hasattr(model, "visual") else 0
     inactive = 0
@@ -181,7 +188,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if callable(fn):
             inactive += fn()
     return {"total": total, "image tower": image, "text tower and rest": total - image,
-            "active per token": total - inactive}
+            "active per token": total - inactive,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
@@ -295,6 +303,10 @@ def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
         cfg.pretrained = str(path_or_arch)
         # a standalone model uses the native MoE layer: it reads every backend's export, needs no process group
         cfg.moe = dataclasses.replace(cfg.moe, backend="native", ep_size=1)
+        # how it was trained is not how it is used: a loaded model has no locked tower
+        cfg.lock_image = cfg.lock_text = False
+        cfg.lock_image_unlocked_blocks = cfg.lock_text_unlocked_blocks = 0
+        cfg.patch_dropout = 0.0
     else:
         cfg = ModelConfig(name=path_or_arch, pretrained=pretrained)
     state_has_bias = False
