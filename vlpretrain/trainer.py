@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -21,6 +20,7 @@ import torch
 
 from vlpretrain.accumulate import build_accumulation
 from vlpretrain.config import RunConfig, dump_yaml
+from vlpretrain.console import check_writable
 from vlpretrain.data.stream import BatchSource
 from vlpretrain.engine import (
     DistEnv,
@@ -297,13 +297,8 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
         raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
                           "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
     if env.is_main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"train.output_dir: cannot write to {out_dir} ({e.strerror or e})") from None
+        check_writable(out_dir, "train.output_dir")  # the folder, or the parent it will be made in
+        out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for name in RUN_OUTPUTS:
                 target = out_dir / name
