@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call device check: CUDA-marked tests, then training throughput of vlpretrain against open_clip_train for
+# The one-call device check: CUDA-marked tests, host reads and device syncs per step, then training throughput of vlpretrain against open_clip_train for
 # ViT-B-32 and ViT-B-16 (bf16, batch 256, with and without torch.compile): samples/s, ratio, MFU, peak memory.
 #
 #   bash benchmarks/gpu_suite.sh          # on a GPU machine, about 8 minutes; wheels in .whl/ are installed first
@@ -32,15 +32,22 @@ PY
 if [[ $DRY == 1 ]]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   MODELS=(tiny-vit)
-  ARGS=(--batch-size 8 --steps 6 --warmup 2 --precision fp32 --workers 0)
+  ARGS=(--batch-size 8 --steps 6 --warmup 2 --log-every 2 --precision fp32 --workers 0)
   COMPILE=("")
 else
   export DS_ACCELERATOR=cuda
   MODELS=(ViT-B-32 ViT-B-16)
-  ARGS=(--batch-size 256 --steps 40 --warmup 10 --precision bf16 --workers 8)
+  ARGS=(--batch-size 256 --steps 50 --warmup 20 --log-every 10 --precision bf16 --workers 8)
   COMPILE=("" "--compile")
   echo "== CUDA tests"
   $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+fi
+
+echo "== host reads and device syncs per training step"
+if [[ $DRY == 1 ]]; then
+  $PY benchmarks/host_syncs.py --batch-size 4 --quick
+else
+  $PY benchmarks/host_syncs.py --batch-size 32
 fi
 
 echo "== training throughput (vlpretrain vs open_clip_train)"

@@ -59,6 +59,7 @@ def train_seconds(rows: list[dict[str, Any]], batch: int) -> dict[int, float]:
 def run_setting(a: argparse.Namespace, dropout: float, out: Path) -> dict[str, Any]:
     """Train one setting until the target or the step budget; the steps, seconds and accuracy it took."""
     sets = [f"data.train={a.shards}", f"train.output_dir={out}", "train.zero_stage=0", f"train.steps={a.max_steps}",
+            f"model.name={a.model}", f"train.unmasked_steps={a.unmasked_steps if dropout else 0}",
             f"data.batch_size={a.batch_size}", f"model.patch_dropout={dropout}", f"eval.every={a.eval_every}",
             f"eval.max_images={a.eval_images}", "eval.linear_probe=false", "train.progress=false",
             f"train.log_every={a.log_every}", f"eval.root={a.root}", f"eval.benchmarks=[{BENCHMARK}]"]
@@ -100,6 +101,9 @@ def main() -> None:
     p.add_argument("--shards", required=True, help="the Fashion-MNIST training shards (brace pattern)")
     p.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST test set")
     p.add_argument("--dropouts", default="0,0.5,0.75", help="patch dropout fractions, comma-separated")
+    p.add_argument("--model", default="tiny-vit", help="tiny-vit (16 patches) or tiny-vit-p4 (49 patches)")
+    p.add_argument("--unmasked-steps", type=int, default=0,
+                   help="FLIP's unmasked phase: final steps of the budget trained without masking")
     p.add_argument("--target", type=float, default=0.80, help="zero-shot top-1 to reach")
     p.add_argument("--max-steps", type=int, default=800, help="step budget per setting")
     p.add_argument("--batch-size", type=int, default=128)
@@ -118,7 +122,8 @@ def main() -> None:
             print(f"patch dropout {dropout}: {'reached' if r['reached'] else 'did not reach'} {a.target:.0%} "
                   f"(step {r['step']}, top-1 {r['top1']:.3f}, {r['train_s']:.0f} s training)", flush=True)
     base = results[0]
-    print(f"\ndemo config, one process, ZeRO-0, batch {a.batch_size}, target zero-shot top-1 {a.target:.0%} on "
+    print(f"\ndemo config with {a.model}, one process, ZeRO-0, batch {a.batch_size}, target zero-shot top-1 "
+          f"{a.target:.0%} on "
           f"{a.eval_images} Fashion-MNIST test images (evaluated every {a.eval_every} steps)")
     print(f"{'patch dropout':>13} {'reached':>7} {'steps':>6} {'train s':>8} {'top-1':>6} {'best':>6} "
           f"{'images/s':>9} {'speed':>6} {'time to target':>15}")

@@ -2,7 +2,9 @@
 
 Both run the same model, batch size, precision and synthetic data (open_clip's SyntheticDataset through a DataLoader
 with the same worker count), each in its own process, one after the other. Prints samples/s of each (median over the
-steps after warm-up), the ratio, and on a GPU the model FLOPs utilisation (MFU).
+steps after warm-up), the ratio, and on a GPU the model FLOPs utilisation (MFU). Both log every `--log-every` steps
+(10): each logged rate covers the steps since the last, and only those steps read the loss on the host, as in a
+real run; logging every step would make both wait for the GPU every step.
 
     python benchmarks/train_throughput.py --model tiny-vit --batch-size 64 --steps 30
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 256 --precision bf16 --steps 60   # GPU
@@ -39,7 +41,7 @@ def _ours(a: argparse.Namespace, out: str) -> None:
     cfg = load_config(None, [
         "data.train=synthetic", f"model.name={a.model}", f"data.batch_size={a.batch_size}",
         f"train.steps={a.steps}", f"train.precision={a.precision}", f"train.zero_stage={a.zero_stage}",
-        "train.log_every=1", "train.progress=false", f"train.output_dir={out}",
+        f"train.log_every={a.log_every}", "train.progress=false", f"train.output_dir={out}",
         f"train.warmup_steps={min(10, a.steps)}",
         f"model.compile={str(a.compile).lower()}", f"train.loss_chunk={a.loss_chunk}"])
     model = build_model(cfg.model)
@@ -68,7 +70,7 @@ def _open_clip(a: argparse.Namespace, out: str) -> None:
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[a.precision]
     main(["--model", a.model, "--dataset-type", "synthetic", "--train-num-samples", str(a.batch_size * a.steps),
           "--batch-size", str(a.batch_size), "--epochs", "1", "--workers", str(a.workers), "--precision", precision,
-          "--lr", "5e-4", "--warmup", "10", "--log-every-n-steps", "1", "--logs", out, "--name", "bench",
+          "--lr", "5e-4", "--warmup", "10", "--log-every-n-steps", str(a.log_every), "--logs", out, "--name", "bench",
           "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
           "--local-loss", "--gather-with-grad", "--seed", "0",
           "--grad-clip-norm", "1.0", *(["--torchcompile"] if a.compile else [])])  # 1.0: our train.clip_grad default
@@ -106,7 +108,9 @@ def _run_child(which: str, a: argparse.Namespace, out: str) -> tuple[list[float]
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         return [r["samples_per_s"] for r in rows if "samples_per_s" in r], log, peak
     text = log + "".join(p.read_text() for p in Path(out).rglob("out.log"))
-    return [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", text)], log, peak
+    # "Batch (t): <mean step seconds over the log window>, <rate of the window's last step>/s": the window's mean,
+    # as our rows are
+    return [a.batch_size / float(x) for x in re.findall(r"Batch \(t\): ([\d.]+), ", text) if float(x) > 0], log, peak
 
 
 def _flops_per_sample(model_name: str) -> float:
@@ -132,6 +136,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between logged rates (both trainers read the loss on the host only then)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=0)
@@ -151,7 +157,7 @@ def main() -> None:
     for which in ("open_clip", "ours"):
         with tempfile.TemporaryDirectory() as out:
             rates, _, peaks[which] = _run_child(which, a, out)
-        results[which] = _median_after_warmup(rates, a.warmup)
+        results[which] = _median_after_warmup(rates, -(-a.warmup // a.log_every))  # rows, one per log_every
     ratio = results["ours"] / results["open_clip"]
     print(f"device: {device}   model: {a.model}   batch: {a.batch_size}   precision: {a.precision}   "
           f"steps: {a.steps} (median after {a.warmup})   compile: {a.compile}")

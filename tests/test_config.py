@@ -111,3 +111,22 @@ def test_help_lists_subcommands():
 def test_exponent_floats(tmp_path):
     cfg = load_config(write(tmp_path, "data: {train: a.tar}\ntrain: {lr: 1e-3}\n"), ["train.min_lr=5e-6"])
     assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 5e-6
+
+
+def test_auto_precision_is_fp32_on_cpus_and_saved_concrete():
+    import torch
+
+    from vlpretrain.trainer import resolve_auto
+
+    cfg = load_config(None, ["data.train=unused"])
+    assert cfg.train.precision == "auto"
+    assert resolve_auto(cfg, torch.device("cpu")).train.precision == "fp32"
+    explicit = load_config(None, ["data.train=unused", "train.precision=bf16"])
+    assert resolve_auto(explicit, torch.device("cpu")).train.precision == "bf16"
+
+
+def test_compile_under_zero3_is_refused_naming_the_key():
+    # measured: dynamo fails on ZeRO-3's empty parameter placeholders ("b must be 2D"); ZeRO 0-2 compile fine
+    with pytest.raises(ConfigError, match="model.compile: torch.compile cannot trace the model under ZeRO-3"):
+        load_config(None, ["data.train=x", "model.compile=true", "train.zero_stage=3"])
+    assert load_config(None, ["data.train=x", "model.compile=true", "train.zero_stage=2"]).model.compile

@@ -22,3 +22,6 @@ def test_gpu_suite_dry_run_prints_every_figure():
         assert needle in out, needle
     ratio = float(out.split("ratio           :")[1].split("x")[0])
     assert ratio > 0
+    # the host-read table: none of ours between logging steps
+    row = next(line for line in out.splitlines() if line.startswith("fp32 ZeRO-0"))
+    assert float(row.split()[2]) == 0.0, row

@@ -117,3 +117,33 @@ def test_locked_image_tower_bit_identical_under_every_zero_stage(tmp_path):
     for stage in (1, 2, 3):
         for step, loss in traj[0].items():
             assert traj[stage][step] == pytest.approx(loss, rel=1e-5), (stage, step)
+
+
+@pytest.mark.parametrize("moe_tower,stages", [("text", (0, 3)), ("image", (0, 2))])
+def test_locked_tower_with_moe_layers(tmp_path, moe_tower, stages):
+    """LiT with sparse MoE: a locked dense image tower beside a learning MoE text tower, or a locked MoE image tower
+    (experts and router frozen) beside a learning text tower. Locked weights stay bit-identical under the ZeRO
+    stages, the stages follow one trajectory, exact accumulation included."""
+    from vlpretrain.config import MoEConfig
+
+    moe = MoEConfig(num_experts=4, towers=moe_tower, layers="every_2")
+    torch.manual_seed(0)  # train.seed: the trainer builds the model right after seeding with it
+    initial = build_model(ModelConfig(name="tiny-vit", moe=moe, lock_image=True)).state_dict()
+    common = ["train.steps=2", "train.warmup_steps=1", "train.grad_accum=2", "model.lock_image=true",
+              "model.moe.num_experts=4", f"model.moe.towers={moe_tower}", "model.moe.layers=every_2"]
+    traj = {}
+    for stage in stages:
+        out = tmp_path / f"z{stage}"
+        run(out, *common, f"train.zero_stage={stage}")
+        traj[stage] = losses(out)
+        final = load_state_dict(out / "checkpoints" / "step_00000002" / "model.safetensors")
+        assert final.keys() == initial.keys()
+        locked = [k for k in initial if k.startswith("visual.")]
+        assert any(".experts." in k for k in locked) == (moe_tower == "image")
+        for k in locked:
+            assert torch.equal(final[k], initial[k]), (stage, k)
+        learning = [k for k in initial if k.startswith("transformer.") and ".experts." in k] or ["text_projection"]
+        assert any(not torch.equal(final[k], initial[k]) for k in learning), stage
+    first, other = stages
+    for step, loss in traj[first].items():
+        assert traj[other][step] == pytest.approx(loss, rel=1e-5), (other, step)

@@ -221,3 +221,31 @@ def test_bf16_parameters_keep_an_fp32_router():
     assert out.dtype == torch.bfloat16 and layer.aux.balance.dtype == torch.float32
     want = scaling_layer(cfg).train()(TOKENS)
     assert torch.allclose(out.float(), want, atol=0.05)
+
+
+def test_padded_dispatch_equals_exact_size_slices():
+    """Training dispatch runs each expert on a fixed [capacity, d] slice (static shapes, no host sync); it must give
+    the outputs and gradients of running each expert on exactly its routed tokens, drops included."""
+    from vlpretrain.models.moe import route
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(8, 16)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(16, 8))]))
+    layer = MoEMLP(mlp, 8, MoEConfig(num_experts=4, top_k=2, capacity_factor=0.75), tower="image", block=0)
+    for expert in layer.experts:  # distinct experts, so a token sent to the wrong one would show
+        torch.nn.init.normal_(expert.c_fc.weight)
+    tokens = torch.randn(24, 8, requires_grad=True)
+    r = route(layer.router_logits(tokens), 2, capacity=9)
+    assert not r.keep.all() and r.keep.any()  # some assignments dropped, some kept
+
+    padded = torch.zeros(24, 8).index_add(0, r.sorted_token, layer._padded_experts(tokens, r) * r.sorted_weight[:, None])
+    slices = tokens.index_select(0, r.token).split(r.counts.tolist())
+    y = torch.cat([expert(s) for expert, s in zip(layer.experts, slices)])
+    exact = torch.zeros(24, 8).index_add(0, r.token, y * r.slot_weight[:, None])
+    torch.testing.assert_close(padded, exact, rtol=1e-6, atol=1e-6)
+    g_padded = torch.autograd.grad(padded.square().sum(), [tokens, *layer.parameters()], allow_unused=True,
+                                   retain_graph=True)  # the routing graph is shared
+    g_exact = torch.autograd.grad(exact.square().sum(), [tokens, *layer.parameters()], allow_unused=True)
+    for a, b in zip(g_padded, g_exact):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -117,20 +117,63 @@ def test_compile_and_grad_checkpointing_match_eager(tmp_path):
             assert got[step] == pytest.approx(ref[step], rel=rel), (name, step)
 
 
-def test_nonfinite_losses_skipped_then_stop(tmp_path):
-    out = tmp_path / "skip"
-    run(out, "train.steps=4", extra=["--nan-batches", "1,2"])
-    s = json.loads((out / "summary_rank0.json").read_text())
-    assert s["steps"] == 4 and s["nonfinite_skipped"] == 2
-    assert all(np.isfinite(v) for v in losses(out).values())
+def _weights(out, step):
+    from safetensors.torch import load_file
 
+    return load_file(str(Path(out) / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_losses_skip_the_update_on_the_device(tmp_path):
+    """A non-finite loss makes its optimizer step leave weights and optimizer state untouched (decided on the
+    device, no host read); the step still counts, and the logged loss of that step is NaN."""
+    out = tmp_path / "skip"
+    run(out, "train.steps=5", "train.save_every=1", "train.keep_last=5", extra=["--nan-batches", "1,2"])
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["steps"] == 5 and s["nonfinite_skipped"] == 2 and s["samples"] == 20  # batches 1, 2 = steps 2, 3
+    got = losses(out)
+    assert np.isnan(got[2]) and np.isnan(got[3]) and all(np.isfinite(got[k]) for k in (1, 4, 5))
+    # keep_last=5 keeps all five (a negative slice once pruned every checkpoint but the newest two)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{i:08d}" for i in range(1, 6)]
+    w = {step: _weights(out, step) for step in range(1, 6)}
+    assert _same(w[1], w[2]) and _same(w[2], w[3])  # bit-identical through the skipped steps
+    assert not _same(w[3], w[4]) and all(torch.isfinite(v).all() for v in w[5].values())
+    # and so is the optimizer state: Adam's step count and both moments
+    from vlpretrain.engine.checkpoint import safe_torch_load
+
+    opt = {step: safe_torch_load(out / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt")
+           ["optimizer"]["state"] for step in (1, 3, 4)}
+    assert all(torch.equal(opt[1][i][k], opt[3][i][k]) for i in opt[1] for k in opt[1][i])
+    assert opt[3][0]["step"].item() == 1 and opt[4][0]["step"].item() == 2
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
     out = tmp_path / "stop"
-    r = run(out, "train.steps=6", "train.save_every=1", "train.max_nonfinite=3", check=False,
+    r = run(out, "train.steps=6", "train.save_every=1", "train.keep_last=6", "train.max_nonfinite=3", check=False,
             extra=["--nan-batches", "2,3,4,5,6"])
     assert r.returncode == 2
-    assert "3 non-finite losses in a row at step 2" in r.stderr
-    assert "step_00000002" in r.stderr  # names the last good checkpoint, which stays latest
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    # batches 2, 3, 4 are steps 3, 4, 5: the third in a row stops the run before step 5 is saved
+    assert "3 non-finite losses in a row by step 5" in r.stderr
+    assert "step_00000004" in r.stderr  # names the last checkpoint, which stays latest
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert _same(_weights(out, 4), _weights(out, 2))  # whose weights are the last good ones
+
+
+def test_nonfinite_detected_on_the_next_sync_step(tmp_path):
+    """Between logging steps the host never reads the loss: a run of non-finite losses is noticed on the next
+    sync step, however the run ended, and the count of skipped steps is exact."""
+    out = tmp_path / "late"
+    r = run(out, "train.steps=8", "train.log_every=4", "train.max_nonfinite=2", check=False,
+            extra=["--nan-batches", "1,2"])
+    assert r.returncode == 2 and "2 non-finite losses in a row by step 4" in r.stderr, r.stderr[-2000:]
+    out = tmp_path / "tolerated"
+    run(out, "train.steps=8", "train.log_every=4", "train.max_nonfinite=3", extra=["--nan-batches", "1,2,5"])
+    s = json.loads((out / "summary_rank0.json").read_text())
+    assert s["steps"] == 8 and s["nonfinite_skipped"] == 3
+    assert all(np.isfinite(v) for v in losses(out).values())  # the logged loss: the window's finite losses
 
 
 def _wait_for(path: Path, timeout: float = 300) -> None:

@@ -1,7 +1,7 @@
 """Run `vlpretrain.train` on deterministic synthetic batches (used by the trainer tests, one or more processes).
 
 usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--resume latest] [--per-sample]
-    [k=v ...]
+    [--image-size 28] [--context 16] [k=v ...]
 
 --per-sample draws every sample from its own seed, in epochs of SAMPLES_PER_EPOCH samples per rank, so that k
 micro-batches of b hold exactly the samples of one batch of k x b (the accumulation tests compare the two).
@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--resume", default=None)
     p.add_argument("--per-sample", action="store_true")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--context", type=int, default=16, help="tokens per caption (the model's context length)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args()
     try:
@@ -47,16 +49,16 @@ def main() -> None:
     def data(epoch: int, start: int):
         for b in range(start, BATCHES_PER_EPOCH):
             g = torch.Generator().manual_seed(((epoch * 100 + b) * 8 + rank) * 7919)
-            images = torch.randn(bs, 3, 28, 28, generator=g)
+            images = torch.randn(bs, 3, a.image_size, a.image_size, generator=g)
             if epoch * BATCHES_PER_EPOCH + b in nan:
                 images[:] = float("nan")
             if a.slow:
                 time.sleep(a.slow)
-            yield images, torch.randint(1, 49000, (bs, 16), generator=g)
+            yield images, torch.randint(1, 49000, (bs, a.context), generator=g)
 
     def sample(epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(((epoch * 1000 + i) * 8 + rank) * 7919)
-        return torch.randn(3, 28, 28, generator=g), torch.randint(1, 49000, (16,), generator=g)
+        return torch.randn(3, a.image_size, a.image_size, generator=g), torch.randint(1, 49000, (a.context,), generator=g)
 
     def per_sample(epoch: int, start: int):
         for b in range(start, SAMPLES_PER_EPOCH // bs):

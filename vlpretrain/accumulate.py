@@ -49,13 +49,14 @@ def outputs(out: Sequence[Tensor]) -> Outputs:
     return Outputs(out[0].float(), out[1].float(), out[2].float(), bias)
 
 
-def moe_terms(model: nn.Module, moe: bool) -> tuple[Tensor | float, dict[str, float]]:
-    """The weighted MoE auxiliary loss of the latest forward and its routing statistics (0 and {} when dense)."""
+def moe_terms(model: nn.Module, moe: bool) -> tuple[Tensor | float, dict[str, Tensor]]:
+    """The weighted MoE auxiliary loss of the latest forward and its routing statistics as device scalars (0 and
+    {} when dense)."""
     if not moe:
         return 0.0, {}
     from vlpretrain.models.moe import moe_losses
 
-    return moe_losses(model)
+    return moe_losses(model, on_host=False)
 
 
 class Accumulation(Protocol):
@@ -63,8 +64,9 @@ class Accumulation(Protocol):
 
     micro_batches: int
 
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, float]]:
-        """The (detached) training loss of these micro-batches and metrics worth logging."""
+    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The (detached) training loss of these micro-batches and metrics worth logging, all on the device (the
+        loop copies them to the host on logging steps only)."""
         ...
 
     def backward(self) -> bool:
@@ -73,17 +75,20 @@ class Accumulation(Protocol):
 
 
 class _DeviceForward:
-    """A forward that moves its micro-batch to the engine's device and precision only then: exact accumulation
-    holds k micro-batches, and only one of them needs to be on the accelerator at a time."""
+    """A forward that brings its micro-batch to the engine's device, precision and memory layout."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, normalize: Normalize | None = None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, normalize: Normalize | None = None,
+                 channels_last: bool = False):
         self.device, self.dtype = device, dtype
         self.normalize = normalize or (lambda images, dtype: images.to(dtype))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, engine: Engine, batch: MicroBatch) -> Outputs:
         images, texts = batch
-        # uint8 pixel batches are normalised here, on the device (see BatchSource.normalize)
+        # uint8 pixel batches are normalised here, on the device (see BatchSource.normalize); on a GPU they are
+        # already there (vlpretrain.data.prefetch), and `.to` is then a no-op
         images = self.normalize(images.to(self.device, non_blocking=True), self.dtype)
+        images = images.contiguous(memory_format=self.memory_format)
         return outputs(engine(images, texts.to(self.device, non_blocking=True)))
 
 
@@ -96,18 +101,18 @@ class IndependentMicroBatches:
     micro_batches = 1
 
     def __init__(self, engine: Engine, loss_fn: nn.Module, moe: bool, device: torch.device,
-                 dtype: torch.dtype = torch.float32, normalize: Normalize | None = None):
+                 dtype: torch.dtype = torch.float32, normalize: Normalize | None = None, channels_last: bool = False):
         self.engine, self.loss_fn, self.moe = engine, loss_fn, moe
-        self.forward = _DeviceForward(device, dtype, normalize)
+        self.forward = _DeviceForward(device, dtype, normalize, channels_last)
         self._loss: Tensor | None = None
 
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward with autograd of the one micro-batch and its loss."""
         (batch,) = batches
         out = self.forward(self.engine, batch)
         aux, stats = moe_terms(self.engine.module, self.moe)
         self._loss = self.loss_fn(*out) + aux
-        return self._loss.detach(), {"logit_scale": out.scale.detach().reshape(-1)[0].item(), **stats}
+        return self._loss.detach(), {"logit_scale": out.scale.detach().reshape(-1)[0], **stats}
 
     def backward(self) -> bool:
         """Backward and engine step; an optimizer step only at the accumulation boundary."""
@@ -149,12 +154,12 @@ class ExactAccumulation:
     """k micro-batches as one contrastive batch of k x b per rank (see the module docstring)."""
 
     def __init__(self, engine: Engine, loss_fn: nn.Module, micro_batches: int, moe: bool, device: torch.device,
-                 dtype: torch.dtype = torch.float32, normalize: Normalize | None = None):
+                 dtype: torch.dtype = torch.float32, normalize: Normalize | None = None, channels_last: bool = False):
         self.engine, self.loss_fn, self.micro_batches, self.moe = engine, loss_fn, micro_batches, moe
-        self.forward = _DeviceForward(device, dtype, normalize)
+        self.forward = _DeviceForward(device, dtype, normalize, channels_last)
         self._pending: _Pending | None = None
 
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
         """Features of every micro-batch without autograd, then the loss over all of them (with autograd from the
         features on). The logged loss adds the mean MoE auxiliary loss, as independent micro-batches would."""
         assert len(batches) == self.micro_batches, (len(batches), self.micro_batches)
@@ -175,7 +180,7 @@ class ExactAccumulation:
             loss = self.loss_fn(image, text, scale, bias)
         self._pending = _Pending(loss, leaves, list(batches), rngs)
         logged = loss.detach() + aux / self.micro_batches
-        return logged, {"logit_scale": scale.detach().reshape(-1)[0].item(), **stats}
+        return logged, {"logit_scale": scale.detach().reshape(-1)[0], **stats}
 
     def backward(self) -> bool:
         """Feature gradients of the cached loss, then each micro-batch replayed with autograd and its surrogate
@@ -204,13 +209,14 @@ class ExactAccumulation:
 
 
 def build_accumulation(engine: Engine, loss_fn: nn.Module, cfg: RunConfig, device: torch.device,
-                       normalize: Normalize | None = None) -> Accumulation:
-    """The `train.accumulation` scheme; with one micro-step both are one plain forward and backward."""
+                       normalize: Normalize | None = None, channels_last: bool = False) -> Accumulation:
+    """The `train.accumulation` scheme; with one micro-step both are one plain forward and backward.
+    `channels_last` feeds the image tower NHWC images (a convolutional tower on a GPU)."""
     moe = cfg.model.moe.num_experts > 0
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     if cfg.train.accumulation == "exact" and cfg.train.grad_accum > 1:
-        return ExactAccumulation(engine, loss_fn, cfg.train.grad_accum, moe, device, dtype, normalize)
-    return IndependentMicroBatches(engine, loss_fn, moe, device, dtype, normalize)
+        return ExactAccumulation(engine, loss_fn, cfg.train.grad_accum, moe, device, dtype, normalize, channels_last)
+    return IndependentMicroBatches(engine, loss_fn, moe, device, dtype, normalize, channels_last)
 
 
 def contrastive_batch(train: TrainConfig, batch_size: int, world_size: int) -> dict[str, Any]:

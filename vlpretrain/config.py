@@ -185,7 +185,9 @@ class TrainConfig:
         "exact", "exact: the loss over all micro-steps' samples (one extra forward each); independent: each "
         "micro-step its own contrastive batch")
     clip_grad: float = _f(1.0, "gradient norm clipping; 0 disables")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "training precision (fp32 is faster on CPUs)")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "training precision; auto: bf16 (fp32 master weights and gradients) on a GPU, fp32 on CPUs, "
+        "where bf16 is slower")
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
     offload_optimizer: bool = _f(False, "ZeRO optimizer state on the CPU")
     loss: Literal["clip", "siglip"] = _f("clip", "InfoNCE (CLIP) or sigmoid (SigLIP) loss")
@@ -276,6 +278,9 @@ class RunConfig:
         _need(not (moe.num_experts > 0 and moe.backend == "deepspeed" and self.train.zero_stage == 3),
               "model.moe.backend", "DeepSpeed's MoE does not run under ZeRO-3 (train.zero_stage=3); "
               "use backend: native, or train.zero_stage 0-2")
+        _need(not (self.model.compile and self.train.zero_stage == 3), "model.compile",
+              "torch.compile cannot trace the model under ZeRO-3 (train.zero_stage=3), whose parameters are empty "
+              "placeholders between gathers; use train.zero_stage 0-2 with compile, or model.compile false")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import signal
 import time
@@ -21,6 +20,7 @@ import torch
 from vlpretrain.accumulate import build_accumulation
 from vlpretrain.config import RunConfig, dump_yaml
 from vlpretrain.console import check_writable
+from vlpretrain.data.prefetch import DevicePrefetch
 from vlpretrain.data.stream import BatchSource
 from vlpretrain.engine import (
     DistEnv,
@@ -32,9 +32,11 @@ from vlpretrain.engine import (
     shutdown_distributed,
 )
 from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
-from vlpretrain.loss import build_loss, reduce_mean
+from vlpretrain.guard import NonFiniteGuard, host_values
+from vlpretrain.loss import build_loss
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.validate import Validator
 
@@ -75,15 +77,6 @@ def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> BatchS
                                 crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
     return build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank, world_size=env.world_size,
                         defer_normalize=True)
-
-
-def _agree(env: DistEnv, *flags: bool) -> list[bool]:
-    """Every rank learns whether any rank raised each flag (ranks must skip or stop together)."""
-    # on the process group's device: NCCL reduces only GPU tensors
-    t = torch.tensor([float(f) for f in flags], device=env.device)
-    if env.world_size > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 class Evaluator:
@@ -167,19 +160,21 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     """
     # ---- check what can be checked, then build -----------------------------------------------------------------
     env = init_distributed()
+    cfg = resolve_auto(cfg, env.device)
     tc = cfg.train
     out_dir = Path(tc.output_dir)
     prepare_run_folder(out_dir, resume, overwrite, env)
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
+    channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
     data = data or shard_loader(cfg, model, env)
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
     validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
-    accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize)
+    accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
     if resume:
         path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
@@ -196,8 +191,10 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress,
                             report_to=tc.report_to, config=asdict(cfg))
     stop = StopRequest()
-    batches = data.forever(state.epoch, state.batch_in_epoch)
-    nonfinite_run, micro, last_ckpt, eval_results, start_step = 0, 0, None, {}, state.step
+    # one optimizer step's micro-batches at a time, the next step's already on their way to the device
+    batches = DevicePrefetch(data.forever(state.epoch, state.batch_in_epoch), accumulation.micro_batches, env.device)
+    guard = NonFiniteGuard(engine, env)
+    micro, last_ckpt, eval_results, start_step = 0, None, {}, state.step
     final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
 
@@ -209,48 +206,53 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
         return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
 
     # ---- loop -------------------------------------------------------------------------------------------------
+    # Between sync steps (logging, evaluation, checkpoints, a stop, the last step) nothing here reads a device
+    # value on the host: the loss, its finiteness and the metrics stay on the device (`vlpretrain.guard`).
     try:
         while state.step < tc.steps:
-            group = [next(batches) for _ in range(accumulation.micro_batches)]
+            group = next(batches)
             state.epoch, state.batch_in_epoch = group[-1][0], group[-1][1] + 1
             torch.manual_seed(tc.seed * 1_000_003 + micro * 101 + env.rank)  # router jitter etc.: resumable
             micro += len(group)
             masking = masked_fraction(state.step, tc.steps, tc.unmasked_steps, cfg.model.patch_dropout)
             set_patch_dropout(engine.module, masking)  # FLIP: the last train.unmasked_steps see every patch
             loss, extra = accumulation.loss([(images, texts) for _, _, images, texts in group])
-            nonfinite, stopping = _agree(env, not math.isfinite(loss.item()), stop.requested)
+            guard.observe(loss)  # a non-finite loss on any rank: the optimizer step skips the update, on the device
             n = sum(images.shape[0] for _, _, images, _ in group) * env.world_size
             state.samples += n
             window_samples += n
-            if nonfinite:  # with exact accumulation the whole group of micro-batches is skipped
-                state.nonfinite_total += 1
-                nonfinite_run += 1
-                log.warning("non-finite loss at step %d: batch skipped (%d in a row)", state.step, nonfinite_run)
-                if nonfinite_run >= tc.max_nonfinite:
-                    raise TrainingError(f"{nonfinite_run} non-finite losses in a row at step {state.step}; "
-                                        f"last good checkpoint: {last_ckpt or 'none'}")
-                continue
-            nonfinite_run = 0
             if not accumulation.backward():  # independent micro-batches, inside an accumulation
                 continue
+            guard.settle()
             state.step += 1
-            if state.step % tc.log_every == 0 or state.step == tc.steps:
-                now = time.perf_counter()
-                row = {"step": state.step, "epoch": state.epoch, "loss": reduce_mean(loss, env.world_size).item(),
-                       "lr": engine.lr, "samples": state.samples,
-                       "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                       "nonfinite_skipped": state.nonfinite_total, **extra, **data.metrics()}
-                if cfg.model.patch_dropout:
-                    row["patch_dropout"] = masking
-                window_t, window_samples = now, 0
-                metrics.log(row)
+            due_log = state.step % tc.log_every == 0 or state.step == tc.steps
+            due_eval = bool(cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < tc.steps)
+            due_ckpt = bool(tc.save_every and state.step % tc.save_every == 0)
+            stopping = env.any(stop.requested)[0] or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
+            if due_log or due_eval or due_ckpt or stopping or state.step == tc.steps:
+                counts = guard.read()  # the sync step: the device's counters reach the host
+                state.nonfinite_total += counts.skipped
+                if counts.skipped:
+                    log.warning("%d non-finite loss(es) by step %d: those steps' updates were skipped",
+                                counts.skipped, state.step)
+                if counts.worst_run >= tc.max_nonfinite:
+                    raise TrainingError(f"{counts.worst_run} non-finite losses in a row by step {state.step} "
+                                        f"(train.max_nonfinite {tc.max_nonfinite}); skipped steps leave the weights "
+                                        f"untouched, so the last checkpoint holds the last good weights: "
+                                        f"{last_ckpt or 'none'}")
+                if due_log:
+                    now = time.perf_counter()
+                    row = {"step": state.step, "epoch": state.epoch, "loss": counts.loss, "lr": engine.lr,
+                           "samples": state.samples, "samples_per_s": window_samples / max(now - window_t, 1e-9),
+                           "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics()}
+                    if cfg.model.patch_dropout:
+                        row["patch_dropout"] = masking
+                    window_t, window_samples = now, 0
+                    metrics.log(row)
             metrics.advance()
-            due_eval = cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < tc.steps
-            due_ckpt = tc.save_every and state.step % tc.save_every == 0
             if due_eval:
                 eval_results = {**evaluator.during(weights()), **(validator.run(engine) if validator else {})}
                 metrics.log_eval(state.step, eval_results)
-            stopping = stopping or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_ckpt or stopping or state.step == tc.steps:
                 final_weights, have_final = weights(), True
                 last_ckpt = checkpoint(final_weights)
@@ -275,6 +277,15 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss}
     shutdown_distributed()
     return summary
+
+
+def resolve_auto(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """`cfg` with `train.precision: auto` made concrete for `device` (saved that way, so a resumed run compares
+    like with like): bf16 where the GPU supports it, fp32 on CPUs (their bf16 matmuls are slower)."""
+    if cfg.train.precision != "auto":
+        return cfg
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return replace(cfg, train=replace(cfg.train, precision="bf16" if bf16 else "fp32"))
 
 
 # Outputs of a run that `overwrite` removes (nothing else in the folder is touched).

@@ -100,7 +100,7 @@ def _prune(root: Path, keep_last: int, current: Path) -> None:
     done = sorted((p for p in root.glob("step_*") if (p / "COMPLETE").is_file() and p != current),
                   key=lambda p: int(p.name.removeprefix("step_")))
     keep = max(keep_last - 1, 0)
-    for old in done[:len(done) - keep]:
+    for old in done[:max(len(done) - keep, 0)]:  # a negative bound would slice from the end
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -39,10 +39,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def deepspeed_stage(t: TrainConfig) -> int:
+    """The ZeRO stage DeepSpeed runs: `train.zero_stage`, except that bf16 under stage 0 runs as stage 1.
+
+    DeepSpeed's stage-0 bf16 path accumulates gradients in bf16 and checks every parameter's gradient for overflow
+    on the host (one device sync per tensor per step); its stage-1 BF16_Optimizer keeps fp32 gradients and master
+    weights in flat buffers, steps them with one fused AdamW and reads the gradient norm once per step. Stage 1
+    computes the same update; on one device it partitions nothing, on several it splits the optimizer state.
+    """
+    return 1 if t.precision == "bf16" and t.zero_stage == 0 else t.zero_stage
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict derived from the run config (there is no separate DeepSpeed JSON to keep in step)."""
     t = cfg.train
-    zero: dict[str, Any] = {"stage": t.zero_stage}
+    zero: dict[str, Any] = {"stage": deepspeed_stage(t)}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if t.offload_optimizer:  # the schema allows it with ZeRO 1-3 only
@@ -53,7 +64,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # offloaded, the optimizer is DeepSpeed's CPU Adam, which cannot skip a step on a device flag
+        # (`Engine.skip_update_when`): DeepSpeed's own check of the gradient norm must catch non-finite gradients
+        "bf16": {"enabled": t.precision == "bf16", **({"check_grad_overflow": True} if t.offload_optimizer else {})},
+        # bf16 weights, fp32 gradients and master weights: DeepSpeed's BF16_Optimizer under ZeRO 1 (see deepspeed_stage)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and deepspeed_stage(t) == 1 else {}),
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
             # torch's fused AdamW (CPU and GPU): one kernel over all tensors instead of a loop per parameter
@@ -87,6 +102,18 @@ class Engine:
     def step(self) -> None:
         """Apply the accumulated gradients at an accumulation boundary (DeepSpeed counts micro-steps itself)."""
         self._ds.step()
+
+    def skip_update_when(self, flag: torch.Tensor) -> bool:
+        """Make every optimizer step read `flag` (a float scalar on the device, updated in place by the caller):
+        where it is 1 the step leaves weights and optimizer state untouched, decided on the device, so the host
+        never waits for the loss. torch's fused AdamW does this (`found_inf`, as torch.amp's GradScaler uses it)
+        under every ZeRO stage, since DeepSpeed's wrappers step the optimizer it was given. False when the
+        optimizer cannot (DeepSpeed's CPU Adam, offloaded); DeepSpeed's own overflow check skips those steps."""
+        opt = self._ds.basic_optimizer
+        if not (isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")):
+            return False
+        opt.found_inf = flag
+        return True
 
     @property
     def at_boundary(self) -> bool:
@@ -156,7 +183,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Engine:
 
     ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                        config=deepspeed_config(cfg, env.world_size), lr_scheduler=schedule)
-    if env.world_size == 1 and cfg.train.zero_stage == 0:
+    if env.world_size == 1 and deepspeed_stage(cfg.train) == 0:
         # averaging gradients over one rank is the identity; DeepSpeed would still flatten and copy them every step
         ds.enable_backward_allreduce = False
     return Engine(ds, moe)

@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,10 +25,20 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    control: Any = None  # a gloo group for host flags when the main group is not gloo (NCCL), else None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Whether any rank raised each host flag (ranks must stop together). The flags travel on the host
+        (gloo), never through the accelerator, so asking costs a small network round trip and no device sync."""
+        if self.world_size == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        return [v > 0 for v in t.tolist()]
 
 
 def _free_port() -> int:
@@ -71,7 +82,11 @@ def init_distributed() -> DistEnv:
     else:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
-    return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+    world = torch.distributed.get_world_size()
+    # host flags (stop requests) need a CPU-capable group: NCCL reduces GPU tensors only, and a GPU tensor made
+    # from a host value costs a device sync; collective, so every rank creates it here
+    control = torch.distributed.new_group(backend="gloo") if world > 1 and backend != "gloo" else None
+    return DistEnv(torch.distributed.get_rank(), world, local_rank, device, control)
 
 
 def shutdown_distributed() -> None:

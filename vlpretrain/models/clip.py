@@ -154,6 +154,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         )
 
 
+def is_conv_tower(model: nn.Module) -> bool:
+    """Whether the image tower is convolutional (a ResNet: open_clip's ModifiedResNet or a timm CNN), not a
+    ViT, whose one convolution is the patch embedding. On a GPU the trainer feeds such a tower channels_last
+    (NHWC) images: every convolution then runs cuDNN's NHWC kernels (tensor cores in bf16) and passes the layout
+    on; the weights stay as they are (DeepSpeed flattens them under ZeRO 1-3), converted per call, a small cost
+    beside the activations."""
+    visual = getattr(model, "visual", None)
+    return visual is not None and sum(isinstance(m, nn.Conv2d) for m in visual.modules()) > 1
+
+
 def get_tokenizer(cfg: ModelConfig | str):
     """The model's tokenizer (open_clip's BPE tokenizer; works offline)."""
     name = cfg if isinstance(cfg, str) else cfg.name

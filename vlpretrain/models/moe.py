@@ -88,16 +88,30 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) ->
 
 @dataclass
 class Routing:
-    """Where each token goes: kept assignments grouped by expert, in the order they claimed a slot."""
+    """Where each token goes: every assignment sorted by expert (in the order they claimed a slot), its slot in a
+    [E x capacity] buffer, and whether it found one. Nothing here needs the host: no data-dependent shapes."""
 
     probs: Tensor  # [T, E] router softmax (fp32)
     expert_index: Tensor  # [T, k] chosen experts, best first
     weight: Tensor  # [T, k] combine weights (renormalised when asked)
     kept: Tensor  # [T, k] bool: the assignment found a free slot
-    token: Tensor  # [N] token of each kept assignment, grouped by expert (expert 0 first)
-    slot_weight: Tensor  # [N] its combine weight
-    counts: Tensor  # [E] kept assignments per expert (sizes of the groups in `token`)
+    sorted_token: Tensor  # [T*k] token of each assignment, grouped by expert (expert 0 first)
+    sorted_weight: Tensor  # [T*k] its combine weight, 0 where it was dropped
+    slot: Tensor  # [T*k] its row in the [E * capacity] expert buffer; E * capacity (one spare row) if dropped
+    keep: Tensor  # [T*k] bool: it found a slot
+    counts: Tensor  # [E] kept assignments per expert
     load: Tensor  # [E] assignments per expert before dropping, as a fraction of all T*k
+    capacity: int
+
+    @property
+    def token(self) -> Tensor:
+        """[N] token of each kept assignment, grouped by expert (a data-dependent shape: reading it syncs)."""
+        return self.sorted_token[self.keep]
+
+    @property
+    def slot_weight(self) -> Tensor:
+        """[N] combine weight of each kept assignment, in `token`'s order."""
+        return self.sorted_weight[self.keep]
 
 
 def route(logits: Tensor, top_k: int, capacity: int, normalize: bool = True, batch_priority: bool = False) -> Routing:
@@ -125,13 +139,13 @@ def route(logits: Tensor, top_k: int, capacity: int, normalize: bool = True, bat
     starts = torch.cumsum(totals, 0) - totals
     position = torch.arange(perm.numel(), device=logits.device) - starts[by_expert]
     keep = position < capacity
-    kept_perm = perm[keep]
-    token, choice = assign_token[kept_perm], assign_choice[kept_perm]
+    token, choice = assign_token[perm], assign_choice[perm]
     kept = torch.zeros(num_tokens, top_k, dtype=torch.bool, device=logits.device)
-    kept[token, choice] = True
-    return Routing(probs=probs, expert_index=top_e, weight=weight, kept=kept, token=token,
-                   slot_weight=weight[token, choice], counts=totals.clamp(max=capacity),
-                   load=totals.float() / (num_tokens * top_k))
+    kept[token, choice] = keep
+    slot = torch.where(keep, by_expert * capacity + position, num_experts * capacity)
+    return Routing(probs=probs, expert_index=top_e, weight=weight, kept=kept, sorted_token=token,
+                   sorted_weight=weight[token, choice] * keep, slot=slot, keep=keep,
+                   counts=totals.clamp(max=capacity), load=totals.float() / (num_tokens * top_k), capacity=capacity)
 
 
 def balance_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
@@ -237,14 +251,27 @@ class MoEMLP(MoELayer):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(tokens.shape[0], self.top_k, self.num_experts, factor)
         r = route(logits, self.top_k, capacity, self.normalize, self.batch_priority)
-        slices = tokens.index_select(0, r.token).split(r.counts.tolist())
-        y = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
         # combine in fp32; a dropped assignment adds nothing, so its token rides the residual path alone
         out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, r.token, y.float() * r.slot_weight.unsqueeze(1))
+        if factor > 0:  # fixed [capacity, d] slices: static shapes, no host sync (see `_padded_experts`)
+            y = self._padded_experts(tokens, r)
+            out.index_add_(0, r.sorted_token, y.float() * r.sorted_weight.unsqueeze(1))
+        else:  # room for every token: padding would cost E x, so exact-size slices (their sizes sync)
+            slices = tokens.index_select(0, r.token).split(r.counts.tolist())
+            y = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
+            out.index_add_(0, r.token, y.float() * r.slot_weight.unsqueeze(1))
         self.aux = MoEAux(balance=balance_loss(r.probs, r.expert_index), zloss=z_loss(logits),
                           load=r.load.detach(), dropped=1.0 - r.kept.float().mean().detach())
         return out.to(x.dtype).reshape(x.shape)
+
+    def _padded_experts(self, tokens: Tensor, r: Routing) -> Tensor:
+        """Every expert on its [capacity, d] slice of a zero-padded buffer; [T*k, d] outputs in `r.sorted_token`'s
+        order (zeros for dropped assignments). The MLP works token by token, so padding rows change nothing
+        for the real ones; they cost at most capacity_factor x the routed tokens' compute."""
+        c, n = r.capacity, self.num_experts
+        buffer = tokens.new_zeros(n * c + 1, tokens.shape[1]).index_copy(0, r.slot, tokens[r.sorted_token])
+        y = torch.cat([expert(buffer[e * c:(e + 1) * c]) for e, expert in enumerate(self.experts)])
+        return torch.cat([y, y.new_zeros(1, y.shape[1])])[r.slot]
 
 
 def _native(dense_mlp: nn.Module, d_model: int, cfg: MoEConfig, tower: str, block: int) -> MoELayer:
@@ -335,34 +362,36 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     return total
 
 
-def moe_stats(model: nn.Module) -> dict[str, float]:
-    """Routing metrics of the latest forward (read on logging steps: it copies device values to the host).
+def moe_stats(model: nn.Module, on_host: bool = True) -> dict[str, float] | dict[str, Tensor]:
+    """Routing metrics of the latest forward; `on_host=False` leaves them as device scalars (the training loop
+    reads them on logging steps only, in one transfer, so routing never makes a step wait for the device).
 
     Per tower, averaged over its layers: `moe/{tower}/balance`, `/zloss`, `/dropped` (fraction of assignments),
     `/load_max` (busiest expert's load times E: 1.0 is even), and `moe/{tower}/b{block}/e{expert}` the load of each
     expert of each layer.
     """
-    stats: dict[str, float] = {}
+    stats: dict[str, Tensor] = {}
     per_tower: dict[str, list[MoEAux]] = {}
     for layer in moe_layers(model):
         if layer.aux is None:
             continue
         a = layer.aux
         per_tower.setdefault(layer.tower, []).append(a)
-        for e, v in enumerate(a.load.tolist()):
+        for e, v in enumerate(a.load.detach().float().unbind()):
             stats[f"moe/{layer.tower}/b{layer.block}/e{e}"] = v
     for tower, auxes in per_tower.items():
-        n = len(auxes)
-        stats[f"moe/{tower}/balance"] = sum(float(a.balance.detach()) for a in auxes) / n
-        stats[f"moe/{tower}/zloss"] = sum(float(a.zloss.detach()) for a in auxes) / n
-        stats[f"moe/{tower}/dropped"] = sum(float(a.dropped) for a in auxes) / n
-        stats[f"moe/{tower}/load_max"] = max(float(a.load.max()) * a.load.numel() for a in auxes)
-    return stats
+        stats[f"moe/{tower}/balance"] = torch.stack([a.balance.detach().float() for a in auxes]).mean()
+        stats[f"moe/{tower}/zloss"] = torch.stack([a.zloss.detach().float() for a in auxes]).mean()
+        stats[f"moe/{tower}/dropped"] = torch.stack([torch.as_tensor(a.dropped).float() for a in auxes]).mean()
+        stats[f"moe/{tower}/load_max"] = torch.stack([a.load.max().float() * a.load.numel() for a in auxes]).max()
+    if not on_host or not stats:
+        return stats
+    return dict(zip(stats, torch.stack(list(stats.values())).tolist()))
 
 
-def moe_losses(model: nn.Module) -> tuple[Tensor, dict[str, float]]:
+def moe_losses(model: nn.Module, on_host: bool = True) -> tuple[Tensor, dict[str, float] | dict[str, Tensor]]:
     """`moe_aux_loss` and `moe_stats` of the latest forward together."""
-    return moe_aux_loss(model), moe_stats(model)
+    return moe_aux_loss(model), moe_stats(model, on_host)
 
 
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
