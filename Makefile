@@ -61,7 +61,7 @@ lint: install
 	$(VENV)/bin/ruff check vlpretrain zeroshot tests benchmarks
 
 test: install lint
-	$(VENV)/bin/pytest -q -x --timeout 900 tests
+	$(VENV)/bin/pytest -q -x --timeout 900 --durations=15 tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests
