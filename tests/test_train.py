@@ -102,19 +102,18 @@ def test_resume_equals_straight_run(tmp_path):
     assert s["samples"] == 32  # the data position continued: 8 steps x 4 samples, nothing replayed
 
 
-def test_compile_and_grad_checkpointing_match_eager(tmp_path):
-    """model.compile (engine.compile, inductor) and model.grad_checkpointing change speed and memory, not the maths."""
+def test_grad_checkpointing_matches_eager(tmp_path):
+    """model.grad_checkpointing changes memory, not the maths. (model.compile is checked against one big batch in
+    test_accumulate.py, compiled with exact accumulation: one compile covers both.)"""
     common = ["train.steps=3", "train.warmup_steps=1"]
     run(tmp_path / "eager", *common)
     run(tmp_path / "ckpt", *common, "model.grad_checkpointing=true")
-    run(tmp_path / "compiled", *common, "model.compile=true", timeout=600)
     ref = losses(tmp_path / "eager")
     assert sorted(ref) == [1, 2, 3] and ref[3] != ref[1]
-    for name, rel in (("ckpt", 1e-6), ("compiled", 1e-4)):  # inductor may fuse and reorder float sums
-        got = losses(tmp_path / name)
-        assert sorted(got) == [1, 2, 3], name
-        for step in (1, 2, 3):
-            assert got[step] == pytest.approx(ref[step], rel=rel), (name, step)
+    got = losses(tmp_path / "ckpt")
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
 
 
 def _weights(out, step):
