@@ -149,6 +149,16 @@ def test_nonfinite_losses_skip_the_update_on_the_device(tmp_path):
     assert opt[3][0]["step"].item() == 1 and opt[4][0]["step"].item() == 2
 
 
+def test_logged_loss_is_the_mean_since_the_previous_row(tmp_path):
+    """A row's loss is the mean of every step's loss since the previous row, summed on the device; a checkpoint
+    step in between (a sync step too) does not cut the window short."""
+    run(tmp_path / "every", "train.steps=4", "train.save_every=0")
+    run(tmp_path / "window", "train.steps=4", "train.log_every=4", "train.save_every=2")
+    each, window = losses(tmp_path / "every"), losses(tmp_path / "window")
+    assert sorted(window) == [4]
+    assert window[4] == pytest.approx(sum(each.values()) / 4, rel=1e-6)
+
+
 def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
     out = tmp_path / "stop"
     r = run(out, "train.steps=6", "train.save_every=1", "train.keep_last=6", "train.max_nonfinite=3", check=False,

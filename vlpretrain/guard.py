@@ -25,7 +25,7 @@ class StepCounts:
 
     skipped: int  # optimizer steps skipped since the previous read
     worst_run: int  # longest run of consecutive skipped steps so far (this process)
-    loss: float  # mean finite loss (micro-steps, all ranks) since the previous read; NaN when there was none
+    loss: float  # mean finite loss (micro-steps, all ranks) since the window opened; NaN when there was none
 
 
 class NonFiniteGuard:
@@ -59,17 +59,20 @@ class NonFiniteGuard:
         self.skipped.add_(self.flag)
         self.flag.zero_()
 
-    def read(self) -> StepCounts:
-        """The counters on the host, then the window's reset: one device sync, and a collective (call it on the
-        sync steps only, which every rank reaches together)."""
+    def read(self, end_window: bool = True) -> StepCounts:
+        """The counters on the host: one device sync, and a collective (call it on sync steps only, which every
+        rank reaches together). `end_window` (a logging step) also closes the logged loss's window; other sync
+        steps (checkpoints, evaluations) leave it open, so a row's loss covers every step since the last row."""
         window = torch.stack([self.loss_sum, self.loss_count])
-        if self.env.world_size > 1:
+        if end_window and self.env.world_size > 1:
             torch.distributed.all_reduce(window)
         loss_sum, count, skipped, worst = torch.cat([window, torch.stack([self.skipped, self.worst])]).tolist()
-        for t in (self.loss_sum, self.loss_count, self.skipped):
-            t.zero_()
+        self.skipped.zero_()
+        if end_window:
+            self.loss_sum.zero_()
+            self.loss_count.zero_()
         return StepCounts(skipped=int(skipped), worst_run=int(worst),
-                          loss=loss_sum / count if count else float("nan"))
+                          loss=loss_sum / count if count and end_window else float("nan"))
 
 
 def host_values(values: dict[str, Tensor | float]) -> dict[str, float]:

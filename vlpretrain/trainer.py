@@ -230,7 +230,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             due_ckpt = bool(tc.save_every and state.step % tc.save_every == 0)
             stopping = env.any(stop.requested)[0] or bool(tc.stop_after and state.step - start_step >= tc.stop_after)
             if due_log or due_eval or due_ckpt or stopping or state.step == tc.steps:
-                counts = guard.read()  # the sync step: the device's counters reach the host
+                counts = guard.read(end_window=due_log)  # the sync step: the device's counters reach the host
                 state.nonfinite_total += counts.skipped
                 if counts.skipped:
                     log.warning("%d non-finite loss(es) by step %d: those steps' updates were skipped",
