@@ -12,22 +12,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_loss_distributed import loss_forms
 from test_train import losses, run
 
 from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches, outputs
 from vlpretrain.config import ModelConfig, MoEConfig, load_config
-from vlpretrain.loss import ClipLoss, SigLipLoss
+from vlpretrain.loss import ClipLoss
 from vlpretrain.models import build_model, load_state_dict, moe_losses
 
 K, B = 3, 4  # micro-batches, samples per micro-batch
 
-LOSSES = {
-    "clip-local": lambda r, w: ClipLoss(r, w, local_loss=True),
-    "clip-global": lambda r, w: ClipLoss(r, w, local_loss=False),
-    "clip-chunked": lambda r, w: ClipLoss(r, w, local_loss=True, chunk=5),
-    "siglip": lambda r, w: SigLipLoss(r, w),
-    "siglip-chunked": lambda r, w: SigLipLoss(r, w, chunk=5),
-}
+LOSSES = loss_forms(chunk=5)
 
 
 class TorchEngine:

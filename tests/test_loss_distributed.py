@@ -38,13 +38,19 @@ def step(loss_fn, x_img, x_txt):
     return loss.detach(), [p.grad if p.grad is not None else torch.zeros_like(p) for p in (wi, wt, scale, bias)]
 
 
-LOSSES = {
-    "clip-local": lambda r, w: ClipLoss(r, w, local_loss=True),
-    "clip-global": lambda r, w: ClipLoss(r, w, local_loss=False),
-    "clip-chunked": lambda r, w: ClipLoss(r, w, local_loss=True, chunk=3),
-    "siglip": lambda r, w: SigLipLoss(r, w),
-    "siglip-chunked": lambda r, w: SigLipLoss(r, w, chunk=3),
-}
+def loss_forms(chunk: int) -> dict:
+    """Every loss form by name, as (rank, world) -> loss module; `chunk` sizes the chunked forms (smaller than a
+    rank's batch, so chunking is exercised)."""
+    return {
+        "clip-local": lambda r, w: ClipLoss(r, w, local_loss=True),
+        "clip-global": lambda r, w: ClipLoss(r, w, local_loss=False),
+        "clip-chunked": lambda r, w: ClipLoss(r, w, local_loss=True, chunk=chunk),
+        "siglip": lambda r, w: SigLipLoss(r, w),
+        "siglip-chunked": lambda r, w: SigLipLoss(r, w, chunk=chunk),
+    }
+
+
+LOSSES = loss_forms(chunk=3)
 
 
 def worker(rank, world, port, name, out):

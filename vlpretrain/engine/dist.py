@@ -10,7 +10,6 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -25,7 +24,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    control: Any = None  # a gloo group for host flags when the main group is not gloo (NCCL), else None
+    control: torch.distributed.ProcessGroup | None = None  # a gloo group for host flags when the main group is not gloo (NCCL), else None
 
     @property
     def is_main(self) -> bool:
