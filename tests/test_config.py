@@ -92,7 +92,7 @@ def test_shipped_configs_resolve(path):
 
 def test_dump_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, "data: {train: [a.tar, b.tar], weights: [1, 3], mode: resampled, "
-                                      "samples_per_epoch: 100}\n"))
+                                      "train_num_samples: 100}\n"))
     again = load_config(write(tmp_path, dump_yaml(cfg), "again.yaml"))
     assert again == cfg
 
@@ -130,3 +130,10 @@ def test_compile_under_zero3_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="model.compile: torch.compile cannot trace the model under ZeRO-3"):
         load_config(None, ["data.train=x", "model.compile=true", "train.zero_stage=3"])
     assert load_config(None, ["data.train=x", "model.compile=true", "train.zero_stage=2"]).model.compile
+
+
+def test_a_renamed_key_keeps_working_and_both_names_are_refused():
+    cfg = load_config(None, ["data.train=x", "data.mode=resampled", "data.samples_per_epoch=100"])
+    assert cfg.data.train_num_samples == 100
+    with pytest.raises(ConfigError, match=r"data\.samples_per_epoch: renamed to data\.train_num_samples"):
+        load_config(None, ["data.train=x", "data.samples_per_epoch=1", "data.train_num_samples=2"])

@@ -152,13 +152,13 @@ def test_too_few_shards_says_how_many_are_needed(tmp_path):
     cfg = DataConfig(train=pattern, batch_size=2, workers=2)
     with pytest.raises(DataError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 worker\(s\); epoch mode needs at least 4"):
         build_loader(cfg, to_tensor, number_tokenizer, rank=0, world_size=2)
-    resampled = DataConfig(train=pattern, batch_size=2, workers=2, mode="resampled", samples_per_epoch=16)
+    resampled = DataConfig(train=pattern, batch_size=2, workers=2, mode="resampled", train_num_samples=16)
     _, batches = run(resampled, rank=1, world=2)  # resampling needs no minimum
     assert len(batches) == 4
 
 
 def test_resampled_epochs_differ_and_identical_seeds_repeat(even_shards):
-    cfg = DataConfig(train=even_shards, batch_size=4, workers=0, mode="resampled", samples_per_epoch=40,
+    cfg = DataConfig(train=even_shards, batch_size=4, workers=0, mode="resampled", train_num_samples=40,
                      shuffle_buffer=8, seed=5)
     e0 = ids(run(cfg, world=2)[1])
     assert len(e0) == 5  # 40 samples over 2 ranks of 4
@@ -172,13 +172,13 @@ def test_weighted_mixture(tmp_path):
     a = make_shards(tmp_path, [6, 6], name="a")
     b = make_shards(tmp_path, [6, 6], name="b", first=100)
     for weights, expect in (([1.0, 0.0], {"a"}), ([0.0, 2.0], {"b"}), ([1.0, 1.0], {"a", "b"})):
-        cfg = DataConfig(train=[a, b], weights=weights, mode="resampled", samples_per_epoch=40, batch_size=4,
+        cfg = DataConfig(train=[a, b], weights=weights, mode="resampled", train_num_samples=40, batch_size=4,
                          workers=0, shuffle_buffer=4)
         _, batches = run(cfg)
         assert len(batches) == 10
         assert {"b" if i >= 100 else "a" for b in ids(batches) for i in b} == expect
     with pytest.raises(ConfigError, match="one per data.train entry"):
-        build_loader(DataConfig(train=[a, b], weights=[1.0], mode="resampled", samples_per_epoch=8),
+        build_loader(DataConfig(train=[a, b], weights=[1.0], mode="resampled", train_num_samples=8),
                      to_tensor, number_tokenizer, rank=0, world_size=1)
     with pytest.raises(ConfigError, match="resampled only"):
         build_loader(DataConfig(train=[a, b], weights=[1.0, 1.0]), to_tensor, number_tokenizer, rank=0,
@@ -200,7 +200,7 @@ def test_start_batch_resume_equals_the_continuation(tmp_path, workers, interleav
 
 
 def test_resampled_resume_equals_the_continuation(even_shards):
-    cfg = DataConfig(train=even_shards, batch_size=3, workers=0, mode="resampled", samples_per_epoch=30)
+    cfg = DataConfig(train=even_shards, batch_size=3, workers=0, mode="resampled", train_num_samples=30)
     _, full = run(cfg, epoch=2, transform=noisy)
     _, resumed = run(cfg, epoch=2, start=4, transform=noisy)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[4:], resumed)) and len(resumed) == len(full) - 4
@@ -310,9 +310,9 @@ def test_forever_crosses_epochs_and_resumes(even_shards):
 
 
 def test_missing_shard_is_named(tmp_path):
-    with pytest.raises(DataError, match=r"nope-000000.tar: shard does not exist"):
+    with pytest.raises(DataError, match=r"2 of 2 shards do not exist \(.*nope-000000\.tar, .*nope-000001\.tar\)"):
         build_loader(DataConfig(train=str(tmp_path / "nope-{000000..000001}.tar"), mode="resampled",
-                                samples_per_epoch=10), to_tensor, number_tokenizer, rank=0, world_size=1)
+                                train_num_samples=10), to_tensor, number_tokenizer, rank=0, world_size=1)
 
 
 def test_large_jpeg_is_draft_decoded():

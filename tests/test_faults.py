@@ -398,8 +398,7 @@ def test_a_truncated_shard_counts_every_lost_sample(tmp_path, cut):
             members = tar.getmembers()
             keep = next(m.offset for m in members if m.name.startswith(f"{20:09d}."))
     shard.write_bytes(data[:keep])
-    from vlpretrain.data import stages
-    from vlpretrain.data.plan import shard_sample_counts
+    from vlpretrain.data import shard_sample_counts, stages
     from vlpretrain.data.stats import WorkerStats
     from vlpretrain.errors import DataError
 

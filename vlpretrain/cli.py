@@ -138,6 +138,28 @@ def _make_shards(p: argparse.ArgumentParser):
     return run
 
 
+@command("index-shards", "count the samples of shards written elsewhere (img2dataset, DataComp) once, into a manifest")
+def _index_shards(p: argparse.ArgumentParser):
+    p.add_argument("shards", metavar="DIR|PATTERN", help="a folder of .tar shards, a brace pattern or a glob "
+                   "(local or object storage)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes scanning shards")
+    p.add_argument("--out", metavar="DIR", help="write the index into DIR instead of beside the shards (a "
+                   "read-only folder); training then names it with data.index")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.data import index_shards
+
+        if a.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {a.workers}")
+        path, counts = index_shards(a.shards, workers=a.workers, out=a.out)
+        print(f"{path}: {counts.describe()}")
+        if a.out:
+            print(f"train on them with --set data.index={a.out}")
+        return 0
+
+    return run
+
+
 def _class_names(arg: str | None) -> str | list[str] | None:
     """--classes: a file of names as it is, else the class names of the benchmark it names."""
     if arg is None or Path(arg).exists():

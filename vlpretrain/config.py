@@ -122,7 +122,17 @@ class DataConfig:
     val: str | list[str] | None = _f(None, "held-out shards: validation loss and recall every eval.every steps")
     weights: list[float] | None = _f(None, "sampling weight per entry of `train` (resampled mode)")
     mode: Literal["epoch", "resampled"] = _f("epoch", "exact epochs, or sampling with replacement")
-    samples_per_epoch: int | None = _f(None, "samples in one epoch in resampled mode")
+    train_num_samples: int | None = _f(None, "samples in one epoch: required in resampled mode; in epoch mode the "
+                                             "epoch length when no sidecar counts the shards (they then share it "
+                                             "evenly instead of being scanned)")
+    missing_shards: Literal["error", "skip"] = _f("error", "shards named by data.train that do not exist: stop, or "
+                                                  "leave them out (logged, and counted in metrics)")
+    index: str | list[str] | None = _f(None, "indexes written by `vlpretrain index-shards --out` for shard folders "
+                                             "that hold no sidecar")
+    image_key: str = _f("jpg;jpeg;png;webp;bmp;gif;tiff;tif;ppm;pgm",
+                        "member(s) holding the image, ';'-separated, first present wins (e.g. input.jpg)")
+    text_key: str = _f("json:captions;txt", "member(s) holding the caption, ';'-separated, first present wins; "
+                                            "json:FIELD reads a field of the json member (a list: one per epoch)")
     batch_size: int = _f(128, "samples per rank per micro-step")
     workers: int = _f(1, "loader worker processes per rank")
     interleave_shards: int = _f(4, "shards each loader worker reads at once, taking samples from them at random "
@@ -157,10 +167,13 @@ class DataConfig:
         _need(0 <= self.error_budget <= 1, "data.error_budget", f"expected a fraction in [0, 1], got {self.error_budget}")
         _need(self.mode == "resampled" or self.weights is None, "data.weights",
               "sampling weights apply to data.mode: resampled only")
-        _need(self.mode == "epoch" or self.samples_per_epoch is not None, "data.samples_per_epoch",
+        _need(self.mode == "epoch" or self.train_num_samples is not None, "data.train_num_samples",
               "required in resampled mode")
-        _need(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "data.samples_per_epoch",
-              f"must be >= 1, got {self.samples_per_epoch}")
+        _need(self.train_num_samples is None or self.train_num_samples >= 1, "data.train_num_samples",
+              f"must be >= 1, got {self.train_num_samples}")
+        for key in ("image_key", "text_key"):
+            value = getattr(self, key)
+            _need(any(k.strip() for k in value.split(";")), f"data.{key}", f"names no member: {value!r}")
         if self.weights is not None:
             n = 1 if isinstance(self.train, str) else len(self.train)
             _need(len(self.weights) == n and all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
@@ -339,9 +352,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+# Keys that were renamed: configs (and checkpoints) written with the old name keep working.
+RENAMED = {"data.samples_per_epoch": "data.train_num_samples"}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for old, new in RENAMED.items():
+        section, _, key = old.rpartition(".")
+        if f"{section}." == prefix and key in values:
+            new_key = new.rpartition(".")[2]
+            if new_key in values:
+                raise ConfigError(f"{old}: renamed to {new}; give only the new name")
+            values = {**{k: v for k, v in values.items() if k != key}, new_key: values[key]}
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.5)

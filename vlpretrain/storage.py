@@ -103,3 +103,17 @@ def list_sizes(folder: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     return {basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a small file whole. Locally under a temporary name, then renamed, so no reader ever sees half of it;
+    an object store makes an object visible only once its upload is complete."""
+    if not is_remote(url):
+        path = local_path(url)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(url)
+    fs.pipe_file(path, data)

@@ -7,6 +7,7 @@ DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -20,6 +21,7 @@ import torch
 from vlpretrain.accumulate import build_accumulation
 from vlpretrain.config import RunConfig, dump_yaml
 from vlpretrain.console import check_writable
+from vlpretrain.data import ShardCounts, build_loader, count_shards_of
 from vlpretrain.data.prefetch import DevicePrefetch
 from vlpretrain.data.stream import BatchSource
 from vlpretrain.engine import (
@@ -31,7 +33,7 @@ from vlpretrain.engine import (
     save_checkpoint,
     shutdown_distributed,
 )
-from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
+from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.guard import NonFiniteGuard, host_values
 from vlpretrain.loss import build_loss
 from vlpretrain.metrics import MetricsLogger
@@ -69,14 +71,44 @@ class StopRequest:
             signal.signal(s, h)
 
 
-def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv) -> BatchSource:
+def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv, counts: ShardCounts) -> BatchSource:
     """The configured webdataset shards for this rank, with the model's training preprocessing."""
-    from vlpretrain.data import build_loader
-
     transform = image_transform(model, train=True, size=cfg.data.image_size,
                                 crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
     return build_loader(cfg.data, transform, get_tokenizer(cfg.model), rank=env.rank, world_size=env.world_size,
-                        defer_normalize=True)
+                        defer_normalize=True, counts=counts)
+
+
+SHARD_COUNTS = "shard_counts.json"
+
+
+def run_shard_counts(cfg: RunConfig, out_dir: Path, env: DistEnv, resume: str | None) -> ShardCounts:
+    """What the shards hold, found once per run: rank 0 counts (or, on resume, reads what the run folder kept)
+    and every rank gets its result, so the count costs the same at any world size and a resume costs nothing."""
+    d = cfg.data
+    spec = {"train": d.train, "mode": d.mode, "index": d.index, "missing_shards": d.missing_shards,
+            "train_num_samples": d.train_num_samples}
+    kept = out_dir / SHARD_COUNTS
+    payload: dict[str, Any] | None = None
+    if env.is_main:
+        try:
+            saved = json.loads(kept.read_text()) if resume and kept.is_file() else None
+            if saved is not None and saved.get("spec") == spec:
+                payload = {"counts": saved["counts"], "kept": True}
+            else:
+                counts = count_shards_of(d)
+                payload = {"counts": counts.to_json(), "kept": False}
+                kept.write_text(json.dumps({"spec": spec, "counts": payload["counts"]}) + "\n")
+        except (VLPretrainError, ValueError, KeyError) as e:  # every rank must stop, not wait for rank 0
+            payload = {"error": str(e)}
+    payload = env.share(payload)
+    if "error" in payload:
+        raise DataError(payload["error"])
+    counts = ShardCounts.from_json(payload["counts"])
+    if env.is_main:
+        where = f"kept in {kept}" if payload["kept"] else "counted"
+        print(f"data: {counts.describe()} ({where})", flush=True)
+    return counts
 
 
 class Evaluator:
@@ -168,7 +200,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
     channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
-    data = data or shard_loader(cfg, model, env)
+    data = data or shard_loader(cfg, model, env, run_shard_counts(cfg, out_dir, env, resume))
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
         engine.compile()
@@ -290,7 +322,7 @@ def resolve_auto(cfg: RunConfig, device: torch.device) -> RunConfig:
 
 # Outputs of a run that `overwrite` removes (nothing else in the folder is touched).
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", "model.safetensors", "model.json",
-               "loss.png", "config.yaml")
+               "loss.png", "config.yaml", SHARD_COUNTS)
 
 
 def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:

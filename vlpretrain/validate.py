@@ -27,7 +27,7 @@ class Validator:
 
         self.cfg, self.env, self.loss_fn = cfg, env, loss_fn
         # fast_decode off: evaluation keeps open_clip's preprocessing pixel for pixel (PIL resampling)
-        data = replace(cfg.data, train=cfg.data.val, mode="epoch", weights=None, samples_per_epoch=None,
+        data = replace(cfg.data, train=cfg.data.val, mode="epoch", weights=None, train_num_samples=None,
                        augment=False, shuffle_buffer=0, fast_decode=False)
         self.loader = build_loader(data, image_transform(model, train=False), get_tokenizer(cfg.model),
                                    rank=env.rank, world_size=env.world_size)

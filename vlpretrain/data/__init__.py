@@ -1,7 +1,8 @@
 """Shards: writing them from image-caption sources (`write_shards`) and streaming them to training (`build_loader`)."""
 
-from vlpretrain.data.loader import ShardLoader, build_loader, dist_rank_world
-from vlpretrain.data.plan import EpochPlan, expand_shards, plan_epoch, plan_resampled, shard_sample_counts
+from vlpretrain.data.counts import ShardCounts, count_shards, index_shards, shard_sample_counts
+from vlpretrain.data.loader import ShardLoader, build_loader, count_shards_of, dist_rank_world
+from vlpretrain.data.plan import EpochPlan, expand_shards, plan_epoch, plan_resampled
 from vlpretrain.data.sources import (
                                      FORMATS,
                                      Record,
@@ -16,6 +17,6 @@ from vlpretrain.data.stats import LoaderStats
 from vlpretrain.data.stream import BatchSource, EpochBatches
 from vlpretrain.data.writer import write_shards
 
-__all__ = ["FORMATS", "BatchSource", "EpochBatches", "EpochPlan", "LoaderStats", "Record", "ShardLoader", "Skip", "Source", "SourceOptions",
-           "build_loader", "detect_format", "dist_rank_world", "expand_shards", "load_templates", "plan_epoch",
+__all__ = ["FORMATS", "BatchSource", "EpochBatches", "EpochPlan", "LoaderStats", "Record", "ShardCounts", "ShardLoader", "Skip", "Source", "SourceOptions",
+           "build_loader", "count_shards", "count_shards_of", "detect_format", "dist_rank_world", "expand_shards", "index_shards", "load_templates", "plan_epoch",
            "plan_resampled", "register_format", "shard_sample_counts", "write_shards"]

@@ -30,17 +30,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlpretrain import storage
 from vlpretrain.config import DataConfig
 from vlpretrain.data import stages
+from vlpretrain.data.counts import ShardCounts, count_shards
 from vlpretrain.data.pixels import Chain, split_transform
-from vlpretrain.data.plan import (
-    EpochPlan,
-    expand_shards,
-    plan_epoch,
-    plan_resampled,
-    seed_of,
-    shard_sample_counts,
-)
+from vlpretrain.data.plan import EpochPlan, expand_shards, plan_epoch, plan_resampled, seed_of
 from vlpretrain.data.stats import (
     CaptionDiversity,
     LoaderStats,
@@ -88,13 +83,6 @@ def _transform_size(transform: Any) -> int | None:
     return None
 
 
-def _local_counts(urls: list[str]) -> dict[str, int | None]:
-    """Expected samples per shard where they can be known cheaply (local files); None for remote ones."""
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
-    counts = dict(zip(local, shard_sample_counts(local)))
-    return {u: counts.get(u) for u in urls}
-
-
 class _EpochStream(IterableDataset):
     """What every DataLoader worker runs for one epoch of one rank: its share of the plan, as whole batches."""
 
@@ -103,7 +91,7 @@ class _EpochStream(IterableDataset):
         self.rank, self.urls, self.groups = loader.rank, loader.urls, loader.groups
         self.expected, self.draft = loader.expected, loader.draft_size
         self.sample_transform, self.decode_tensors = loader.sample_transform, loader.decode_tensors
-        self.tokenizer = loader.tokenizer
+        self.tokenizer, self.keys = loader.tokenizer, loader.keys
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -120,7 +108,7 @@ class _EpochStream(IterableDataset):
         steps: list[Callable] = [
             partial(stages.read_shards, stats=stats, expected=self.expected, interleave=self.cfg.interleave_shards,
                     rng=interleave_rng),
-            partial(stages.with_caption, stats=stats),
+            partial(stages.with_caption, stats=stats, keys=self.keys),
             partial(stages.shuffle, size=self.cfg.shuffle_buffer, rng=shuffle_rng),
             partial(stages.skip, skipper=skipper),
             partial(stages.decode, stats=stats, draft=self.draft, as_tensor=self.decode_tensors),
@@ -173,7 +161,7 @@ class ShardLoader:
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                  rank: int, world_size: int, epoch: int = 0, start_batch: int = 0, image_size: int | None = None,
-                 pin_memory: bool | None = None, defer_normalize: bool = False):
+                 pin_memory: bool | None = None, defer_normalize: bool = False, counts: ShardCounts | None = None):
         cfg.validate()  # a DataConfig built in Python skips load_config
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
@@ -181,13 +169,17 @@ class ShardLoader:
         self.rank, self.world_size = rank, world_size
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._set_pixel_path(transform, defer_normalize)
-        self.groups = expand_shards(cfg.train)
+        self.keys = stages.SampleKeys.parse(cfg.image_key, cfg.text_key)
+        groups = expand_shards(cfg.train)
+        self.shard_counts = counts or count_shards_of(cfg)
+        present = set(self.shard_counts.urls)
+        self.groups = [[u for u in g if u in present] for g in groups]
+        for entry, group in zip([cfg.train] if isinstance(cfg.train, str) else cfg.train, self.groups):
+            if not group:
+                raise DataError(f"data.train: none of the shards of {entry!r} exists")
         self.urls = [u for g in self.groups for u in g]
-        for url in self.urls:
-            if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url.removeprefix("file:")):
-                raise DataError(f"{url}: shard does not exist (data.train {cfg.train!r})")
-        self.counts = shard_sample_counts(self.urls) if cfg.mode == "epoch" else None
-        self.expected = dict(zip(self.urls, self.counts)) if self.counts else _local_counts(self.urls)
+        self.counts = self.shard_counts.samples if cfg.mode == "epoch" else None
+        self.expected = self.shard_counts.expected()
         size = image_size or cfg.image_size or _transform_size(transform)
         # a random crop of area fraction s needs size/sqrt(s) source pixels to stay sharp
         self.draft_size = math.ceil(size / math.sqrt(max(cfg.crop_scale[0], 0.05))) if size and cfg.augment \
@@ -236,8 +228,8 @@ class ShardLoader:
                                    world_size=self.world_size, workers=workers, batch_size=cfg.batch_size,
                                    start_batch=start_batch)
         else:
-            assert cfg.samples_per_epoch is not None
-            self.plan = plan_resampled(cfg.samples_per_epoch, world_size=self.world_size, workers=workers,
+            assert cfg.train_num_samples is not None
+            self.plan = plan_resampled(cfg.train_num_samples, world_size=self.world_size, workers=workers,
                                        batch_size=cfg.batch_size, start_batch=start_batch)
 
     @property
@@ -279,7 +271,8 @@ class ShardLoader:
     def metrics(self) -> dict[str, float]:
         """A metrics line's `data/...` figures: good and skipped sample counts since the loader was built, and
         the batch caption-diversity means since the previous call."""
-        return {f"data/{k}": v for k, v in {**self.stats.as_dict(), **self.diversity.take()}.items()}
+        missing = {"missing_shards": len(self.shard_counts.missing)} if self.shard_counts.missing else {}
+        return {f"data/{k}": v for k, v in {**self.stats.as_dict(), **self.diversity.take(), **missing}.items()}
 
     def _check_diversity(self, tokens: torch.Tensor) -> None:
         # token rows stand for captions: equal rows are what the text tower cannot tell apart
@@ -287,9 +280,9 @@ class ShardLoader:
         if self._diversity_checked or not self.diversity.ready:
             return
         self._diversity_checked = True
-        local = [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
+        local = [u for u in self.urls if not storage.is_remote(u)]
         spread = local[::max(1, len(local) // DIVERSITY_PEEK_SHARDS)][:DIVERSITY_PEEK_SHARDS]
-        captions = stages.peek_captions(spread, DIVERSITY_PEEK_SAMPLES)
+        captions = stages.peek_captions(spread, DIVERSITY_PEEK_SAMPLES, self.keys)
         if not captions:
             return
         reference = [row.numpy().tobytes() for row in self.tokenizer(captions).cpu()]
@@ -325,10 +318,19 @@ class ShardLoader:
                             f"({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})")
 
 
+def count_shards_of(cfg: DataConfig) -> ShardCounts:
+    """What `data.train` holds (`counts.count_shards` with the data config's settings): exact counts for epoch
+    mode, whatever folder-level sidecars say for resampled mode, which never scans."""
+    urls = [u for g in expand_shards(cfg.train) for u in g]
+    index = [cfg.index] if isinstance(cfg.index, str) else cfg.index
+    return count_shards(urls, need_counts=cfg.mode == "epoch", num_samples=cfg.train_num_samples,
+                        missing=cfg.missing_shards, index=index)
+
+
 def build_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                  rank: int | None = None, world_size: int | None = None, epoch: int = 0, start_batch: int = 0,
                  image_size: int | None = None, pin_memory: bool | None = None,
-                 defer_normalize: bool = False) -> ShardLoader:
+                 defer_normalize: bool = False, counts: ShardCounts | None = None) -> ShardLoader:
     """The loader of `cfg` for this rank (see `ShardLoader`); rank/world size default to torch.distributed or env.
 
     `transform` maps a PIL RGB image to a tensor (e.g. `vlpretrain.models.image_transform(model, train=True)`),
@@ -336,8 +338,9 @@ def build_loader(cfg: DataConfig, transform: Callable, tokenizer: Callable[[list
     sets how far large JPEGs may be draft-decoded. `pin_memory` defaults to whether CUDA is available.
     `defer_normalize` leaves uint8 batches (`data.uint8_batches`) for the training step to normalise on its device
     with `loader.normalize`; without it this process normalises them and batches are floats either way.
+    `counts` (`count_shards_of(cfg)`, which the trainer computes once per run and shares) saves counting here.
     """
     rank, world_size = dist_rank_world(rank, world_size)
     return ShardLoader(cfg, transform, tokenizer, rank=rank, world_size=world_size, epoch=epoch,
                        start_batch=start_batch, image_size=image_size, pin_memory=pin_memory,
-                       defer_normalize=defer_normalize)
+                       defer_normalize=defer_normalize, counts=counts)

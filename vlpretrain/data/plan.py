@@ -26,18 +26,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
-import os
 import random
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
 
+from vlpretrain import storage
 from vlpretrain.errors import ConfigError, DataError
-from vlpretrain.formats import INCOMPLETE, MANIFEST
 
 
 def seed_of(*parts: object) -> int:
@@ -47,15 +42,18 @@ def seed_of(*parts: object) -> int:
 
 
 def _expand_entry(entry: str) -> list[str]:
-    """Brace patterns and `::` lists (webdataset's), then shell globs (`*`, `?`, `[...]`) of local paths, each
-    glob sorted so that a run reads its shards in the same order on every machine and every run."""
+    """Brace patterns and `::` lists (webdataset's), then shell globs (`*`, `?`, `[...]`) of local or object-storage
+    paths, each glob sorted so that a run reads its shards in the same order on every machine and every run."""
     urls = []
     for url in expand_urls(entry):
-        local = "://" not in url and not url.startswith("pipe:")
-        if local and glob.has_magic(url):
-            urls += sorted(glob.glob(os.path.expanduser(url.removeprefix("file:"))))
-        else:
+        if url.startswith("pipe:") or not glob.has_magic(url):
             urls.append(url)
+        elif not storage.is_remote(url):
+            urls += sorted(glob.glob(storage.local_path(url)))
+        else:  # object storage: one listing
+            fs, path = storage.filesystem(url)
+            scheme = url.split("://", 1)[0]
+            urls += sorted(f"{scheme}://{p}" for p in fs.glob(path))
     return urls
 
 
@@ -67,74 +65,6 @@ def expand_shards(train: str | list[str]) -> list[list[str]]:
         if not urls:
             raise ConfigError(f"data.train: {entry!r} names no shard")
     return groups
-
-
-def _manifest_counts(directory: Path, cache: dict[Path, dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
-    if directory not in cache:
-        cache[directory] = {}
-        try:
-            shards = json.loads((directory / MANIFEST).read_text()).get("shards", [])
-            cache[directory] = {s["name"]: (int(s["samples"]), int(s["bytes"])) for s in shards}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-    return cache[directory]
-
-
-def scan_tar_samples(path: str | Path) -> int:
-    """Samples in a tar shard by its headers alone (consecutive files sharing a key); stops at a truncation.
-
-    A file that is not a tar archive at all is a DataError naming it (not a shard of zero samples).
-    """
-    count, last = 0, None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                key, _ = base_plus_ext(info.name)
-                if info.isreg() and key is not None and key != last:
-                    count, last = count + 1, key
-    except tarfile.ReadError as e:
-        if count == 0 and not _looks_like_tar(path):
-            raise DataError(f"{path}: not a tar file ({e}); data.train must name webdataset tar shards") from None
-    except (EOFError, OSError):
-        pass
-    return count
-
-
-def _looks_like_tar(path: str | Path) -> bool:
-    """A ustar/GNU magic at offset 257 of the first header, or an empty file (a truncated shard)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    return len(head) < 512 or head[257:262] == b"ustar"
-
-
-def shard_sample_counts(urls: list[str]) -> list[int]:
-    """Samples per shard: from the writer's `_manifest.json` beside the shards, else a header scan.
-
-    A shard smaller than its manifest entry was cut short: the manifest's count stays the expected one, so the
-    loader counts every lost sample as truncated. A shard the manifest does not list, or one larger than listed,
-    was not written by the run that wrote the manifest: a DataError, so two runs' shards are never mixed.
-    """
-    cache: dict[Path, dict[str, tuple[int, int]]] = {}
-    counts = []
-    for url in urls:
-        path = Path(url.removeprefix("file:"))
-        if "://" in url or url.startswith("pipe:") or not path.is_file():
-            if "://" in url or url.startswith("pipe:"):
-                raise DataError(f"{url}: epoch mode counts samples of local shards only; use data.mode: resampled")
-            raise DataError(f"{url}: shard does not exist")
-        listed = _manifest_counts(path.parent, cache)
-        if (path.parent / INCOMPLETE).exists() and not listed:
-            raise DataError(f"{path.parent}: an interrupted make-shards left this folder without a manifest; "
-                            "run make-shards again")
-        known = listed.get(path.name)
-        size = path.stat().st_size
-        if listed and known is None:
-            raise DataError(f"{url}: not listed in {path.parent / MANIFEST} (a shard of another make-shards run?)")
-        if known and size > known[1]:
-            raise DataError(f"{url}: {size} bytes, but {path.parent / MANIFEST} lists {known[1]} (changed since it "
-                            "was written)")
-        counts.append(known[0] if known else scan_tar_samples(path))
-    return counts
 
 
 def round_robin_take(caps: list[int], n: int) -> list[int]:

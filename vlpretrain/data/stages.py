@@ -16,53 +16,35 @@ import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
+from vlpretrain.data import tars
 from vlpretrain.data.pixels import decode_rgb
 from vlpretrain.data.plan import seed_of
 from vlpretrain.data.stats import WorkerStats
 from vlpretrain.errors import DataError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm", "pgm")
 Sample = dict[str, Any]
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
-    """(key, extension, read) of each regular file of one shard in tar order; `read()` fetches its bytes.
-
-    Names come before data so that a cut inside a file still lets the previous, complete sample through.
-    """
-    stream = gopen(url)
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
-            key, ext = base_plus_ext(info.name)
-            if info.isreg() and key is not None:
-                yield key, ext.lower(), partial(_read_member, tar, info)
-            tar.members = []  # a streamed archive would otherwise keep every header it has seen
-    finally:
-        stream.close()
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(info)
-    assert f is not None
-    return f.read()
-
-
 def _shard_samples(url: str, shard_seed: int, stats: WorkerStats, expected: dict[str, int | None]) -> Iterator[Sample]:
-    """Raw samples of one shard; a shard that cannot be opened or ends early has its lost samples counted."""
-    count, current = 0, None
+    """Raw samples of one shard; a shard that cannot be opened or ends early has its lost samples counted.
+
+    With a known count (a manifest, an index or a sidecar), a shard cut short costs exactly what it lacks, and
+    one that ends cleanly with another count is a DataError naming both (shard and sidecar disagree). Without
+    one, a cut still costs at least the sample it was cut in.
+    """
+    count, current, end, known = 0, None, tars.TarEnd(), expected.get(url)
     try:
-        for key, ext, read in _tar_members(url):
+        for key, ext, read in tars.stream_members(url, end):
             if current is not None and key != current["__key__"]:
+                if known is not None and count + 1 >= known:  # another sample follows the last one expected
+                    raise _disagrees(url, f"more than {known}", known)
                 yield current
                 count, current = count + 1, None
             if current is None:
@@ -70,18 +52,28 @@ def _shard_samples(url: str, shard_seed: int, stats: WorkerStats, expected: dict
                 current = {"__key__": key, "__url__": url, "__seed__": seed_of(shard_seed, key)}
             current[ext] = read()
     except (tarfile.TarError, EOFError) as e:
-        stats.skip(url, "truncated tar", f"after {count} samples ({e})", n=max(1, (expected.get(url) or 0) - count))
+        stats.skip(url, "truncated tar", f"after {count} samples ({e})", n=max(1, (known or 0) - count))
         return
     except OSError as e:  # missing, unreadable, or an I/O error part way
         stats.skip(url, "unreadable shard", f"after {count} samples ({e.strerror or e})",
-                   n=max(1, (expected.get(url) or 0) - count))
+                   n=max(1, (known or 0) - count))
         return
+    total = count + (current is not None)
+    if end.clean and known is not None and total != known:
+        raise _disagrees(url, str(total), known)
     if current is not None:
         yield current
         count += 1
-    missing = (expected.get(url) or 0) - count
-    if missing > 0:  # a cut exactly between two files reads as a clean end of archive
-        stats.skip(url, "truncated tar", f"ends after {count} of {count + missing} samples", n=missing)
+    if not end.clean:  # a cut on a member boundary reads like a short, complete archive to tarfile
+        lost = known - count if known is not None else 1
+        if lost > 0:
+            stats.skip(url, "truncated tar", f"ends without an end-of-archive block after {count} samples"
+                       + (f" of {known}" if known is not None else ""), n=lost)
+
+
+def _disagrees(url: str, holds: str, known: int) -> DataError:
+    return DataError(f"{url}: holds {holds} samples, but its sidecar count (manifest, index, sizes.json or stats) "
+                     f"says {known}; fix the sidecar, or re-index the shards (vlpretrain index-shards)")
 
 
 def read_shards(shards: Iterable[tuple[str, int]], stats: WorkerStats, expected: dict[str, int | None],
@@ -110,49 +102,77 @@ def read_shards(shards: Iterable[tuple[str, int]], stats: WorkerStats, expected:
         yield sample
 
 
-def peek_captions(urls: Iterable[str], per_shard: int) -> list[str]:
+@dataclass(frozen=True)
+class SampleKeys:
+    """Which members of a sample are its image and its caption (open_clip's --image-key / --text-key): `;`-separated
+    alternatives, the first one a sample has wins. A text key `json:FIELD` (dotted for nested fields) takes the
+    caption from the json member; a field holding a list gives several captions, one drawn per sample and epoch."""
+
+    image: tuple[str, ...]
+    text: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, image_key: str, text_key: str) -> SampleKeys:
+        def split(spec: str) -> tuple[str, ...]:
+            return tuple(k.strip().lower() for k in spec.split(";") if k.strip())
+
+        return cls(split(image_key), split(text_key))
+
+    def text_members(self) -> set[str]:
+        """Members a caption may come from (the rest, images above all, need not be read to find captions)."""
+        return {k.split(":", 1)[0] for k in self.text}
+
+    def captions(self, sample: Sample) -> list[str] | None:
+        """The captions of a sample from its first text key it has; None if it has none of them."""
+        for key in self.text:
+            member, _, path = key.partition(":")
+            if member not in sample:
+                continue
+            if not path:
+                return [sample[member].decode("utf-8", errors="replace")]
+            try:
+                value: Any = json.loads(sample[member])
+                for part in path.split("."):
+                    value = value.get(part) if isinstance(value, dict) else None
+            except ValueError:
+                continue
+            if isinstance(value, list) and value:
+                return [str(c) for c in value]
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                return [str(value)]
+        return None
+
+
+def peek_captions(urls: Iterable[str], per_shard: int, keys: SampleKeys) -> list[str]:
     """The first caption of each of the first `per_shard` samples of every shard (a shard that fails gives fewer)."""
     out: list[str] = []
+    wanted = keys.text_members()
     for url in urls:
         samples: dict[str, Sample] = {}
         try:
-            with closing(_tar_members(url)) as members:
+            with closing(tars.stream_members(url, tars.TarEnd())) as members:
                 for key, ext, read in members:
                     if key not in samples and len(samples) == per_shard:
                         break
                     sample = samples.setdefault(key, {})
-                    if ext in ("txt", "json"):  # image bytes are never read
+                    if ext in wanted:  # image bytes are never read
                         sample[ext] = read()
         except (tarfile.TarError, EOFError, OSError):
             pass
         for sample in samples.values():
-            caps = [c.strip() for c in _captions(sample) or [] if c.strip()]
+            caps = [c.strip() for c in keys.captions(sample) or [] if c.strip()]
             out += caps[:1]
     return out
 
 
-def _captions(sample: Sample) -> list[str] | None:
-    """All captions of a sample: the .json's `captions` list when there is one, else the .txt; None if neither."""
-    if "json" in sample:
-        try:
-            caps = json.loads(sample["json"]).get("captions")
-            if isinstance(caps, list) and caps:
-                return [str(c) for c in caps]
-        except (ValueError, AttributeError):
-            pass
-    if "txt" in sample:
-        return [sample["txt"].decode("utf-8", errors="replace")]
-    return None
-
-
-def with_caption(samples: Iterable[Sample], stats: WorkerStats) -> Iterator[Sample]:
+def with_caption(samples: Iterable[Sample], stats: WorkerStats, keys: SampleKeys) -> Iterator[Sample]:
     """Keep samples with an image and a caption; pick one caption per sample and epoch when there are several."""
     for s in samples:
-        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        ext = next((e for e in keys.image if e in s), None)
         if ext is None:
             stats.skip(s["__url__"], "missing image", s["__key__"])
             continue
-        caps = _captions(s)
+        caps = keys.captions(s)
         if caps is None:
             stats.skip(s["__url__"], "missing caption", s["__key__"])
             continue

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import json
 import logging
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +40,19 @@ class DistEnv:
         t = torch.tensor([float(f) for f in flags])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.control)
         return [v > 0 for v in t.tolist()]
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's JSON-able `value` on every rank (others pass None): work done once, its result for all. It
+        travels as UTF-8 JSON in a byte tensor on the host group, never pickled."""
+        if self.world_size == 1:
+            return value
+        data = json.dumps(value).encode() if self.is_main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        torch.distributed.broadcast(size, src=0, group=self.control)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_main else \
+            torch.empty(int(size.item()), dtype=torch.uint8)
+        torch.distributed.broadcast(buf, src=0, group=self.control)
+        return json.loads(buf.numpy().tobytes())
 
 
 def _free_port() -> int:
