@@ -1,7 +1,6 @@
 """Launchers: where a process sits, read from hand-made torchrun, deepspeed, SLURM and MPI environments, and one
 slow run per launcher showing that srun- and mpirun-style launches train exactly as torchrun does."""
 
-import os
 import subprocess
 import sys
 
