@@ -95,20 +95,22 @@ def test_fresh_run_in_a_used_folder_is_refused_then_overwritten(tmp_path):
 @pytest.mark.slow
 def test_two_runs_started_together_into_one_folder(tmp_path):
     """A double submit: both start at once; whichever takes the folder's lock trains, the other stops in one line
-    naming it, before touching the folder; so does every rank of a two-process run started into it meanwhile. The
+    naming it, before touching the folder; so does every rank of a two-process run resumed into it meanwhile. The
     winner holds its first batch until the others have exited, so they always meet a held lock, never a finished
     run."""
     out, go = tmp_path / "run", tmp_path / "go"
     procs = {steps: subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--hold-until", str(go),
-                                      f"train.steps={steps}", "train.save_every=1", "train.warmup_steps=1"],
+                                      f"train.steps={steps}", "train.save_every=1", "train.keep_last=5",
+                                      "train.warmup_steps=1"],
                                      env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for steps in (2, 3)}
     give_up = time.monotonic() + 300  # a bound, not a check: without a lock both would wait here forever
     while all(p.poll() is None for p in procs.values()) and time.monotonic() < give_up:
         time.sleep(0.2)
-    # ranks of one run share the refusal: rank 0 asks for the lock and tells rank 1
+    # ranks of one run share the refusal: rank 0 asks for the lock and tells rank 1; --resume asks too
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(SCRIPT), str(out), "train.steps=4"],
+                           f"--master_port={free_port()}", str(SCRIPT), str(out), "train.steps=4", "--resume",
+                           "latest"],
                           env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
     go.touch()
     results = {steps: (p, *p.communicate(timeout=600)) for steps, p in procs.items()}
