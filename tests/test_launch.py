@@ -47,6 +47,10 @@ def test_mpi():
     assert launch_env({**SRUN, **OMPI, "MASTER_ADDR": "node0"}).launcher == "openmpi"
     intel = {"PMI_RANK": "2", "PMI_SIZE": "8", "MPI_LOCALRANKID": "0", "MASTER_ADDR": "node1", "MASTER_PORT": "1234"}
     assert launch_env(intel) == Launch(2, 8, 0, "node1", 1234, "mpich")
+    # Intel MPI's mpirun under SLURM: its ranks inherit the SLURM_PROCID of the srun that started their proxy
+    assert launch_env({**SRUN, **intel}) == Launch(2, 8, 0, "node1", 1234, "mpich")
+    # srun --mpi=pmi2: PMI_RANK beside SLURM's variables, no MPI local rank
+    assert launch_env({**SRUN, "PMI_RANK": "5", "PMI_SIZE": "8"}) == launch_env(SRUN)
 
 
 @pytest.mark.parametrize("environ, says", [

@@ -80,7 +80,7 @@ def lock_run_folder(out_dir: str | os.PathLike) -> RunLock:
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
+            raise ConfigError(f"train.output_dir {folder}: cannot lock {path} ({e.strerror or e})") from None
         log.warning("train.output_dir %s: its file system does not support locks (%s): a second run started into "
                     "this folder will not be stopped", folder, e.strerror)
         return RunLock(path, None)

@@ -14,6 +14,7 @@ import hostlist
 from vlpretrain.errors import LaunchError
 
 DEFAULT_PORT = 29500  # torch's and DeepSpeed's default rendezvous port
+PMI_LOCAL_RANK = ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")  # MPICH's and Intel MPI's hydra; Cray's PMI
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def launch_env(environ: Mapping[str, str]) -> Launch:
 
     RANK (torchrun, deepspeed, or set by hand) wins over the others: torchrun inside an `srun` step sees SLURM's
     variables too, and they describe the step's one task per node, not torchrun's processes. MPI's variables
-    come next, for the same reason when `mpirun` runs inside a SLURM allocation.
+    come next, for the same reason when `mpirun` runs inside a SLURM allocation (Intel MPI's starts one proxy per
+    node with srun, whose SLURM_PROCID its ranks inherit).
     """
     if "RANK" in environ:
         launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in environ else
@@ -54,9 +56,9 @@ def launch_env(environ: Mapping[str, str]) -> Launch:
     if "OMPI_COMM_WORLD_RANK" in environ:
         return _mpi(environ, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
                     "OMPI_COMM_WORLD_LOCAL_SIZE", "openmpi")
-    if "PMI_RANK" in environ:
-        return _mpi(environ, "PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"), "MPI_LOCALNRANKS",
-                    "mpich")
+    # srun --mpi=pmi2 sets PMI_RANK too, but no local rank: SLURM's variables then say it all
+    if "PMI_RANK" in environ and ("SLURM_PROCID" not in environ or any(k in environ for k in PMI_LOCAL_RANK)):
+        return _mpi(environ, "PMI_RANK", "PMI_SIZE", PMI_LOCAL_RANK, "MPI_LOCALNRANKS", "mpich")
     if "SLURM_PROCID" in environ:
         return _slurm(environ)
     tasks = {k: environ[k] for k in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "WORLD_SIZE") if k in environ}
