@@ -35,6 +35,9 @@ def test_slurm():
     assert launch_env(step) == Launch(5, 6, 1, "gpu03", 10000 + 123456 % 20000, "slurm")
     assert launch_env({**step, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29501"}).master_addr == "10.0.0.9"
     assert launch_env({**step, "MASTER_PORT": "29501"}).master_port == 29501
+    # one task (`srun --pty bash`, then python): a free port, so two such runs on one node do not collide
+    one = {**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+    assert launch_env(one) == Launch(0, 1, 0, "127.0.0.1", None, "slurm")
     nodes = {k: v for k, v in SRUN.items() if k not in ("SLURM_JOB_NODELIST", "SLURM_JOB_ID")}
     assert launch_env({**nodes, "SLURM_NODELIST": "a-[9-10]"}) == Launch(5, 8, 1, "a-9", 29500, "slurm")
 

@@ -135,6 +135,8 @@ def _checked(environ: Mapping[str, str], rank: str, size: str, local: str, addr:
         raise LaunchError(f"{rank}={r} with {size}={n}: a rank must lie in 0..{size}-1 and the size be >= 1")
     if not 0 <= lr <= r:
         raise LaunchError(f"{local}={lr} with {rank}={r}: a local rank must lie in 0..{rank}")
+    if n == 1 and "MASTER_PORT" not in environ:  # nobody to meet: a free local port, as a lone process gets
+        addr, port = environ.get("MASTER_ADDR", "127.0.0.1"), None
     if port is not None and not 0 < port < 65536:
         raise LaunchError(f"MASTER_PORT={port}: not a port (1..65535)")
     return Launch(r, n, lr, addr, port, launcher)
