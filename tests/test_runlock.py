@@ -25,6 +25,7 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(tmp_path):
                           f"{socket.gethostname()}, pid {os.getpid()}, started {holder['started']}: ")
     assert "\n" not in msg and "delete" not in msg  # a live holder here: nothing to clear
     lock.release()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # a finished run's record is never taken for a holder's
     with lock_run_folder(tmp_path):
         pass
 

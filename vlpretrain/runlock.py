@@ -53,6 +53,7 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             _HELD.discard(self._fd)
+            os.ftruncate(self._fd, 0)  # a later contender must never read a finished run's record as its holder
             os.close(self._fd)
             self._fd = None
 
@@ -107,23 +108,30 @@ def _refusal(folder: Path, path: Path) -> str:
     if host != socket.gethostname():
         msg += (f"; if that job is gone (check on {host}: `ps -p {pid}`, or your scheduler's queue), a network file "
                 f"system may keep its lock until the file server expires it: delete {path} and start again")
-    elif isinstance(pid, int) and not _alive(pid):
+    elif _dead_here(holder):
         msg += (f"; pid {pid} is no longer running on this host, so the file system keeps its lock (a network file "
                 f"system may until its server expires it): if no run uses the folder, delete {path} and start again")
     return msg
 
 
 def _read_holder(path: Path) -> dict[str, Any] | None:
-    # the holder writes its record right after taking the lock: a contender may read in between, so look again
+    # the holder writes its record right after taking the lock: a contender may read before that (nothing yet, or
+    # the record of an earlier run that was killed), so look again for a moment before believing either
+    holder = None
     for _ in range(20):
         try:
             holder = json.loads(path.read_text())
-            if isinstance(holder, dict):
-                return holder
         except (OSError, ValueError):
-            pass
+            holder = None
+        if isinstance(holder, dict) and not _dead_here(holder):
+            return holder
         time.sleep(0.05)
-    return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
