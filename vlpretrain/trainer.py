@@ -157,7 +157,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
 
     `resume` is "latest" or a checkpoint folder; without it the run folder must hold no checkpoints, unless
     `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchSource`, such
-    as `vlpretrain.data.EpochBatches` over synthetic batches).
+    as `vlpretrain.data.EpochBatches` over synthetic batches). The run folder is locked for this run until it
+    returns: another run holding it raises RunFolderLocked.
     """
     env = init_distributed()
     if env.is_main and env.world_size > 1:
