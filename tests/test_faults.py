@@ -8,12 +8,16 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from test_train import free_port
 from zeroshot_fakes import write_folder_tree, write_wds
 
 from vlpretrain.config import ModelConfig
@@ -86,6 +90,45 @@ def test_fresh_run_in_a_used_folder_is_refused_then_overwritten(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # the old run's rows are gone
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_folder(tmp_path):
+    """A double submit: both start at once; whichever takes the folder's lock trains, the other stops in one line
+    naming it, before touching the folder; so does every rank of a two-process run resumed into it meanwhile. The
+    winner holds its first batch until the others have exited, so they always meet a held lock, never a finished
+    run."""
+    out, go = tmp_path / "run", tmp_path / "go"
+    procs = {steps: subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--hold-until", str(go),
+                                      f"train.steps={steps}", "train.save_every=1", "train.keep_last=5",
+                                      "train.warmup_steps=1"],
+                                     env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for steps in (2, 3)}
+    give_up = time.monotonic() + 300  # a bound, not a check: without a lock both would wait here forever
+    while all(p.poll() is None for p in procs.values()) and time.monotonic() < give_up:
+        time.sleep(0.2)
+    # ranks of one run share the refusal: rank 0 asks for the lock and tells rank 1; --resume asks too
+    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(SCRIPT), str(out), "train.steps=4", "--resume",
+                           "latest"],
+                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    go.touch()
+    results = {steps: (p, *p.communicate(timeout=600)) for steps, p in procs.items()}
+    (lost, (loser, _, err)), = [(s, r) for s, r in results.items() if r[0].returncode != 0]
+    (won, (winner, _, werr)), = [(s, r) for s, r in results.items() if r[0].returncode == 0]
+    msg = one_line_error(subprocess.CompletedProcess(loser.args, loser.returncode, "", err))
+    assert f"another run is using this folder (host {socket.gethostname()}, pid {winner.pid}, started " in msg
+    assert pair.returncode != 0
+    assert [line for line in pair.stderr.splitlines() if line.startswith("error:")] == [msg] * 2, pair.stderr[-3000:]
+    assert "2 processes (torchrun), master 127.0.0.1:" in pair.stdout
+    # only the winner's files: its config, one metrics row per step, its checkpoints, its summary
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == won
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, won + 1))
+    assert checkpoints(out) == [f"step_{s:08d}" for s in range(1, won + 1)]
+    assert [p.name for p in out.glob("summary_rank*.json")] == ["summary_rank0.json"]
+    assert json.loads((out / "summary_rank0.json").read_text())["steps"] == won
+    assert (out / ".vlpretrain.lock").read_text() == ""  # released at the end, its record cleared
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):

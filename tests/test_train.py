@@ -194,12 +194,14 @@ def _wait_for(path: Path, timeout: float = 300) -> None:
 
 @pytest.mark.slow
 def test_sigkill_resumes_from_intact_latest(tmp_path):
+    """A killed run leaves a complete latest checkpoint, and its folder's lock free: `--resume latest` goes on."""
     out = tmp_path / "killed"
     cmd = [sys.executable, SCRIPT, str(out), "--slow", "0.2", "train.steps=1000", "train.save_every=2"]
     p = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(out / "checkpoints" / "step_00000004" / "COMPLETE")
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert json.loads((out / ".vlpretrain.lock").read_text())["pid"] == p.pid  # it held the folder; the OS let go
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
     assert step >= 4 and (out / "checkpoints" / latest / "COMPLETE").is_file()

@@ -1,7 +1,7 @@
 """Run `vlpretrain.train` on deterministic synthetic batches (used by the trainer tests, one or more processes).
 
-usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--resume latest] [--per-sample]
-    [--image-size 28] [--context 16] [k=v ...]
+usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--hold-until FILE]
+    [--resume latest] [--per-sample] [--image-size 28] [--context 16] [k=v ...]
 
 --per-sample draws every sample from its own seed, in epochs of SAMPLES_PER_EPOCH samples per rank, so that k
 micro-batches of b hold exactly the samples of one batch of k x b (the accumulation tests compare the two).
@@ -17,6 +17,7 @@ import torch
 
 from vlpretrain.config import load_config
 from vlpretrain.data import EpochBatches
+from vlpretrain.engine.launch import launch_env
 from vlpretrain.errors import VLPretrainError
 from vlpretrain.trainer import train
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--nan-batches", default="")
     p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--hold-until", help="the first batch waits until this file exists (the run folder is locked)")
     p.add_argument("--resume", default=None)
     p.add_argument("--per-sample", action="store_true")
     p.add_argument("--image-size", type=int, default=28)
@@ -39,14 +41,16 @@ def main() -> None:
         cfg = load_config(None, ["data.train=unused", f"train.output_dir={a.out}", "data.batch_size=4",
                                  "train.progress=false", "train.log_every=1", "train.warmup_steps=2",
                                  "train.lr=1e-3", *a.overrides])
+        rank = launch_env(os.environ).rank  # any launcher: torchrun, srun, mpirun or none
     except VLPretrainError as e:  # as the CLI does: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    rank = int(os.environ.get("RANK", "0"))
     nan = {int(x) for x in a.nan_batches.split(",") if x}
     bs = cfg.data.batch_size
 
     def data(epoch: int, start: int):
+        while a.hold_until and not os.path.exists(a.hold_until):
+            time.sleep(0.1)
         for b in range(start, BATCHES_PER_EPOCH):
             g = torch.Generator().manual_seed(((epoch * 100 + b) * 8 + rank) * 7919)
             images = torch.randn(bs, 3, a.image_size, a.image_size, generator=g)

@@ -17,6 +17,14 @@ class CheckpointError(VLPretrainError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class LaunchError(VLPretrainError):
+    """The launcher's environment does not say which process this is (rank, world size, rendezvous address)."""
+
+
+class RunFolderLocked(VLPretrainError):
+    """Another run holds the run folder's lock: two runs must not write into one folder."""
+
+
 class TrainingError(VLPretrainError):
     """Training cannot continue (for example, too many non-finite losses in a row)."""
 

@@ -1,6 +1,6 @@
 """The training loop: build, then for each optimizer step: its micro-batches, loss, backward and step (exact or
 independent accumulation, `vlpretrain.accumulate`), log, maybe checkpoint, maybe evaluate. Launch it as one
-process, under torchrun, or under the deepspeed launcher; it reads its place from the environment. It talks to
+process, under torchrun, the deepspeed launcher, srun or mpirun; it reads its place from the environment. It talks to
 DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `BatchSource` protocol
 (`vlpretrain.data.stream`).
 """
@@ -40,6 +40,7 @@ from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
+from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
@@ -188,14 +189,26 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
 
     `resume` is "latest" or a checkpoint folder; without it the run folder must hold no checkpoints, unless
     `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchSource`, such
-    as `vlpretrain.data.EpochBatches` over synthetic batches).
+    as `vlpretrain.data.EpochBatches` over synthetic batches). The run folder is locked for this run until it
+    returns: another run holding it raises RunFolderLocked.
     """
-    # ---- check what can be checked, then build -----------------------------------------------------------------
     env = init_distributed()
+    if env.is_main and env.world_size > 1:
+        print(f"{env.world_size} processes ({env.launcher}), master {env.master}", flush=True)
     cfg = resolve_auto(cfg, env.device)
+    lock = prepare_run_folder(Path(cfg.train.output_dir), resume, overwrite, env)
+    try:
+        return _run(cfg, env, resume, data)
+    finally:
+        if lock is not None:  # rank 0's; the OS lets it go too if this process dies first
+            lock.release()
+
+
+def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None) -> dict[str, Any]:
+    """The body of `train`, in a run folder this run holds."""
+    # ---- check what can be checked, then build -----------------------------------------------------------------
     tc = cfg.train
     out_dir = Path(tc.output_dir)
-    prepare_run_folder(out_dir, resume, overwrite, env)
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
@@ -325,32 +338,52 @@ RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", "m
                "loss.png", "config.yaml", SHARD_COUNTS)
 
 
-def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:
-    """Make sure the run folder is writable and belongs to this run before any work starts.
+def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> RunLock | None:
+    """Make sure the run folder is writable and belongs to this run before any work starts; returns rank 0's lock
+    on it (None on other ranks), which the caller releases when the run ends.
 
-    A fresh run in a folder that holds another run's checkpoints would mix the two (and pruning would remove the
-    new checkpoints), so it is refused unless `overwrite` clears that run's outputs first.
+    Rank 0 locks the folder (`vlpretrain.runlock`) before anything in it changes, and tells the other ranks, so
+    every rank of a run refused by another run's lock stops with the same line. A fresh run in a folder that holds
+    another run's checkpoints would mix the two (and pruning would remove the new checkpoints), so it is refused
+    unless `overwrite` clears that run's outputs first.
     """
-    ckpts = out_dir / "checkpoints"
-    held = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
     if resume and overwrite:
         raise ConfigError("--overwrite: cannot be combined with --resume (one continues the run, the other "
                           "discards it)")
-    if held and not resume and not overwrite:
-        raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
-                          "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
+    lock, refusal = None, None
     if env.is_main:
-        check_writable(out_dir, "train.output_dir")  # the folder, or the parent it will be made in
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
+        try:
+            check_writable(out_dir, "train.output_dir")  # the folder, or the parent it will be made in
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_folder(out_dir)
+        except VLPretrainError as e:
+            refusal = e
+    if env.world_size > 1:  # collective: rank 0's answer reaches every rank
+        answer = [refusal]
+        torch.distributed.broadcast_object_list(answer, src=0, group=env.control)
+        refusal = answer[0]
+    if refusal is not None:
+        raise refusal
+    try:
+        ckpts = out_dir / "checkpoints"
+        held = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+        if held and not resume and not overwrite:
+            raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
+                              "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
+        if env.is_main and overwrite:
             for name in RUN_OUTPUTS:
                 target = out_dir / name
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if env.world_size > 1:
         torch.distributed.barrier()
+    return lock
 
 
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not

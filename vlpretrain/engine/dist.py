@@ -1,4 +1,5 @@
-"""Where this process sits in the job: joining the process group from the launcher's environment, and leaving it."""
+"""Where this process sits in the job: joining the process group from the launcher's environment
+(`vlpretrain.engine.launch`), and leaving it."""
 
 from __future__ import annotations
 
@@ -15,18 +16,22 @@ from typing import Any
 
 import torch
 
+from vlpretrain.engine.launch import launch_env
+
 log = logging.getLogger("vlpretrain")
 
 
 @dataclass
 class DistEnv:
-    """Where this process sits: global rank, world size, local rank and its device."""
+    """Where this process sits: global rank, world size, local rank and its device, and who launched it."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     control: torch.distributed.ProcessGroup | None = None  # a gloo group for host flags when the main group is not gloo (NCCL), else None
+    launcher: str = "none"  # torchrun, deepspeed, env, slurm, openmpi, mpich or none (a lone process)
+    master: str = ""  # the rendezvous address, host:port
 
     @property
     def is_main(self) -> bool:
@@ -75,14 +80,16 @@ def quiet_library_chatter() -> Iterator[None]:
 
 
 def init_distributed() -> DistEnv:
-    """Join (or create) the process group from the launcher's environment: torchrun, deepspeed, or a lone process."""
+    """Join (or create) the process group from the launcher's environment: torchrun, deepspeed, SLURM (`srun`),
+    MPI (`mpirun`), or a lone process. The place found is exported as RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    and MASTER_PORT, which DeepSpeed, torch's rendezvous and the data loader read."""
+    launch = launch_env(os.environ)  # before the slow imports: a launch error is one line, at once
     with quiet_library_chatter():
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # a lone process: a one-member group so every code path is the distributed one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    # a lone process gets a one-member group on a free port, so every code path is the distributed one
+    os.environ.update(launch.variables(port=launch.master_port or _free_port()))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     if not torch.distributed.is_initialized():
@@ -90,7 +97,7 @@ def init_distributed() -> DistEnv:
         with quiet_library_chatter():
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timeout)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.local_rank
     if acc.device_name() == "cpu":
         device = torch.device("cpu")
     else:
@@ -100,7 +107,8 @@ def init_distributed() -> DistEnv:
     # host flags (stop requests) need a CPU-capable group: NCCL reduces GPU tensors only, and a GPU tensor made
     # from a host value costs a device sync; collective, so every rank creates it here
     control = torch.distributed.new_group(backend="gloo") if world > 1 and backend != "gloo" else None
-    return DistEnv(torch.distributed.get_rank(), world, local_rank, device, control)
+    return DistEnv(torch.distributed.get_rank(), world, local_rank, device, control, launch.launcher,
+                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
 
 
 def shutdown_distributed() -> None:
