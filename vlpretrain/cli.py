@@ -94,6 +94,8 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
         print("#   DeepSpeed's estimators: 16-bit weights; 16-bit + fp32 gradients, fp32 master weights and moments")
     else:
         print("#   DeepSpeed's accounting with fp32 weights and gradients (its estimators assume 16-bit weights)")
+    print("#   CPU/node: host memory DeepSpeed's estimators ask for (each local rank loading the model; offloaded, "
+          "the optimizer states)")
     print(f"#   {'':9}{'GPU/rank':>12}{'CPU/node':>12}   optimizer offloaded:{'GPU/rank':>12}{'CPU/node':>12}")
     runs_as = deepspeed_stage(t)
     for stage in range(4):
