@@ -62,9 +62,10 @@ class EnergyMeter:
         self._counter = _nvml_energy(device)
         self._start = self._counter() if self._counter is not None else 0
         self._power: PowerIntegral | None = None
-        if self._counter is None and device.type == "cuda" and self._power_watts() is not None:
+        watts = self._power_watts() if self._counter is None and device.type == "cuda" else None
+        if watts is not None:
             self._power = PowerIntegral()
-            self._power.add(time.monotonic(), self._power_watts() or 0.0)
+            self._power.add(time.monotonic(), watts)
 
     def _power_watts(self) -> float | None:
         try:

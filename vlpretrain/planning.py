@@ -46,8 +46,9 @@ class SampleFlops:
         return self.backward_unlocked - self.backward
 
 
-def _count_backward(model: nn.Module, state: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
-    """FLOPs of a forward and of the backward of its features' gradient, on meta tensors."""
+def _forward_backward_flops(model: nn.Module, state: dict[str, torch.Tensor],
+                            inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """FLOPs of a forward of `model` with `state` as its tensors, and of the backward of its features."""
     with FlopCounterMode(display=False) as counter:
         out = functional_call(model, state, inputs)
     forward = counter.get_total_flops()
@@ -101,7 +102,7 @@ def _count(model: nn.Module, image_size: int, context_length: int,
     for all_trainable in (False, True):
         state = {k: (torch.empty_like(p, device=device) if meta else p.detach()).requires_grad_(
                      p.requires_grad or all_trainable) for k, p in model.named_parameters()}
-        counts.append(_count_backward(model, {**state, **buffers}, (images, texts)))
+        counts.append(_forward_backward_flops(model, {**state, **buffers}, (images, texts)))
     return counts
 
 
