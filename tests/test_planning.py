@@ -197,7 +197,7 @@ def test_info_prints_the_plan_for_a_world_size(tmp_path, capsys):
     rows = by_stage(model_state_memory(total, 0, largest_layer_params(model), 4, 2, "fp32"))
     lines = out.splitlines()
     zero2 = next(line for line in lines if line.startswith("#   ZeRO-2"))
-    assert zero2.split()[:4] == ["#", "ZeRO-2", "*", f"{rows[(2, False)][0] / 2**30:.2f}"]
+    assert zero2.split()[:5] == ["#", "ZeRO-2", "*", f"{rows[(2, False)][0] / 2**20:.1f}", "MiB"]
     assert "4 ranks = 2 node(s) x 2 GPUs" in out and ", fp32, " in out
     f = flops_per_sample(model, 28, 16)
     assert f"#   forward: {f.forward / 1e6:.2f} MFLOP" in lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -58,8 +59,8 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _flops(n: float) -> str:
@@ -95,13 +96,13 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
     print("#   CPU/node: host memory DeepSpeed's estimators ask for (each local rank loading the model; offloaded, "
           "the optimizer states)")
     print(f"#   {'':9}{'GPU/rank':>12}{'CPU/node':>12}   optimizer offloaded:{'GPU/rank':>12}{'CPU/node':>12}")
-    runs_as = deepspeed_stage(t)
+    runs_as = deepspeed_stage(dataclasses.replace(t, precision=precision))
     for stage in range(4):
         plain = next(r for r in rows if r.stage == stage and not r.offload)
         off = next((r for r in rows if r.stage == stage and r.offload), None)
         mark = "*" if stage == t.zero_stage else " "
-        line = f"#   ZeRO-{stage} {mark} {_gib(plain.gpu_bytes):>12}{_gib(plain.cpu_bytes):>12}   "
-        line += f"{'':20}{_gib(off.gpu_bytes):>12}{_gib(off.cpu_bytes):>12}" if off else f"{'':20}{'-':>12}"
+        line = f"#   ZeRO-{stage} {mark} {_bytes(plain.gpu_bytes):>12}{_bytes(plain.cpu_bytes):>12}   "
+        line += f"{'':20}{_bytes(off.gpu_bytes):>12}{_bytes(off.cpu_bytes):>12}" if off else f"{'':20}{'-':>12}"
         if stage == t.zero_stage and runs_as != stage:
             line += f"   (runs as ZeRO-{runs_as} under bf16)"
         print(line.rstrip())

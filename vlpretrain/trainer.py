@@ -309,7 +309,7 @@ def train_flops(model: torch.nn.Module, cfg: RunConfig) -> dict[float, int]:
     fraction, and 0 for `train.unmasked_steps`), counted on the plain model at the data's image size."""
     size, context, p = cfg.data.image_size or image_size(model), model.context_length, cfg.model.patch_dropout
     fractions = [p] + ([0.0] if p and cfg.train.unmasked_steps else [])
-    return {p: flops_per_sample(model, size, context, patch_dropout=p).train for p in fractions}
+    return {f: flops_per_sample(model, size, context, patch_dropout=f).train for f in fractions}
 
 
 def training_totals(state: TrainState, sample_flops: dict[float, int], cfg: RunConfig,
