@@ -169,20 +169,24 @@ def test_energy_arithmetic_and_no_reading_on_cpus():
 
 def test_run_logs_flops_of_the_samples_trained(tmp_path):
     out = tmp_path / "run"
+    # FLIP: steps 1-2 drop half the patches, step 3 (the unmasked tuning) sees them all; a resume between them
     cmd = [sys.executable, str(REPO / "tests" / "train_synthetic.py"), str(out), "train.steps=3",
-           "train.grad_accum=2"]
+           "train.grad_accum=2", "model.patch_dropout=0.5", "train.unmasked_steps=1"]
     r = subprocess.run([*cmd, "train.stop_after=2"], env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 130, r.stderr[-3000:]  # stopped at step 2 with a checkpoint
     r = subprocess.run([*cmd, "--resume", "latest"], env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]  # step 3 counts on from the checkpoint's FLOPs
-    per_sample = flops_per_sample(build_model(ModelConfig(name="tiny-vit")), 28, 16).train
+    model = build_model(ModelConfig(name="tiny-vit", patch_dropout=0.5))
+    masked = flops_per_sample(model, 28, 16).train
+    full = flops_per_sample(model, 28, 16, patch_dropout=0.0).train
+    assert masked < full
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if "loss" in row]
     assert [(row["step"], row["samples"]) for row in rows] == [(1, 8), (2, 16), (3, 24)]  # 2 x 4 per step
-    assert [row["flops"] for row in rows] == [per_sample * row["samples"] for row in rows]
+    assert [row["flops"] for row in rows] == [8 * masked, 16 * masked, 16 * masked + 8 * full]
     assert not any("energy_j" in row for row in rows)  # no GPU, no energy reading
     training = json.loads((out / "results.json").read_text())["training"]
-    assert training == {"steps": 3, "samples": 24, "flops": 24 * per_sample, "flops_per_sample": per_sample}
+    assert training == {"steps": 3, "samples": 24, "flops": 16 * masked + 8 * full, "flops_per_sample": masked}
 
 
 def test_info_prints_the_plan_for_a_world_size(tmp_path, capsys):
