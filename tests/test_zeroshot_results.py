@@ -38,6 +38,20 @@ def test_update_replaces_same_task_and_benchmark_keeps_others(tmp_path):
         update_results(path, "RN50", None, [entry("zeroshot", "mnist", 0.1)])
 
 
+def test_training_totals_sit_beside_the_entries(tmp_path):
+    path = tmp_path / "r.json"
+    update_results(path, "m", None, [entry("zeroshot", "cifar10", 0.5)])
+    assert "training" not in json.loads(path.read_text())  # an evaluation alone writes no training block
+    update_results(path, "m", None, [], training={"steps": 3, "samples": 24, "flops": 1.5e9})
+    update_results(path, "m", None, [entry("zeroshot", "mnist", 0.9)])  # later evaluations keep it
+    back = read_results(path)
+    assert back.training == {"steps": 3, "samples": 24, "flops": 1.5e9}
+    assert [r.benchmark for r in back.results] == ["cifar10", "mnist"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "training": [1]}))
+    with pytest.raises(DataError, match="r.json: malformed 'training'"):
+        read_results(path)
+
+
 def test_malformed_files_name_file_and_key(tmp_path):
     with pytest.raises(DataError, match="results file does not exist"):
         read_results(tmp_path / "none.json")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,36 +22,119 @@ def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override one config value; may be repeated")
 
 
-@command("info", "print the resolved run config and model parameter counts")
+@command("info", "print the resolved run config, parameter counts, and a plan: memory per ZeRO stage, FLOPs, "
+                 "epoch size")
 def _info(p: argparse.ArgumentParser):
     _config_args(p)
-    p.add_argument("--no-model", action="store_true", help="skip building the model for parameter counts")
+    p.add_argument("--no-model", action="store_true", help="skip building the model (parameters, memory, FLOPs)")
+    p.add_argument("--no-data", action="store_true", help="skip counting the samples of an epoch")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="ranks to plan for (default: the launcher's WORLD_SIZE, else 1)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="GPUs per node, for DeepSpeed's host-memory estimate (default: 8, or the most that divides "
+                        "--world-size)")
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.config import dump_yaml, load_config
 
         cfg = load_config(a.config, a.overrides)
+        world = a.world_size
+        per_node = a.gpus_per_node or math.gcd(world, 8)  # checked with the memory figures that use it
         print(f"# resolved config of {a.config}")
         print(dump_yaml(cfg), end="")
         from vlpretrain.accumulate import contrastive_batch
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         t = cfg.train
         print(f"# batch: {cfg.data.batch_size} per rank x {t.grad_accum} micro-steps ({t.accumulation}) x "
-              f"{world} ranks (WORLD_SIZE)")
-        for k, v in contrastive_batch(t, cfg.data.batch_size, world).items():
+              f"{world} ranks (--world-size)")
+        batch = contrastive_batch(t, cfg.data.batch_size, world)
+        for k, v in batch.items():
             print(f"#   {k}: {v:,}")
         if not a.no_model:
-            from vlpretrain.models import build_model, count_parameters
-
-            model = build_model(cfg.model, loss=cfg.train.loss)
-            counts = count_parameters(model)
-            print("# parameters")
-            for k, v in counts.items():
-                print(f"#   {k}: {v:,}")
+            _print_model_plan(cfg, world, per_node, batch["samples per optimizer step"])
+        if not a.no_data:
+            _print_epoch(cfg, world)
         return 0
 
     return run
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:,.0f} FLOP"
+
+
+def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> None:
+    """Parameter counts, model-state memory per ZeRO stage and FLOPs per sample (vlpretrain.planning's figures)."""
+    from vlpretrain.engine.core import deepspeed_stage
+    from vlpretrain.engine.memory import largest_layer_params, model_state_memory
+    from vlpretrain.models import build_model, count_parameters, image_size
+    from vlpretrain.planning import flops_per_sample
+
+    model = build_model(cfg.model, loss=cfg.train.loss, load_pretrained=False)
+    counts = count_parameters(model)
+    print("# parameters")
+    for k, v in counts.items():
+        print(f"#   {k}: {v:,}")
+    t = cfg.train
+    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto is bf16 on the GPUs a launch plans for
+    rows = model_state_memory(counts["trainable"], counts["total"] - counts["trainable"],
+                              largest_layer_params(model), world, per_node, precision)
+    note = " (auto: bf16 on a GPU)" if t.precision == "auto" else ""
+    print(f"# model states per rank (weights, gradients, AdamW states; activations not counted), {precision}{note}, "
+          f"{world} ranks = {world // per_node} node(s) x {per_node} GPUs:")
+    if precision == "bf16":
+        print("#   DeepSpeed's estimators: 16-bit weights; 16-bit + fp32 gradients, fp32 master weights and moments")
+    else:
+        print("#   DeepSpeed's accounting with fp32 weights and gradients (its estimators assume 16-bit weights)")
+    print("#   CPU/node: host memory DeepSpeed's estimators ask for (each local rank loading the model; offloaded, "
+          "the optimizer states)")
+    print(f"#   {'':9}{'GPU/rank':>12}{'CPU/node':>12}   optimizer offloaded:{'GPU/rank':>12}{'CPU/node':>12}")
+    runs_as = deepspeed_stage(dataclasses.replace(t, precision=precision))
+    for stage in range(4):
+        plain = next(r for r in rows if r.stage == stage and not r.offload)
+        off = next((r for r in rows if r.stage == stage and r.offload), None)
+        mark = "*" if stage == t.zero_stage else " "
+        line = f"#   ZeRO-{stage} {mark} {_bytes(plain.gpu_bytes):>12}{_bytes(plain.cpu_bytes):>12}   "
+        line += f"{'':20}{_bytes(off.gpu_bytes):>12}{_bytes(off.cpu_bytes):>12}" if off else f"{'':20}{'-':>12}"
+        if stage == t.zero_stage and runs_as != stage:
+            line += f"   (runs as ZeRO-{runs_as} under bf16)"
+        print(line.rstrip())
+    print(f"#   * train.zero_stage{' with train.offload_optimizer' if t.offload_optimizer else ''}")
+    size, context = cfg.data.image_size or image_size(model), model.context_length
+    f = flops_per_sample(model, size, context)
+    print(f"# FLOPs per training sample (one {size}px image and {context} tokens, model.patch_dropout "
+          f"{cfg.model.patch_dropout}), counted by torch's FlopCounterMode:")
+    print(f"#   forward: {_flops(f.forward)}")
+    print(f"#   backward: {_flops(f.backward)} (counted: {f.backward / max(f.forward, 1):.2f} x forward)")
+    print(f"#   model FLOPs (forward + backward, the MFU convention): {_flops(f.train)}")
+    exact = t.accumulation == "exact" and t.grad_accum > 1
+    use = "in use" if exact else f"not in use: train.accumulation {t.accumulation}, train.grad_accum {t.grad_accum}"
+    print(f"#   exact accumulation adds a no-grad forward: {_flops(f.forward)} ({use})")
+    print(f"#   locked towers save: {_flops(f.locked_saving)} of {_flops(f.backward_unlocked)} backward")
+    executed = f.train + (f.forward if exact else 0)
+    print(f"#   per optimizer step ({samples_per_step:,} samples): {_flops(f.train * samples_per_step)} model, "
+          f"{_flops(executed * samples_per_step)} executed")
+    print(f"#   run (train.steps {t.steps:,}): {_flops(f.train * samples_per_step * t.steps)} model")
+
+
+def _print_epoch(cfg, world: int) -> None:
+    """Samples and steps of one epoch of the configured data, or why they are unknown."""
+    from vlpretrain.planning import epoch_size
+
+    try:
+        e = epoch_size(cfg.data, world, cfg.train.grad_accum)
+    except VLPretrainError as err:
+        print(f"# epoch: unknown ({err})")
+        return
+    print(f"# epoch ({e.source}): {e.samples:,} samples, {e.batches_per_rank:,} batches per rank, "
+          f"{e.steps:,.1f} optimizer steps; train.steps {cfg.train.steps:,} = {cfg.train.steps / e.steps:,.2f} epochs")
 
 
 @command("train", "train a model from a run config (one process, torchrun or the deepspeed launcher)")

@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from vlpretrain import errors
 from vlpretrain.accumulate import build_accumulation
 from vlpretrain.config import RunConfig, dump_yaml
 from vlpretrain.console import check_writable
 from vlpretrain.data import ShardCounts, build_loader, count_shards_of
 from vlpretrain.data.prefetch import DevicePrefetch
 from vlpretrain.data.stream import BatchSource
+from vlpretrain.energy import EnergyMeter, rank_reading, total_over_ranks
 from vlpretrain.engine import (
     DistEnv,
     build_engine,
@@ -37,9 +39,10 @@ from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingE
 from vlpretrain.guard import NonFiniteGuard, host_values
 from vlpretrain.loss import build_loss
 from vlpretrain.metrics import MetricsLogger
-from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.models import build_model, export_model, get_tokenizer, image_size, image_transform
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
+from vlpretrain.planning import flops_per_sample
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.validate import Validator
 
@@ -55,6 +58,8 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch already consumed
     samples: int = 0  # samples seen, all ranks
     nonfinite_total: int = 0
+    flops: int = 0  # model FLOPs (forward + backward) of those samples
+    energy_j: float = 0.0  # joules of every rank's GPU up to the last logging step (0 on CPUs)
 
 
 class StopRequest:
@@ -182,6 +187,15 @@ class Evaluator:
         zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
         return out
 
+    def record_training(self, results_file: Path, training: dict[str, float]) -> None:
+        """The run's totals (steps, samples, FLOPs, energy) as the `training` block of `results_file` (rank 0)."""
+        if not self.env.is_main:
+            return
+        import zeroshot
+
+        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, [],
+                                training=training)
+
 
 def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = None,
           overwrite: bool = False) -> dict[str, Any]:
@@ -213,6 +227,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
     channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
+    sample_flops = train_flops(model, cfg)
     data = data or shard_loader(cfg, model, env, run_shard_counts(cfg, out_dir, env, resume))
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
@@ -228,6 +243,8 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         client = load_checkpoint(engine, path)
         changed = check_resume_config(client.get("config", {}), cfg, path)
         state = TrainState(**client["train_state"])
+        if "flops" not in client["train_state"]:  # a checkpoint from before FLOPs were counted
+            state.flops = state.samples * sample_flops[cfg.model.patch_dropout]
         if env.is_main:
             note = f"; changed since: {', '.join(changed)}" if changed else ""
             print(f"resumed from {path} at step {state.step}{note}", flush=True)
@@ -242,6 +259,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     micro, last_ckpt, eval_results, start_step = 0, None, {}, state.step
     final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
+    energy, energy_before = EnergyMeter(env.device), state.energy_j  # joules of earlier segments of a resumed run
 
     def weights() -> dict[str, torch.Tensor] | None:
         return engine.consolidated_weights()
@@ -265,6 +283,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
             guard.observe(loss)  # a non-finite loss on any rank: the optimizer step skips the update, on the device
             n = sum(images.shape[0] for _, _, images, _ in group) * env.world_size
             state.samples += n
+            state.flops += n * sample_flops[masking]
             window_samples += n
             if not accumulation.backward():  # independent micro-batches, inside an accumulation
                 continue
@@ -292,6 +311,11 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                            "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics()}
                     if cfg.model.patch_dropout:
                         row["patch_dropout"] = masking
+                    row["flops"] = state.flops
+                    if env.device.type == "cuda":  # alike on every rank: one small host collective, here only
+                        joules = total_over_ranks(env.sum(*rank_reading(energy.read())))
+                        if joules is not None:
+                            state.energy_j = row["energy_j"] = energy_before + joules
                     window_t, window_samples = now, 0
                     metrics.log(row)
             metrics.advance()
@@ -314,14 +338,35 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                 eval_results = {**evaluator.final_report(final_weights, out_dir / "results.json"),
                                 **(validator.run(engine) if validator else {})}
                 metrics.log_eval(state.step, eval_results)
+            evaluator.record_training(out_dir / "results.json", training_totals(state, sample_flops, cfg, env))
     finally:
         stop.restore()
         metrics.close()
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
                "interrupted": state.step < tc.steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss}
+               "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss,
+               **training_totals(state, sample_flops, cfg, env)}
     shutdown_distributed()
     return summary
+
+
+def train_flops(model: torch.nn.Module, cfg: RunConfig) -> dict[float, int]:
+    """Model FLOPs (forward + backward) of one training sample at each patch dropout the run uses (the configured
+    fraction, and 0 for `train.unmasked_steps`), counted on the plain model at the data's image size."""
+    size, context, p = cfg.data.image_size or image_size(model), model.context_length, cfg.model.patch_dropout
+    fractions = [p] + ([0.0] if p and cfg.train.unmasked_steps else [])
+    return {f: flops_per_sample(model, size, context, patch_dropout=f).train for f in fractions}
+
+
+def training_totals(state: TrainState, sample_flops: dict[float, int], cfg: RunConfig,
+                    env: DistEnv) -> dict[str, float]:
+    """What the run's training cost: steps, samples, model FLOPs (and those of one sample at the configured patch
+    dropout), and joules where GPUs report them."""
+    totals = {"steps": state.step, "samples": state.samples, "flops": state.flops,
+              "flops_per_sample": sample_flops[cfg.model.patch_dropout]}
+    if env.device.type == "cuda" and state.energy_j:
+        totals["energy_j"] = state.energy_j
+    return totals
 
 
 def resolve_auto(cfg: RunConfig, device: torch.device) -> RunConfig:
@@ -357,13 +402,10 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
             out_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_run_folder(out_dir)
         except VLPretrainError as e:
-            refusal = e
-    if env.world_size > 1:  # collective: rank 0's answer reaches every rank
-        answer = [refusal]
-        torch.distributed.broadcast_object_list(answer, src=0, group=env.control)
-        refusal = answer[0]
+            refusal = {"error": str(e), "type": type(e).__name__}
+    refusal = env.share(refusal)  # collective: rank 0's answer reaches every rank (as JSON, never pickled)
     if refusal is not None:
-        raise refusal
+        raise getattr(errors, refusal["type"], VLPretrainError)(refusal["error"])
     try:
         ckpts = out_dir / "checkpoints"
         held = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []

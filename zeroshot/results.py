@@ -9,11 +9,14 @@
         {"task": "zeroshot", "benchmark": "fashion-mnist", "metric": "top1",
          "root": "/usr/share/datasets/fashion-mnist", "format": "torchvision", "date": "2026-11-26T12:00:00+00:00",
          "metrics": {"top1": 0.71, "top5": 0.98, "mean_per_class_recall": 0.71, "headline": 0.71, "images": 10000.0}}
-      ]
+      ],
+      "training": {"steps": 1000, "samples": 256000, "flops": 5.1e15, "energy_j": 2.4e6}   # a run's totals, if any
     }
 
 `task` names the evaluation ("zeroshot", "retrieval", "linear_probe", ...); `metric` names the key of `metrics` that
 is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways). Writing an entry replaces the one with the same task and benchmark.
+`training` holds the totals of the run that trained the model (written by the trainer at its end; see
+`vlpretrain.trainer`): optimizer steps, samples, model FLOPs (forward + backward) and, on GPUs, joules.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Results:
     pretrained: str | None = None
     results: list[ResultEntry] = field(default_factory=list)
     date: str = field(default_factory=now)
+    training: dict[str, float] | None = None  # totals of the training run, when the trainer wrote this file
 
     def add(self, entry: ResultEntry) -> None:
         """Add `entry`, replacing an earlier one for the same task and benchmark."""
@@ -75,7 +79,8 @@ def write_results(path: str | os.PathLike, results: Results) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     results.date = now()
     doc = {"schema": SCHEMA, "model": results.model, "pretrained": results.pretrained, "date": results.date,
-           "results": [asdict(r) for r in results.results]}
+           "results": [asdict(r) for r in results.results],
+           **({"training": results.training} if results.training is not None else {})}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
@@ -111,12 +116,17 @@ def read_results(path: str | os.PathLike) -> Results:
         entries.append(ResultEntry(task=_need(r, "task", str, where), benchmark=_need(r, "benchmark", str, where),
                                    metric=metric, metrics={k: float(v) for k, v in metrics.items()},
                                    root=r.get("root"), format=r.get("format"), date=r.get("date") or ""))
+    training = doc.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise DataError(f"{path}: malformed 'training' (expected an object)")
     return Results(model=_need(doc, "model", str, str(path)), pretrained=doc.get("pretrained"), results=entries,
-                   date=doc.get("date") or "")
+                   date=doc.get("date") or "", training=training)
 
 
-def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry]) -> Results:
-    """Add `entries` to the results file at `path` (created if absent); refuses a file of another model."""
+def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry],
+                   training: dict[str, float] | None = None) -> Results:
+    """Add `entries` (and the training totals, replacing earlier ones, when given) to the results file at `path`
+    (created if absent); refuses a file of another model."""
     path = Path(path)
     results = read_results(path) if path.exists() else Results(model, pretrained)
     if (results.model, results.pretrained) != (model, pretrained):
@@ -124,6 +134,8 @@ def update_results(path: str | os.PathLike, model: str, pretrained: str | None, 
                         f"not {model} (pretrained {pretrained}); write to another file")
     for entry in entries:
         results.add(entry)
+    if training is not None:
+        results.training = dict(training)
     write_results(path, results)
     return results
 

@@ -18,7 +18,7 @@ exactly once per epoch. Bad samples (found only when decoding) can leave a worke
 then fills them from a second pass over its own shards, so a few samples, as many as were bad, are seen twice
 rather than letting one rank stop early and hang the others.
 
-Resampled mode. An epoch is `samples_per_epoch // (world * batch)` batches per rank, spread over workers
+Resampled mode. An epoch is `train_num_samples // (world * batch)` batches per rank, spread over workers
 round-robin; each worker draws shards with replacement from a stream seeded by (seed, epoch, rank, worker).
 """
 
@@ -148,12 +148,12 @@ def plan_epoch(counts: list[int], *, seed: int, epoch: int, rank: int, world_siz
     return _finish(round_robin_take(full, batches), batches, start_batch, shards)
 
 
-def plan_resampled(samples_per_epoch: int, *, world_size: int, workers: int, batch_size: int,
+def plan_resampled(train_num_samples: int, *, world_size: int, workers: int, batch_size: int,
                    start_batch: int = 0) -> EpochPlan:
     """Resampled-mode plan: the epoch's batches spread round-robin over workers, which draw shards themselves."""
-    batches = samples_per_epoch // (world_size * batch_size)
+    batches = train_num_samples // (world_size * batch_size)
     if batches == 0:
-        raise ConfigError(f"data.samples_per_epoch: {samples_per_epoch} is less than one batch of {batch_size} "
+        raise ConfigError(f"data.train_num_samples: {train_num_samples} is less than one batch of {batch_size} "
                           f"per rank on {world_size} rank(s)")
     caps = [batches // workers + (w < batches % workers) for w in range(workers)]
     return _finish(caps, batches, start_batch, [()] * workers)

@@ -2,7 +2,8 @@
 
 `dist` joins the process group, `core` wraps a plain model into an `Engine` (ZeRO stage, precision, accumulation,
 parameter groups, schedule), `checkpoint` writes and reads its state atomically, `moe` is DeepSpeed's MoE layer for
-expert parallelism. Models and losses never know which engine runs them; DeepSpeed is imported on first use.
+expert parallelism, `memory` estimates model-state memory per ZeRO stage with DeepSpeed's estimators (imported by
+itself, not here). Models and losses never know which engine runs them; DeepSpeed is imported on first use.
 """
 
 from vlpretrain.engine.checkpoint import (

@@ -59,6 +59,14 @@ class DistEnv:
         torch.distributed.broadcast(buf, src=0, group=self.control)
         return json.loads(buf.numpy().tobytes())
 
+    def sum(self, *values: float) -> list[float]:
+        """Each host value summed over ranks, on the host (gloo) as `any` does: no device sync."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=self.control)
+        return t.tolist()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
