@@ -148,7 +148,7 @@ def test_epoch_size_from_shards_and_from_resampled_config(tmp_path):
     resampled = DataConfig(train="remote", mode="resampled", train_num_samples=1000, batch_size=16, workers=2)
     e = epoch_size(resampled, world_size=2, grad_accum=2)
     assert (e.batches_per_rank, e.steps, e.samples) == (31, 15.5, 992)  # 1000 // (2 x 16) batches
-    with pytest.raises(DataError, match="shard does not exist"):
+    with pytest.raises(DataError, match="4 of 4 shards do not exist"):
         epoch_size(DataConfig(train=str(tmp_path / "none-{0..3}.tar")), world_size=1, grad_accum=1)
 
 
