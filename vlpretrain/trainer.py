@@ -26,11 +26,11 @@ from vlpretrain.engine import (
     DistEnv,
     build_engine,
     init_distributed,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     shutdown_distributed,
 )
+from vlpretrain.engine.remote import RemoteMirror, remote_checkpoints, remote_root, resume_point
 from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.guard import NonFiniteGuard, host_values
 from vlpretrain.loss import build_loss
@@ -38,6 +38,7 @@ from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
+from vlpretrain.storage import remove_tree
 from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
@@ -163,7 +164,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     cfg = resolve_auto(cfg, env.device)
     tc = cfg.train
     out_dir = Path(tc.output_dir)
-    prepare_run_folder(out_dir, resume, overwrite, env)
+    prepare_run_folder(out_dir, resume, overwrite, env, tc.remote_dir)
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
@@ -177,9 +178,10 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
     if resume:
-        path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        path = resume_point(out_dir, tc.remote_dir, env) if resume == "latest" else Path(resume)
         if path is None:
-            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
+            where = f" nor in {remote_root(tc.remote_dir)}" if tc.remote_dir else ""
+            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from{where}")
         client = load_checkpoint(engine, path)
         changed = check_resume_config(client.get("config", {}), cfg, path)
         state = TrainState(**client["train_state"])
@@ -190,6 +192,9 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress,
                             report_to=tc.report_to, config=asdict(cfg))
+    # rank 0 mirrors every checkpoint to train.remote_dir in the background
+    mirror = RemoteMirror(tc.remote_dir, out_dir / "checkpoints", tc.keep_last) if tc.remote_dir and env.is_main \
+        else None
     stop = StopRequest()
     # one optimizer step's micro-batches at a time, the next step's already on their way to the device
     batches = DevicePrefetch(data.forever(state.epoch, state.batch_in_epoch), accumulation.micro_batches, env.device)
@@ -203,7 +208,10 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
         client = {"train_state": asdict(state), "config": _plain(cfg)}
-        return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        path = save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        if mirror is not None:
+            mirror.submit(path)
+        return path
 
     # ---- loop -------------------------------------------------------------------------------------------------
     # Between sync steps (logging, evaluation, checkpoints, a stop, the last step) nothing here reads a device
@@ -244,7 +252,8 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                     now = time.perf_counter()
                     row = {"step": state.step, "epoch": state.epoch, "loss": counts.loss, "lr": engine.lr,
                            "samples": state.samples, "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                           "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics()}
+                           "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics(),
+                           **(mirror.report() if mirror else {})}
                     if cfg.model.patch_dropout:
                         row["patch_dropout"] = masking
                     window_t, window_samples = now, 0
@@ -270,8 +279,14 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
                                 **(validator.run(engine) if validator else {})}
                 metrics.log_eval(state.step, eval_results)
     finally:
-        stop.restore()
+        stop.restore()  # a second Ctrl-C leaves the wait below
+        if mirror is not None:
+            mirror.finish()
+            metrics.log_values(state.step, mirror.report())
         metrics.close()
+    if mirror is not None and mirror.missing:
+        raise CheckpointError(f"train.remote_dir: {mirror.missing} never reached {tc.remote_dir} (see the warning "
+                              f"above); it is complete in {out_dir / 'checkpoints'}")
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
                "interrupted": state.step < tc.steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss}
@@ -293,11 +308,12 @@ RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", "m
                "loss.png", "config.yaml")
 
 
-def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:
-    """Make sure the run folder is writable and belongs to this run before any work starts.
+def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv,
+                       remote_dir: str | None = None) -> None:
+    """Make sure the run folder (and the remote mirror) is writable and belongs to this run before any work starts.
 
     A fresh run in a folder that holds another run's checkpoints would mix the two (and pruning would remove the
-    new checkpoints), so it is refused unless `overwrite` clears that run's outputs first.
+    new checkpoints), so it is refused unless `overwrite` clears that run's outputs first; the same for the mirror.
     """
     ckpts = out_dir / "checkpoints"
     held = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
@@ -307,6 +323,17 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
     if held and not resume and not overwrite:
         raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
                           "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
+    try:
+        remote_held = remote_checkpoints(remote_dir) if remote_dir and not resume else []
+    except Exception as e:  # credentials, endpoint, network: say so before any work starts
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"train.remote_dir: {remote_dir}: cannot list it ({type(e).__name__}: {first})") from None
+    if remote_held and not overwrite:
+        raise ConfigError(f"train.remote_dir: {remote_root(remote_dir)} holds checkpoints of an earlier run (newest "
+                          f"{remote_held[-1]}); continue it with --resume latest, or start over with --overwrite "
+                          "(or choose another train.remote_dir)")
+    if remote_held and env.is_main:
+        remove_tree(remote_root(remote_dir))
     if env.is_main:
         check_writable(out_dir, "train.output_dir")  # the folder, or the parent it will be made in
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,6 +351,7 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not
 # the state the checkpoint holds. Anything else differing from the checkpoint's run is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.log_every", "train.save_every", "train.keep_last",
+                     "train.remote_dir",
                      "train.progress", "train.report_to", "train.wandb_", "train.max_nonfinite", "train.output_dir", "data.workers", "data.fast_decode", "data.uint8_batches", "model.pretrained",
                      "model.compile", "model.grad_checkpointing", "eval.")
 
