@@ -198,3 +198,16 @@ def test_s3_mirror_survives_losing_the_run_folder(tmp_path, s3_server):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
     assert latest() == "step_00000006"
     assert {k.split("/")[2] for k in remote_files()} == {"latest", "step_00000006"}
+
+
+def test_s3_upload_that_never_lands_fails_the_run_after_local_work(tmp_path, s3_server):
+    """A mirror that refuses every upload: retried, warned, and the run exits 2 with one line, its local
+    checkpoint and model written."""
+    out = tmp_path / "run"
+    r = train(out, "train.steps=1", "train.warmup_steps=0", "train.remote_dir=s3://no-such-bucket/run", check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: train.remote_dir: step_00000001 never reached s3://no-such-bucket/run (see the "
+                      f"warning above); it is complete in {out / 'checkpoints'}"]
+    assert "the upload of step_00000001 to s3://no-such-bucket/run failed 3 times" in r.stderr
+    assert (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file() and (out / "model.safetensors").is_file()

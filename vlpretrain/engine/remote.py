@@ -138,7 +138,9 @@ class RemoteMirror:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
-        return self._last_submitted is None or self._uploaded == self._last_submitted
+        if busy and self.missing is None:
+            print(f"{self._uploaded} is in {self.remote_dir}", flush=True)
+        return self.missing is None
 
     @property
     def missing(self) -> str | None:
@@ -173,7 +175,7 @@ class RemoteMirror:
         shutil.rmtree(staging, ignore_errors=True)
         if error is not None:
             log.warning("remote: the upload of %s to %s failed %d times (%s); the mirror's latest stays at %s",
-                        name, self.remote_dir, self.attempts, _one_line(error), self._uploaded or "none")
+                        name, self.remote_dir, self.attempts, _describe(error), self._uploaded or "none")
             return
         seconds = time.perf_counter() - t0
         try:
@@ -246,8 +248,10 @@ def resume_point(out_dir: Path, remote_dir: str | None, env: DistEnv) -> Path | 
     return root / name
 
 
+def _describe(e: Exception) -> str:
+    """An exception in one short line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 def _one_line(e: Exception) -> str:
-    if isinstance(e, CheckpointError):
-        return str(e)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"train.remote_dir: {type(e).__name__}: {first}"
+    return str(e) if isinstance(e, CheckpointError) else f"train.remote_dir: {_describe(e)}"
