@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -145,11 +146,15 @@ def test_remote_dir_is_checked_when_the_config_loads(tmp_path):
 # ---- end to end: the trainer against a real S3 API -------------------------------------------------------------
 
 
-def train(out, *args, check=True):
+def environment():
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # built after the s3_server fixture: its AWS variables are in os.environ
-    r = subprocess.run([sys.executable, str(HERE / "train_synthetic.py"), str(out), *args], env=env,
+        env.pop(k, None)
+    return env  # built after the s3_server fixture: its AWS variables are in os.environ
+
+
+def train(out, *args, check=True):
+    r = subprocess.run([sys.executable, str(HERE / "train_synthetic.py"), str(out), *args], env=environment(),
                        capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -211,3 +216,45 @@ def test_s3_upload_that_never_lands_fails_the_run_after_local_work(tmp_path, s3_
                       f"warning above); it is complete in {out / 'checkpoints'}"]
     assert "the upload of step_00000001 to s3://no-such-bucket/run failed 3 times" in r.stderr
     assert (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file() and (out / "model.safetensors").is_file()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(tmp_path, *args):
+    """Two launchers of one process each, as on two machines, each with a run folder of its own (node-local
+    disks): tmp_path/node0 and tmp_path/node1. Their return codes and outputs."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(HERE / "train_synthetic.py"), str(tmp_path / f"node{node}"), *args],
+                              env=environment(), cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for node in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.mark.slow
+def test_node_local_run_folders_resume_from_the_mirror(tmp_path):
+    """Node-local run folders: under ZeRO-0 (rank 0 writes the whole checkpoint) the mirror holds it all, and a
+    resume where neither node has it any more downloads it on both, continuing the uninterrupted run's losses;
+    ZeRO-1 (every rank writes its part) is refused up front rather than mirrored incomplete."""
+    common = ["train.steps=6", "train.save_every=2", "train.keep_last=1", f"train.remote_dir={tmp_path / 'mirror'}"]
+    codes, outputs = two_nodes(tmp_path, *common, "train.zero_stage=1")
+    assert codes[0] != 0 and "is not one folder shared by every rank" in outputs[0], outputs[0][-3000:]
+    codes, outputs = two_nodes(tmp_path, *common, "train.stop_after=4")
+    assert (tmp_path / "mirror" / "checkpoints" / "step_00000004" / "COMPLETE").is_file(), outputs[0][-3000:]
+    shutil.rmtree(tmp_path / "node0")
+    codes, outputs = two_nodes(tmp_path, *common, "--resume", "latest")
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert all("downloading step_00000004" in out for out in outputs)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        str(HERE / "train_synthetic.py"), str(tmp_path / "straight"), "train.steps=6"],
+                       env=environment(), cwd=HERE.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = losses(tmp_path / "straight"), losses(tmp_path / "node0")
+    assert sorted(got) == [5, 6] and all(got[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-7) for k in got)
+    assert remote_latest(str(tmp_path / "mirror")) == "step_00000006"

@@ -30,7 +30,13 @@ from vlpretrain.engine import (
     save_checkpoint,
     shutdown_distributed,
 )
-from vlpretrain.engine.remote import RemoteMirror, remote_checkpoints, remote_root, resume_point
+from vlpretrain.engine.remote import (
+    RemoteMirror,
+    remote_checkpoints,
+    remote_root,
+    resume_point,
+    run_folder_shared,
+)
 from vlpretrain.errors import CheckpointError, ConfigError, TrainingError
 from vlpretrain.guard import NonFiniteGuard, host_values
 from vlpretrain.loss import build_loss
@@ -165,6 +171,11 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
     prepare_run_folder(out_dir, resume, overwrite, env, tc.remote_dir)
+    if tc.remote_dir and (tc.zero_stage > 0 or cfg.model.moe.ep_size > 1) and not run_folder_shared(out_dir, env):
+        # every rank writes its part of such a checkpoint: rank 0 would save, and upload, its own node's only
+        raise ConfigError(f"train.output_dir: {out_dir} is not one folder shared by every rank (node-local disks?); "
+                          "ZeRO-1..3 and expert-parallel checkpoints need a shared file system (node-local folders "
+                          "work with train.zero_stage 0)")
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)

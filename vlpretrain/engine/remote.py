@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -186,6 +187,24 @@ class RemoteMirror:
             self._uploaded = name
             self._report.update({"remote/uploaded_step": _step(name), "remote/upload_s": seconds})
         log.info("remote: uploaded %s to %s in %.1f s", name, self.remote_dir, seconds)
+
+
+def run_folder_shared(out_dir: Path, env: DistEnv) -> bool:
+    """Whether every rank sees the same run folder (a shared file system) rather than a disk of its own node: rank
+    0 leaves a token there that every rank looks for. Collective."""
+    if env.world_size == 1:
+        return True
+    box = [uuid.uuid4().hex if env.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0, group=env.control)
+    probe = Path(out_dir) / f".shared-{box[0]}"
+    if env.is_main:
+        probe.write_text("")
+    torch.distributed.barrier()
+    seen = probe.is_file()
+    torch.distributed.barrier()
+    if env.is_main:
+        probe.unlink()
+    return not env.any(not seen)[0]
 
 
 def download_checkpoint(remote_dir: str, name: str, local_root: Path) -> Path:
