@@ -14,11 +14,14 @@ from pathlib import Path
 import boto3
 import fsspec
 import pytest
+import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from vlpretrain.config import load_config
+from vlpretrain.engine import DistEnv
 from vlpretrain.engine.remote import RemoteMirror, download_checkpoint, remote_latest
 from vlpretrain.errors import CheckpointError, ConfigError
+from vlpretrain.trainer import prepare_run_folder
 
 HERE = Path(__file__).resolve().parent
 FILES = ("mp_rank_00_model_states.pt", "zero/rank_0.pt", "model.safetensors", "client_state.json")
@@ -126,6 +129,23 @@ def test_local_mirror_prunes_and_downloads_back(tmp_path):
     os.remove(f"{remote}/checkpoints/step_00000002/COMPLETE")
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         download_checkpoint(remote, "step_00000002", tmp_path / "third")
+
+
+def test_fresh_run_refuses_a_used_mirror_and_overwrite_clears_it(tmp_path):
+    """A mirror belongs to one run, as a run folder does: a fresh run into one that holds checkpoints stops with one
+    line; --overwrite clears it (and only it); --resume takes it as it is."""
+    remote = str(tmp_path / "disk2")
+    old = RemoteMirror(remote, tmp_path / "old" / "checkpoints", keep_last=2)
+    old.submit(fake_checkpoint(tmp_path / "old" / "checkpoints", 1))
+    assert old.finish()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^train.remote_dir: .* holds checkpoints of an earlier run \(newest "
+                                          r"step_00000001\); continue it with --resume latest"):
+        prepare_run_folder(tmp_path / "new", None, False, env, remote)
+    prepare_run_folder(tmp_path / "new", "latest", False, env, remote)
+    assert remote_latest(remote) == "step_00000001"
+    prepare_run_folder(tmp_path / "new", None, True, env, remote)
+    assert os.listdir(remote) == []
 
 
 def test_remote_dir_is_checked_when_the_config_loads(tmp_path):

@@ -334,17 +334,7 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
     if held and not resume and not overwrite:
         raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
                           "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
-    try:
-        remote_held = remote_checkpoints(remote_dir) if remote_dir and not resume else []
-    except Exception as e:  # credentials, endpoint, network: say so before any work starts
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"train.remote_dir: {remote_dir}: cannot list it ({type(e).__name__}: {first})") from None
-    if remote_held and not overwrite:
-        raise ConfigError(f"train.remote_dir: {remote_root(remote_dir)} holds checkpoints of an earlier run (newest "
-                          f"{remote_held[-1]}); continue it with --resume latest, or start over with --overwrite "
-                          "(or choose another train.remote_dir)")
-    if remote_held and env.is_main:
-        remove_tree(remote_root(remote_dir))
+    clear_remote = check_remote_unused(remote_dir, overwrite, env) if remote_dir and not resume else False
     if env.is_main:
         check_writable(out_dir, "train.output_dir")  # the folder, or the parent it will be made in
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,8 +345,34 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        if clear_remote:
+            remove_tree(remote_root(remote_dir))
     if env.world_size > 1:
         torch.distributed.barrier()
+
+
+def check_remote_unused(remote_dir: str, overwrite: bool, env: DistEnv) -> bool:
+    """A fresh run's mirror must hold no other run's checkpoints (its pruning would delete them), unless
+    `overwrite` is to clear them: whether it must (on rank 0). Rank 0 asks the store once; every rank raises
+    alike. Collective."""
+    held, problem = [], ""
+    if env.is_main:
+        try:
+            held = remote_checkpoints(remote_dir)
+        except Exception as e:  # credentials, endpoint, network: say so before any work starts
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            problem = f"train.remote_dir: {remote_dir}: cannot list it ({type(e).__name__}: {first})"
+        if held and not overwrite:
+            problem = (f"train.remote_dir: {remote_root(remote_dir)} holds checkpoints of an earlier run (newest "
+                       f"{held[-1]}); continue it with --resume latest, or start over with --overwrite (or choose "
+                       "another train.remote_dir)")
+    if env.world_size > 1:
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0, group=env.control)
+        problem = box[0]
+    if problem:
+        raise ConfigError(problem)
+    return bool(held)
 
 
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not

@@ -215,8 +215,9 @@ def download_checkpoint(remote_dir: str, name: str, local_root: Path) -> Path:
     if "COMPLETE" not in files:
         raise CheckpointError(f"{source}: not a complete checkpoint (no COMPLETE marker)")
     local_root.mkdir(parents=True, exist_ok=True)
+    for old in local_root.glob(f"{DOWNLOAD}*"):  # an interrupted download's (one process per folder at a time)
+        shutil.rmtree(old, ignore_errors=True)
     tmp = local_root / f"{DOWNLOAD}{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     for rel in files:
         storage.get_file(storage.join(source, rel), tmp / rel)
     final = local_root / name
