@@ -32,6 +32,7 @@ from vlpretrain.engine import (
 )
 from vlpretrain.engine.remote import (
     RemoteMirror,
+    describe_error,
     remote_checkpoints,
     remote_root,
     resume_point,
@@ -295,13 +296,13 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             mirror.finish()
             metrics.log_values(state.step, mirror.report())
         metrics.close()
-    if mirror is not None and mirror.missing:
-        raise CheckpointError(f"train.remote_dir: {mirror.missing} never reached {tc.remote_dir} (see the warning "
-                              f"above); it is complete in {out_dir / 'checkpoints'}")
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
                "interrupted": state.step < tc.steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss}
-    shutdown_distributed()
+    shutdown_distributed()  # after rank 0's upload: the other ranks wait for it here
+    if mirror is not None and mirror.missing:
+        raise CheckpointError(f"train.remote_dir: {mirror.missing} never reached {tc.remote_dir} (see the warning "
+                              f"above); it is complete in {out_dir / 'checkpoints'}")
     return summary
 
 
@@ -360,8 +361,7 @@ def check_remote_unused(remote_dir: str, overwrite: bool, env: DistEnv) -> bool:
         try:
             held = remote_checkpoints(remote_dir)
         except Exception as e:  # credentials, endpoint, network: say so before any work starts
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            problem = f"train.remote_dir: {remote_dir}: cannot list it ({type(e).__name__}: {first})"
+            problem = f"train.remote_dir: {remote_dir}: cannot list it ({describe_error(e)})"
         if held and not overwrite:
             problem = (f"train.remote_dir: {remote_root(remote_dir)} holds checkpoints of an earlier run (newest "
                        f"{held[-1]}); continue it with --resume latest, or start over with --overwrite (or choose "

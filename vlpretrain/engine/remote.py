@@ -176,7 +176,7 @@ class RemoteMirror:
         shutil.rmtree(staging, ignore_errors=True)
         if error is not None:
             log.warning("remote: the upload of %s to %s failed %d times (%s); the mirror's latest stays at %s",
-                        name, self.remote_dir, self.attempts, _describe(error), self._uploaded or "none")
+                        name, self.remote_dir, self.attempts, describe_error(error), self._uploaded or "none")
             return
         seconds = time.perf_counter() - t0
         try:
@@ -268,10 +268,10 @@ def resume_point(out_dir: Path, remote_dir: str | None, env: DistEnv) -> Path | 
     return root / name
 
 
-def _describe(e: Exception) -> str:
+def describe_error(e: Exception) -> str:
     """An exception in one short line: its type and the first line of its message."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _one_line(e: Exception) -> str:
-    return str(e) if isinstance(e, CheckpointError) else f"train.remote_dir: {_describe(e)}"
+    return str(e) if isinstance(e, CheckpointError) else f"train.remote_dir: {describe_error(e)}"
