@@ -110,7 +110,14 @@ class RemoteMirror:
         """Snapshot a complete checkpoint for upload; training waits for the snapshot only."""
         t0 = time.perf_counter()
         staging = self.local_root / f"{STAGING}{ckpt.name}"
-        snapshot(ckpt, staging)
+        try:
+            snapshot(ckpt, staging)
+        except OSError as e:  # a full disk where links fail and copies need room: training goes on without it
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("remote: %s not uploaded: staging it failed (%s)", ckpt.name, describe_error(e))
+            with self._cond:
+                self._last_submitted = ckpt.name
+            return
         with self._cond:
             if self._pending is not None:  # the previous upload is slow: the newest checkpoint goes next
                 log.warning("remote: %s skipped, %s replaces it in the queue (the upload of %s is still running)",
