@@ -66,6 +66,8 @@ def test_bad_override_named(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("data: {train: a.tar}\ntrain: {learning_rat: 0.1}\n", "train.learning_rat"),
     ("data: {train: a.tar}\ntrain: {steps: [1]}\n", "train.steps"),
+    ("data: {train: a.tar}\ntrain: {remote_dir: 'dropbox://b/run'}\n",
+     "train.remote_dir: dropbox:// needs its fsspec backend (DropboxFileSystem requires"),
 ])
 def test_cli_exit_2_one_line(tmp_path, text, needle):
     p = write(tmp_path, text)

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-from vlpretrain.errors import ConfigError
+from vlpretrain import storage
+from vlpretrain.errors import ConfigError, DataError
 
 REQUIRED: Any = "???"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # marker for a value the user must give
@@ -211,7 +212,10 @@ class TrainConfig:
     stop_after: int = _f(0, "stop with a checkpoint after this many steps in one invocation (job slots); 0: never")
     log_every: int = _f(10, "steps between metric lines")
     save_every: int = _f(0, "steps between checkpoints; 0 only at the end")
-    keep_last: int = _f(2, "checkpoints kept")
+    keep_last: int = _f(2, "checkpoints kept (locally, and in remote_dir)")
+    remote_dir: str | None = _f(None, "url mirroring the run's checkpoints (s3://bucket/run, gs://..., or a "
+                                      "local path such as a second disk): each one uploaded in the background, "
+                                      "`latest` last; --resume latest takes it when the run folder has none")
     max_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
     progress: bool = _f(True, "a step bar on a terminal; off, or in a log file: a plain line every 30 s")
     report_to: list[Literal["tensorboard", "wandb"]] = _f(["tensorboard"],
@@ -242,11 +246,25 @@ class TrainConfig:
         _need(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
         _need(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         _need(self.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+        if self.remote_dir is not None:
+            self._validate_remote_dir(self.remote_dir)
         if "wandb" in self.report_to:
             import importlib.util
 
             _need(importlib.util.find_spec("wandb") is not None, "train.report_to",
                   "wandb is not installed: pip install wandb (or pip install 'vlpretrain[wandb]')")
+
+    def _validate_remote_dir(self, url: str) -> None:
+        """A store fsspec can write, its backend installed; a local mirror outside the run folder (the run's
+        pruning and --overwrite would otherwise reach into the mirror)."""
+        try:
+            storage.check_writable_url(url)
+        except DataError as e:
+            raise ConfigError(f"train.remote_dir: {str(e).removeprefix(f'{url}: ')}") from None
+        if not storage.is_remote(url):
+            mirror, run = Path(storage.local_path(url)).resolve(), Path(self.output_dir).expanduser().resolve()
+            _need(mirror != run and run not in mirror.parents, "train.remote_dir",
+                  f"must lie outside train.output_dir ({self.output_dir})")
 
 
 @dataclass

@@ -128,6 +128,16 @@ class MetricsLogger:
                 sink.scalars(scalars, step)
         self._file.flush()
 
+    def log_values(self, step: int, values: dict[str, float]) -> None:
+        """Scalars outside a training row (the last checkpoint upload's times, logged once it ends): a metrics
+        line without a loss, and the trackers."""
+        if not self.active or not values:
+            return
+        self._file.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        self._file.flush()
+        for sink in self._sinks:
+            sink.scalars(dict(values), step)
+
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)

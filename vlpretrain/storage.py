@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 from typing import IO, Any
 
 from vlpretrain.errors import DataError
@@ -33,11 +34,34 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
-        scheme = url.split("://", 1)[0]
-        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, str(e.name or "its fsspec backend"))
-        raise DataError(f"{url}: reading {scheme}:// needs {package} (pip install 'vlpretrain[cloud]')") from None
+        raise DataError(_missing_backend(url, e)) from None
     except ValueError as e:
         raise DataError(f"{url}: no storage backend for this address ({e})") from None
+
+
+def _missing_backend(url: str, error: ImportError) -> str:
+    scheme = url.split("://", 1)[0]
+    package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme)
+    if package:
+        return f"{url}: {scheme}:// needs {package} (pip install 'vlpretrain[cloud]')"
+    return f"{url}: {scheme}:// needs its fsspec backend ({error})"
+
+
+def check_writable_url(url: str) -> None:
+    """Fail with one line when `url` names no storage that files can be written to: an unknown scheme, a missing
+    backend package (which to install), or a read-only kind (`pipe:`, web addresses). Makes no request."""
+    import fsspec
+
+    if url.startswith(("pipe:", "http://", "https://")):
+        raise DataError(f"{url}: cannot be written to (use a local path, s3://, gs:// or another fsspec store)")
+    if not is_remote(url):
+        return
+    try:
+        fsspec.get_filesystem_class(url.split("://", 1)[0])
+    except ImportError as e:
+        raise DataError(_missing_backend(url, e)) from None
+    except ValueError:
+        raise DataError(f"{url}: no storage backend for {url.split('://', 1)[0]}:// (fsspec knows none)") from None
 
 
 def open_stream(url: str) -> IO[bytes]:
@@ -105,15 +129,91 @@ def list_sizes(folder: str) -> dict[str, int]:
     return {basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    """Write a small file whole. Locally under a temporary name, then renamed, so no reader ever sees half of it;
-    an object store makes an object visible only once its upload is complete."""
+# ---- the write side (remote checkpoints) ---------------------------------------------------------------------
+
+
+def _listing_fs(folder: str) -> tuple[Any, str]:
+    """The file system of `folder` with its cached listings dropped: another process (or thread) may have
+    written there since the last listing."""
+    fs, path = filesystem(folder)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def list_folders(folder: str) -> list[str]:
+    """Names of the sub-folders directly in `folder` (prefixes, for object storage); empty when it is absent."""
+    if not is_remote(folder):
+        try:
+            with os.scandir(local_path(folder)) as it:
+                return sorted(e.name for e in it if e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    fs, path = _listing_fs(folder)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(basename(e["name"]) for e in entries if e.get("type") == "directory")
+
+
+def list_tree(folder: str) -> list[str]:
+    """Paths (relative, `/`-separated) of every file under `folder`, sorted; empty when it is absent."""
+    if not is_remote(folder):
+        root = local_path(folder)
+        found = [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
+        return sorted(p.replace(os.sep, "/") for p in found)
+    fs, path = _listing_fs(folder)
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    prefix = path.rstrip("/") + "/"
+    return sorted(p.removeprefix(prefix) for p in found if p.startswith(prefix))
+
+
+def put_file(local: str | os.PathLike, url: str) -> None:
+    """Copy a local file to `url` (folders made as needed); an existing file there is replaced."""
     if not is_remote(url):
-        path = local_path(url)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        target = local_path(url)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        shutil.copyfile(local, target)
+        return
+    fs, path = filesystem(url)
+    fs.put_file(os.fspath(local), path)
+
+
+def get_file(url: str, local: str | os.PathLike) -> None:
+    """Copy the file at `url` to a local path (folders made as needed)."""
+    os.makedirs(os.path.dirname(os.fspath(local)) or ".", exist_ok=True)
+    if not is_remote(url):
+        shutil.copyfile(local_path(url), local)
+        return
+    fs, path = filesystem(url)
+    fs.get_file(path, os.fspath(local))
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a small file whole; a reader sees the old content or the new, never part (a local file is written
+    under a temporary name and renamed; an object store's put is atomic)."""
+    if not is_remote(url):
+        target = local_path(url)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
         return
     fs, path = filesystem(url)
     fs.pipe_file(path, data)
+
+
+def remove_tree(folder: str) -> None:
+    """Remove `folder` and everything in it; nothing happens when it is absent."""
+    if not is_remote(folder):
+        shutil.rmtree(local_path(folder), ignore_errors=True)
+        return
+    fs, path = _listing_fs(folder)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass

@@ -30,10 +30,17 @@ from vlpretrain.engine import (
     DistEnv,
     build_engine,
     init_distributed,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     shutdown_distributed,
+)
+from vlpretrain.engine.remote import (
+    RemoteMirror,
+    describe_error,
+    remote_checkpoints,
+    remote_root,
+    resume_point,
+    run_folder_shared,
 )
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.guard import NonFiniteGuard, host_values
@@ -44,6 +51,7 @@ from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.planning import flops_per_sample
 from vlpretrain.runlock import RunLock, lock_run_folder
+from vlpretrain.storage import remove_tree
 from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
@@ -210,7 +218,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     if env.is_main and env.world_size > 1:
         print(f"{env.world_size} processes ({env.launcher}), master {env.master}", flush=True)
     cfg = resolve_auto(cfg, env.device)
-    lock = prepare_run_folder(Path(cfg.train.output_dir), resume, overwrite, env)
+    lock = prepare_run_folder(Path(cfg.train.output_dir), resume, overwrite, env, cfg.train.remote_dir)
     try:
         return _run(cfg, env, resume, data)
     finally:
@@ -223,6 +231,11 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     # ---- check what can be checked, then build -----------------------------------------------------------------
     tc = cfg.train
     out_dir = Path(tc.output_dir)
+    if tc.remote_dir and (tc.zero_stage > 0 or cfg.model.moe.ep_size > 1) and not run_folder_shared(out_dir, env):
+        # every rank writes its part of such a checkpoint: rank 0 would save, and upload, its own node's only
+        raise ConfigError(f"train.output_dir: {out_dir} is not one folder shared by every rank (node-local disks?); "
+                          "ZeRO-1..3 and expert-parallel checkpoints need a shared file system (node-local folders "
+                          "work with train.zero_stage 0)")
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
@@ -237,9 +250,10 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
     if resume:
-        path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        path = resume_point(out_dir, tc.remote_dir, env) if resume == "latest" else Path(resume)
         if path is None:
-            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
+            where = f" nor in {remote_root(tc.remote_dir)}" if tc.remote_dir else ""
+            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from{where}")
         client = load_checkpoint(engine, path)
         changed = check_resume_config(client.get("config", {}), cfg, path)
         state = TrainState(**client["train_state"])
@@ -252,6 +266,9 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     metrics = MetricsLogger(out_dir, env.is_main, total=tc.steps, initial=state.step, progress=tc.progress,
                             report_to=tc.report_to, config=asdict(cfg))
+    # rank 0 mirrors every checkpoint to train.remote_dir in the background
+    mirror = RemoteMirror(tc.remote_dir, out_dir / "checkpoints", tc.keep_last) if tc.remote_dir and env.is_main \
+        else None
     stop = StopRequest()
     # one optimizer step's micro-batches at a time, the next step's already on their way to the device
     batches = DevicePrefetch(data.forever(state.epoch, state.batch_in_epoch), accumulation.micro_batches, env.device)
@@ -266,7 +283,10 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
         client = {"train_state": asdict(state), "config": _plain(cfg)}
-        return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        path = save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        if mirror is not None:
+            mirror.submit(path)
+        return path
 
     # ---- loop -------------------------------------------------------------------------------------------------
     # Between sync steps (logging, evaluation, checkpoints, a stop, the last step) nothing here reads a device
@@ -308,7 +328,8 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                     now = time.perf_counter()
                     row = {"step": state.step, "epoch": state.epoch, "loss": counts.loss, "lr": engine.lr,
                            "samples": state.samples, "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                           "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics()}
+                           "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics(),
+                           **(mirror.report() if mirror else {})}
                     if cfg.model.patch_dropout:
                         row["patch_dropout"] = masking
                     row["flops"] = state.flops
@@ -340,13 +361,19 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                 metrics.log_eval(state.step, eval_results)
             evaluator.record_training(out_dir / "results.json", training_totals(state, sample_flops, cfg, env))
     finally:
-        stop.restore()
+        stop.restore()  # a second Ctrl-C leaves the wait below
+        if mirror is not None:
+            mirror.finish()
+            metrics.log_values(state.step, mirror.report())
         metrics.close()
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
                "interrupted": state.step < tc.steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss,
                **training_totals(state, sample_flops, cfg, env)}
-    shutdown_distributed()
+    shutdown_distributed()  # after rank 0's upload: the other ranks wait for it here
+    if mirror is not None and mirror.missing:
+        raise CheckpointError(f"train.remote_dir: {mirror.missing} never reached {tc.remote_dir} (see the warning "
+                              f"above); it is complete in {out_dir / 'checkpoints'}")
     return summary
 
 
@@ -383,14 +410,15 @@ RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", "m
                "loss.png", "config.yaml", SHARD_COUNTS)
 
 
-def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> RunLock | None:
-    """Make sure the run folder is writable and belongs to this run before any work starts; returns rank 0's lock
-    on it (None on other ranks), which the caller releases when the run ends.
+def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv,
+                       remote_dir: str | None = None) -> RunLock | None:
+    """Make sure the run folder (and the remote mirror) is writable and belongs to this run before any work
+    starts; returns rank 0's lock on it (None on other ranks), which the caller releases when the run ends.
 
     Rank 0 locks the folder (`vlpretrain.runlock`) before anything in it changes, and tells the other ranks, so
     every rank of a run refused by another run's lock stops with the same line. A fresh run in a folder that holds
     another run's checkpoints would mix the two (and pruning would remove the new checkpoints), so it is refused
-    unless `overwrite` clears that run's outputs first.
+    unless `overwrite` clears that run's outputs first; the same for the mirror.
     """
     if resume and overwrite:
         raise ConfigError("--overwrite: cannot be combined with --resume (one continues the run, the other "
@@ -412,6 +440,7 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
         if held and not resume and not overwrite:
             raise ConfigError(f"{out_dir}: holds checkpoints of an earlier run (newest {held[-1]}); continue it with "
                               "--resume latest, or start over with --overwrite (or choose another train.output_dir)")
+        clear_remote = check_remote_unused(remote_dir, overwrite, env) if remote_dir and not resume else False
         if env.is_main and overwrite:
             for name in RUN_OUTPUTS:
                 target = out_dir / name
@@ -419,6 +448,8 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+            if clear_remote:
+                remove_tree(remote_root(remote_dir))
     except BaseException:
         if lock is not None:
             lock.release()
@@ -428,9 +459,30 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool, env: 
     return lock
 
 
+def check_remote_unused(remote_dir: str, overwrite: bool, env: DistEnv) -> bool:
+    """A fresh run's mirror must hold no other run's checkpoints (its pruning would delete them), unless
+    `overwrite` is to clear them: whether it must (on rank 0). Rank 0 asks the store once; every rank raises
+    alike. Collective."""
+    held, problem = [], ""
+    if env.is_main:
+        try:
+            held = remote_checkpoints(remote_dir)
+        except Exception as e:  # credentials, endpoint, network: say so before any work starts
+            problem = f"train.remote_dir: {remote_dir}: cannot list it ({describe_error(e)})"
+        if held and not overwrite:
+            problem = (f"train.remote_dir: {remote_root(remote_dir)} holds checkpoints of an earlier run (newest "
+                       f"{held[-1]}); continue it with --resume latest, or start over with --overwrite (or choose "
+                       "another train.remote_dir)")
+    problem = env.share(problem)  # collective: every rank raises alike
+    if problem:
+        raise ConfigError(problem)
+    return bool(held)
+
+
 # Settings that may change when a run resumes: they affect speed, logging, the run's length or evaluation, not
 # the state the checkpoint holds. Anything else differing from the checkpoint's run is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.log_every", "train.save_every", "train.keep_last",
+                     "train.remote_dir",
                      "train.progress", "train.report_to", "train.wandb_", "train.max_nonfinite", "train.output_dir", "data.workers", "data.fast_decode", "data.uint8_batches", "model.pretrained",
                      "model.compile", "model.grad_checkpointing", "eval.")
 
