@@ -142,9 +142,9 @@ def test_fresh_run_refuses_a_used_mirror_and_overwrite_clears_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.remote_dir: .* holds checkpoints of an earlier run \(newest "
                                           r"step_00000001\); continue it with --resume latest"):
         prepare_run_folder(tmp_path / "new", None, False, env, remote)
-    prepare_run_folder(tmp_path / "new", "latest", False, env, remote)
+    prepare_run_folder(tmp_path / "new", "latest", False, env, remote).release()  # each run holds the folder's lock
     assert remote_latest(remote) == "step_00000001"
-    prepare_run_folder(tmp_path / "new", None, True, env, remote)
+    prepare_run_folder(tmp_path / "new", None, True, env, remote).release()
     assert os.listdir(remote) == []
 
 
