@@ -273,3 +273,28 @@ def test_two_ranks_count_once_and_a_resume_counts_nothing(tmp_path):
     again = train("--set", "train.steps=3", "--resume", "latest")
     assert "by scanning their headers" not in again
     assert again.count("data: 4 shards, 32 samples (4 from scan)") == 1 and "(kept in" in again
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_walk_reads_names_as_tarfile_does_in_every_format(tmp_path, fmt):
+    from vlpretrain.data.tars import _local_names
+
+    path = tmp_path / "s.tar"
+    deep = "d" * (120 if fmt != tarfile.USTAR_FORMAT else 60)  # past 100 bytes: GNU long names, pax paths
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i in range(20):
+            for ext in ("jpg", "txt"):
+                data = b"x" * (i * 37)
+                info = tarfile.TarInfo(f"{deep}/ü{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        assert _local_names(str(path)) == ([m.name for m in tar if m.isreg()], True)
+    assert scan(str(path)) == (20, True)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    n, clean = scan(str(path))
+    assert 0 < n < 20 and not clean

@@ -7,6 +7,8 @@ stopped is checked: zeros mean the archive was written to its end; anything else
 
 from __future__ import annotations
 
+import mmap
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,35 +82,92 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
 def scan(url: str) -> tuple[int, bool]:
     """(samples, clean end) of a shard by its headers alone: consecutive files sharing a key are one sample.
 
-    Local files are walked header to header (member data is skipped, not read); remote ones are streamed. A file
-    that is not a tar archive at all is a DataError naming it (not a shard of zero samples).
+    Local files are walked header to header through a memory map (member data is never read); remote ones are
+    streamed. A file that is not a tar archive at all is a DataError naming it (not a shard of zero samples).
     """
-    count, last = 0, None
+    count, last, end = 0, None, TarEnd()
     try:
         if storage.is_remote(url):
-            end = TarEnd()
-            for key, _, _ in stream_members(url, end):
-                if key != last:
-                    count, last = count + 1, key
-            return count, end.clean
-        path = storage.local_path(url)
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                key, _ = base_plus_ext(info.name)
-                if info.isreg() and key is not None and key != last:
-                    count, last = count + 1, key
-                tar.members = []
-            offset = tar.offset
-        with open(path, "rb") as f:
-            f.seek(offset)
-            block = f.read(BLOCK)
-        return count, len(block) == BLOCK and not any(block)
+            keys: Iterator[str | None] = (key for key, _, _ in stream_members(url, end))
+        else:
+            names, end.clean = _local_names(storage.local_path(url))
+            keys = (base_plus_ext(name)[0] for name in names)
+        for key in keys:
+            if key is not None and key != last:
+                count, last = count + 1, key
+        return count, end.clean
     except tarfile.ReadError as e:
         if count == 0 and not _looks_like_tar(url):
             raise DataError(f"{url}: not a tar file ({e}); data.train must name webdataset tar shards") from None
         return count, False
     except (EOFError, OSError, tarfile.TarError):
         return count, False
+
+
+_REGULAR = (b"0", b"\0", b"7")  # regular files (7: contiguous, read as regular)
+
+
+def _local_names(path: str) -> tuple[list[str], bool]:
+    """The names of a local tar's regular files, in order, and whether a zero block ends it, from its 512-byte
+    headers alone (ustar, GNU long names and pax paths). About ten times faster than `tarfile`, which builds a
+    TarInfo per member; a header whose checksum is wrong ends the walk as a cut would (ReadError if the first)."""
+    names: list[str] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return names, False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            offset, long_name = 0, None
+            while offset + BLOCK <= size:
+                block = m[offset:offset + BLOCK]
+                if not any(block):
+                    return names, True
+                if sum(block) - sum(block[148:156]) + 256 != _octal(block[148:156]):
+                    if offset == 0:
+                        raise tarfile.ReadError("bad checksum in the first header")
+                    return names, False
+                length = _octal(block[124:136]) if block[124] < 0x80 else int.from_bytes(block[125:136], "big")
+                data = offset + BLOCK
+                offset = data + (length + BLOCK - 1) // BLOCK * BLOCK
+                kind = block[156:157]
+                if kind == b"L":  # GNU: the next member's long name
+                    long_name = m[data:data + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                    continue
+                if kind == b"x":  # pax: a path record overrides the next member's name
+                    long_name = _pax_path(m[data:data + length]) or long_name
+                    continue
+                if kind in _REGULAR and offset <= size:
+                    name = long_name or _header_name(block)
+                    names.append(name)
+                long_name = None
+    return names, False
+
+
+def _octal(field: bytes) -> int:
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text or b"0", 8)
+
+
+def _header_name(block: bytes) -> str:
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar" and block[345]:
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` of a pax extended header ("LEN path=VALUE\n" records)."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            return None
+        length = int(records[pos:space])
+        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
 
 
 def _looks_like_tar(url: str) -> bool:
