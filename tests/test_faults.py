@@ -223,6 +223,28 @@ def test_zeroshot_eval_on_a_truncated_safetensors(tmp_path):
     assert str(model) in msg and "truncated" in msg
 
 
+@pytest.mark.parametrize("key, value", [("model_config", '{"name": "tiny-vit",'), ("architecture", "[1, 2]"),
+                                        ("architecture", "{not json")])
+def test_export_with_corrupt_config_metadata_is_one_line(tmp_path, capsys, key, value):
+    """An export whose metadata JSON (written by `export_model`) is damaged is named in one line by `zeroshot eval`
+    and `vlpretrain export`, where json.loads raised a traceback (#23.6)."""
+    from safetensors.torch import save_file
+
+    from vlpretrain.cli import main as vlpretrain_main
+    from zeroshot.cli import main as zeroshot_main
+
+    model = tmp_path / "m.safetensors"
+    meta = {"format": "vlpretrain", "model_config": json.dumps({"name": "tiny.json"}), key: value}
+    save_file({"logit_scale": torch.zeros(())}, str(model), metadata=meta)
+    write_wds(tmp_path / "mnist", [str(i) for i in range(10)], [i % 10 for i in range(4)], shards=1, ext="png")
+    for run in (lambda: zeroshot_main(["eval", "--model", str(model), "--benchmark", "mnist", "--root",
+                                       str(tmp_path / "mnist")]),
+                lambda: vlpretrain_main(["export", str(model), str(tmp_path / "out.safetensors")])):
+        assert run() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {model}: its {key} metadata is not"), err
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "bomb"])
 def test_unreadable_image_in_an_eval_set_with_a_worker_is_one_line(tmp_path, bad):
     from zeroshot.datasets import get_benchmark
