@@ -431,6 +431,20 @@ def test_another_dataset_in_the_folder_is_refused_unless_replaced(tmp_path):
     assert r.returncode == 0 and json.loads((out / "_manifest.json").read_text())["samples"] == 30
 
 
+def test_make_shards_into_a_file_is_one_line(tmp_path, capsys):
+    """OUTDIR naming an existing file (e.g. the source typed twice), or a folder under a file, is refused in one line
+    before anything is read, where mkdir raised FileExistsError (#23.7)."""
+    from vlpretrain.cli import main
+
+    src = tmp_path / "src.csv"
+    src.write_text("image,caption\n")
+    for out in (src, src / "shards"):
+        assert main(["make-shards", str(src), str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: "), err
+    assert src.read_text() == "image,caption\n"
+
+
 def test_the_loader_refuses_shards_the_manifest_does_not_list(tmp_path):
     from vlpretrain.config import DataConfig
     from vlpretrain.data import build_loader, write_shards

@@ -313,7 +313,12 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
               "image_column": image_column, "caption_column": caption_column,
               "image_root": str(Path(image_root).resolve()) if image_root else None,
               "one_sample_per_caption": one_sample_per_caption, "keep_order": keep_order}
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{outdir}: exists and is not a folder (OUTDIR is the folder the shards go into)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{outdir}: cannot create the shard folder ({e.strerror or e})") from None
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
         return manifest
