@@ -431,6 +431,22 @@ def test_another_dataset_in_the_folder_is_refused_unless_replaced(tmp_path):
     assert r.returncode == 0 and json.loads((out / "_manifest.json").read_text())["samples"] == 30
 
 
+def test_overwrite_removes_only_the_shards_the_previous_manifest_lists(tmp_path, caplog):
+    """`--overwrite` (replace=True) deletes the previous dataset's listed shards, keeps tar files no manifest lists and
+    says so in one line; it deleted every *.tar of OUTDIR (#23.9b)."""
+    from vlpretrain.data import write_shards
+
+    out = tmp_path / "out"
+    write_shards(_photos(tmp_path / "a", 20), out, "folder", shard_size=10, progress=False)
+    (out / "notes.tar").write_bytes(b"not ours")
+    write_shards(_photos(tmp_path / "b", 5, shade=200), out, "folder", shard_size=10, replace=True, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["notes.tar", "shard-000000.tar"]
+    assert (out / "notes.tar").read_bytes() == b"not ours"
+    assert [r.getMessage() for r in caplog.records if "left in place" in r.getMessage()] == [
+        f"{out}: left in place 1 tar file(s) no previous manifest listed (notes.tar); the loader refuses tar files "
+        "_manifest.json does not list, so move them out of this folder"]
+
+
 def test_make_shards_into_a_file_is_one_line(tmp_path, capsys):
     """OUTDIR naming an existing file (e.g. the source typed twice), or a folder under a file, is refused in one line
     before anything is read, where mkdir raised FileExistsError (#23.7)."""

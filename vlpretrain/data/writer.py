@@ -322,7 +322,7 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
         return manifest
-    previous = _check_replaceable(out, inputs, replace)
+    previous, loose = _check_replaceable(out, inputs, replace)
     _, records = read_source(src, fmt, opts)
     # this run's shards go to a staging folder and replace the folder's dataset only once all are written, so an
     # interrupted run leaves the previous dataset whole (and no mix of the two)
@@ -361,6 +361,10 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "order": order, "samples": n, "shards": shards,
                 "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
     _swap_in(out, staging, previous, shards, manifest)
+    if left := sorted(set(loose) - {s["name"] for s in shards}):
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        log.warning("%s: left in place %d tar file(s) no previous manifest listed (%s); the loader refuses tar files "
+                    "%s does not list, so move them out of this folder", out, len(left), shown, MANIFEST)
     if skipped:
         log.warning("%s: skipped %d source rows (%s); see %s", src, len(skipped),
                     ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())), out / MANIFEST)
@@ -380,9 +384,11 @@ def _swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> set[str]:
-    """The shard names of the dataset `out` holds, which this run may replace: one written from the same source,
-    or any when `replace`; another dataset (or tar files no manifest accounts for) is refused."""
+def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> tuple[set[str], list[str]]:
+    """The shard names the previous manifest of `out` lists, which this run may replace (a dataset written from the
+    same source, or any when `replace`), and the tar files no manifest lists. Another dataset, or loose tar files,
+    are refused unless `replace`; even then loose files are not this run's to delete (only a new shard of the same
+    name replaces one)."""
     try:
         old = json.loads((out / MANIFEST).read_text())
     except FileNotFoundError:
@@ -398,7 +404,7 @@ def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> set[
             f"{len(loose)} tar files no {MANIFEST} accounts for"
         raise DataError(f"{out}: holds {what}; pass --overwrite (replace=True) to replace it, or choose another "
                         "folder")
-    return names | (set(loose) if replace else set())
+    return names, loose
 
 
 def _ignore_sigint() -> None:
