@@ -43,7 +43,7 @@ from vlpretrain.data.sources import (
     read_source,
 )
 from vlpretrain.errors import ConfigError, DataError
-from vlpretrain.formats import INCOMPLETE, MANIFEST
+from vlpretrain.formats import INCOMPLETE, MANIFEST, WIDE_GREY_MODES, to_8bit
 from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
 
 
 def prepare_record(item: Record | Skip, opts: EncodeOptions) -> Prepared | Skip:
-    """Read and check one record's image (a full decode catches truncated files); encode only when needed."""
+    """Read and check one record's image (a full decode catches truncated files); encode only when needed (16-bit
+    grey is always stored as 8-bit, `formats.to_8bit`)."""
     if isinstance(item, Skip):
         return item
     captions = tuple(c.strip() for c in item.captions if c and c.strip())
@@ -128,6 +129,8 @@ def prepare_record(item: Record | Skip, opts: EncodeOptions) -> Prepared | Skip:
         must_encode = opts.reencode
         if opts.reencode:
             ext = "jpg"
+    if img.mode in WIDE_GREY_MODES:  # stored 8-bit, so every reader (ours, PIL's convert) sees its brightness
+        img, ext, must_encode = to_8bit(img), "jpg" if opts.reencode else "png", True
     if opts.max_side and max(img.size) > opts.max_side:
         scale = opts.max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
