@@ -216,9 +216,10 @@ def test_16_bit_png_is_trained_on_at_its_brightness(tmp_path, fast_decode):
 
 def test_16_bit_png_is_written_as_8_bit_and_read_alike_by_zeroshot(tmp_path):
     """make-shards stores a 16-bit grey PNG as an 8-bit PNG of its high bytes (so any reader sees its brightness),
-    and zeroshot's image files decode to the same levels (#23.9a)."""
+    and zeroshot's image files and benchmark shards decode to the same levels (#23.9a)."""
     from vlpretrain.data import write_shards
     from zeroshot.datasets.common import open_rgb
+    from zeroshot.datasets.wds import ShardSamples
 
     data, want = grey16_png()
     src = tmp_path / "src"
@@ -229,4 +230,10 @@ def test_16_bit_png_is_written_as_8_bit_and_read_alike_by_zeroshot(tmp_path):
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         stored = Image.open(io.BytesIO(tar.extractfile("000000000.png").read()))
     assert stored.mode == "L" and np.array_equal(np.asarray(stored), want)
-    assert np.array_equal(np.asarray(open_rgb(src / "a.png")), np.repeat(want[..., None], 3, axis=2))
+    rgb = np.repeat(want[..., None], 3, axis=2)
+    assert np.array_equal(np.asarray(open_rgb(src / "a.png")), rgb)
+    write_tar(tmp_path / "bench.tar", [("0", "png", data, "a gradient")])
+    with tarfile.open(tmp_path / "bench.tar") as tar:
+        member = tar.getmember("0.png")
+    image, _ = ShardSamples([(tmp_path / "bench.tar", member.offset_data, member.size, 0)])[0]
+    assert np.array_equal(np.asarray(image), rgb)
