@@ -296,7 +296,8 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     bytes, and every skipped source row with its reason. With `skip_existing`, a manifest written from the same
     inputs whose shards are intact is returned without writing anything. Writing is all or nothing: shards are
     staged and replace the folder's dataset at the end; a folder holding another dataset is refused unless
-    `replace`.
+    `replace`, which deletes only the shards the previous manifest lists (other tar files stay, and a warning names
+    them).
     """
     if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise ConfigError("shard_size and shard_bytes must be positive")
