@@ -223,6 +223,28 @@ def test_zeroshot_eval_on_a_truncated_safetensors(tmp_path):
     assert str(model) in msg and "truncated" in msg
 
 
+@pytest.mark.parametrize("key, value", [("model_config", '{"name": "tiny-vit",'), ("architecture", "[1, 2]"),
+                                        ("architecture", "{not json")])
+def test_export_with_corrupt_config_metadata_is_one_line(tmp_path, capsys, key, value):
+    """An export whose metadata JSON (written by `export_model`) is damaged is named in one line by `zeroshot eval`
+    and `vlpretrain export`, where json.loads raised a traceback (#23.6)."""
+    from safetensors.torch import save_file
+
+    from vlpretrain.cli import main as vlpretrain_main
+    from zeroshot.cli import main as zeroshot_main
+
+    model = tmp_path / "m.safetensors"
+    meta = {"format": "vlpretrain", "model_config": json.dumps({"name": "tiny.json"}), key: value}
+    save_file({"logit_scale": torch.zeros(())}, str(model), metadata=meta)
+    write_wds(tmp_path / "mnist", [str(i) for i in range(10)], [i % 10 for i in range(4)], shards=1, ext="png")
+    for run in (lambda: zeroshot_main(["eval", "--model", str(model), "--benchmark", "mnist", "--root",
+                                       str(tmp_path / "mnist")]),
+                lambda: vlpretrain_main(["export", str(model), str(tmp_path / "out.safetensors")])):
+        assert run() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {model}: its {key} metadata is not"), err
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "bomb"])
 def test_unreadable_image_in_an_eval_set_with_a_worker_is_one_line(tmp_path, bad):
     from zeroshot.datasets import get_benchmark
@@ -407,6 +429,36 @@ def test_another_dataset_in_the_folder_is_refused_unless_replaced(tmp_path):
     assert str(out) in msg and "--overwrite" in msg
     r = cli("make-shards", str(b), str(out), "--format", "folder", "--no-progress", "--overwrite")
     assert r.returncode == 0 and json.loads((out / "_manifest.json").read_text())["samples"] == 30
+
+
+def test_overwrite_removes_only_the_shards_the_previous_manifest_lists(tmp_path, caplog):
+    """`--overwrite` (replace=True) deletes the previous dataset's listed shards, keeps tar files no manifest lists and
+    says so in one line; it deleted every *.tar of OUTDIR (#23.9b)."""
+    from vlpretrain.data import write_shards
+
+    out = tmp_path / "out"
+    write_shards(_photos(tmp_path / "a", 20), out, "folder", shard_size=10, progress=False)
+    (out / "notes.tar").write_bytes(b"not ours")
+    write_shards(_photos(tmp_path / "b", 5, shade=200), out, "folder", shard_size=10, replace=True, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["notes.tar", "shard-000000.tar"]
+    assert (out / "notes.tar").read_bytes() == b"not ours"
+    assert [r.getMessage() for r in caplog.records if "left in place" in r.getMessage()] == [
+        f"{out}: left in place 1 tar file(s) no previous manifest listed (notes.tar); the loader refuses tar files "
+        "_manifest.json does not list, so move them out of this folder"]
+
+
+def test_make_shards_into_a_file_is_one_line(tmp_path, capsys):
+    """OUTDIR naming an existing file (e.g. the source typed twice), or a folder under a file, is refused in one line
+    before anything is read, where mkdir raised FileExistsError (#23.7)."""
+    from vlpretrain.cli import main
+
+    src = tmp_path / "src.csv"
+    src.write_text("image,caption\n")
+    for out in (src, src / "shards"):
+        assert main(["make-shards", str(src), str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: "), err
+    assert src.read_text() == "image,caption\n"
 
 
 def test_the_loader_refuses_shards_the_manifest_does_not_list(tmp_path):

@@ -188,3 +188,52 @@ def test_options_are_validated_naming_the_key(tmp_path):
         assert getattr(cfg.data, key) is False
         with pytest.raises(ConfigError, match=f"data.{key}"):
             load_config(None, ["data.train=x.tar", f"data.{key}=sometimes"])
+
+
+def grey16_png() -> tuple[bytes, np.ndarray]:
+    """A 16 x 16 16-bit grey PNG (PIL mode "I;16") spanning the full 0..65535 range: pixel i holds i * 256 plus a
+    varying low byte, and the 8-bit level it stands for, i (its high byte)."""
+    levels8 = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    values = levels8 * 256 + (levels8 * 37) % 256
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16" and values.max() > 65000
+    return buf.getvalue(), levels8.astype(np.uint8)
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_16_bit_png_is_trained_on_at_its_brightness(tmp_path, fast_decode):
+    """A 16-bit grey PNG decodes to each value's high byte on the loader's fast and PIL paths (it was near-white:
+    PIL's convert("RGB") clips values above 255), so batches hold the expected 8-bit levels exactly (#23.9a)."""
+    data, want = grey16_png()
+    write_tar(tmp_path / "g-000000.tar", [(f"{i:04d}", "png", data, f"sample {i}") for i in range(4)])
+    identity = T.Compose([T.CenterCrop(16), T.ToTensor(), T.Normalize((0, 0, 0), (1, 1, 1))])
+    loader, got = batches(str(tmp_path / "g-000000.tar"), identity, defer=True, fast_decode=fast_decode)
+    assert loader.decode_tensors == fast_decode
+    (images, _), = got
+    assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(want).expand(4, 3, 16, 16))
+
+
+def test_16_bit_png_is_written_as_8_bit_and_read_alike_by_zeroshot(tmp_path):
+    """make-shards stores a 16-bit grey PNG as an 8-bit PNG of its high bytes (so any reader sees its brightness),
+    and zeroshot's image files and benchmark shards decode to the same levels (#23.9a)."""
+    from vlpretrain.data import write_shards
+    from zeroshot.datasets.common import open_rgb
+    from zeroshot.datasets.wds import ShardSamples
+
+    data, want = grey16_png()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(data)
+    (src / "a.txt").write_text("a gradient")
+    write_shards(src, tmp_path / "out", "folder", progress=False)
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        stored = Image.open(io.BytesIO(tar.extractfile("000000000.png").read()))
+    assert stored.mode == "L" and np.array_equal(np.asarray(stored), want)
+    rgb = np.repeat(want[..., None], 3, axis=2)
+    assert np.array_equal(np.asarray(open_rgb(src / "a.png")), rgb)
+    write_tar(tmp_path / "bench.tar", [("0", "png", data, "a gradient")])
+    with tarfile.open(tmp_path / "bench.tar") as tar:
+        member = tar.getmember("0.png")
+    image, _ = ShardSamples([(tmp_path / "bench.tar", member.offset_data, member.size, 0)])[0]
+    assert np.array_equal(np.asarray(image), rgb)

@@ -245,3 +245,30 @@ def test_export_loads_in_open_clip(tmp_path):
     torch.testing.assert_close(ref.state_dict()["visual.conv1.weight"], trained["visual.conv1.weight"])
     assert not torch.equal(trained["visual.conv1.weight"],
                            open_clip.create_model("tiny-vit").state_dict()["visual.conv1.weight"])
+
+
+def test_data_samples_counts_what_the_steps_took(tmp_path):
+    """`data/samples` in every metrics row of a run on shards is steps x batch x ranks: the loader counted batches as
+    they left it, and the trainer's DevicePrefetch holds the next step's micro-batches (16 logged after 8 trained
+    with 2 micro-batches of 4) (#23.9c)."""
+    from PIL import Image
+
+    from vlpretrain.data import write_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(48):
+        Image.new("RGB", (32, 32), (i * 5, 0, 7)).save(src / f"{i:05d}.png")
+        (src / f"{i:05d}.txt").write_text(f"photo {i}")
+    write_shards(src, tmp_path / "shards", "folder", shard_size=16, progress=False)
+    out = tmp_path / "run"
+
+    r = subprocess.run([sys.executable, "-m", "vlpretrain.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
+                        f"--set=data.train={tmp_path}/shards/*.tar", "--set=data.batch_size=4", "--set=data.workers=0",
+                        "--set=train.grad_accum=2", "--set=train.steps=3", "--set=train.log_every=1",
+                        "--set=train.warmup_steps=1", "--set=train.progress=false", "--set=eval.benchmarks=[]",
+                        "--set=eval.linear_probe=false", f"--set=train.output_dir={out}", "--set=train.zero_stage=0"],
+                       env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["data/samples"]) for r in rows if "loss" in r] == [(1, 8), (2, 16), (3, 24)]

@@ -201,7 +201,8 @@ def _make_shards(p: argparse.ArgumentParser):
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when OUTDIR holds intact shards written from the same inputs")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the dataset OUTDIR already holds (by default another dataset there is refused)")
+                   help="replace the dataset OUTDIR holds: its manifest's shards are deleted, other tar files kept "
+                        "(by default another dataset there is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:

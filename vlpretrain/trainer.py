@@ -330,6 +330,9 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                            "samples": state.samples, "samples_per_s": window_samples / max(now - window_t, 1e-9),
                            "nonfinite_skipped": state.nonfinite_total, **host_values(extra), **data.metrics(),
                            **(mirror.report() if mirror else {})}
+                    # what the steps took, all ranks: a source counts a batch as it hands it out, and DevicePrefetch
+                    # has taken the next step's batches already
+                    row["data/samples"] = state.samples
                     if cfg.model.patch_dropout:
                         row["patch_dropout"] = masking
                     row["flops"] = state.flops

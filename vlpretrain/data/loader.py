@@ -269,7 +269,8 @@ class ShardLoader:
         return forever_epochs(run_epoch, epoch, start_batch)
 
     def metrics(self) -> dict[str, float]:
-        """A metrics line's `data/...` figures: good and skipped sample counts since the loader was built, and
+        """A metrics line's `data/...` figures: good and skipped sample counts since the loader was built (as batches
+        leave it: the trainer, which reads one step ahead, logs the samples its steps took as `data/samples`), and
         the batch caption-diversity means since the previous call."""
         missing = {"missing_shards": len(self.shard_counts.missing)} if self.shard_counts.missing else {}
         return {f"data/{k}": v for k, v in {**self.stats.as_dict(), **self.diversity.take(), **missing}.items()}

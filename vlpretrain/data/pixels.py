@@ -24,6 +24,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from vlpretrain.formats import to_rgb
+
 TensorOp = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -52,14 +54,15 @@ class Normalize:
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 tensor [3, H, W] (a view of H x W x 3 memory, the layout resampling prefers)."""
+    """A PIL image as a uint8 RGB tensor [3, H, W] (a view of H x W x 3 memory, the layout resampling prefers);
+    16-bit grey keeps its brightness (`formats.to_rgb`)."""
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = to_rgb(img)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def decode_rgb(data: bytes, draft: int | None) -> torch.Tensor:
-    """Image bytes -> uint8 RGB [3, H, W], the pixels PIL would give (`Image.open(...).convert("RGB")`).
+    """Image bytes -> uint8 RGB [3, H, W], the pixels PIL would give (`formats.to_rgb(Image.open(...))`).
 
     A JPEG at least twice `draft` px on both sides is decoded at a reduced DCT scale (PIL's draft, the largest
     1/2^k that stays >= draft, as `stages.decode` does); other YCbCr JPEGs go through libjpeg-turbo straight into a

@@ -28,6 +28,7 @@ from vlpretrain.data.pixels import decode_rgb
 from vlpretrain.data.plan import seed_of
 from vlpretrain.data.stats import WorkerStats
 from vlpretrain.errors import DataError
+from vlpretrain.formats import to_rgb
 
 Sample = dict[str, Any]
 
@@ -231,7 +232,7 @@ def decode(samples: Iterable[Sample], stats: WorkerStats, draft: int | None,
                 img = Image.open(io.BytesIO(data))
                 if draft and img.format == "JPEG":
                     img.draft("RGB", (draft, draft))  # picks the largest 1/2^k scale that stays >= draft px
-                s["image"] = img.convert("RGB")
+                s["image"] = to_rgb(img)  # 16-bit grey keeps its brightness
         except Exception as e:  # PIL raises many types for bad data
             stats.skip(s["__url__"], "undecodable image", f"{s['__key__']}.{s['ext']}: {type(e).__name__}: {e}")
             continue

@@ -43,7 +43,7 @@ from vlpretrain.data.sources import (
     read_source,
 )
 from vlpretrain.errors import ConfigError, DataError
-from vlpretrain.formats import INCOMPLETE, MANIFEST
+from vlpretrain.formats import INCOMPLETE, MANIFEST, WIDE_GREY_MODES, to_8bit
 from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def _encode(img: Image.Image, ext: str, quality: int) -> bytes:
 
 
 def prepare_record(item: Record | Skip, opts: EncodeOptions) -> Prepared | Skip:
-    """Read and check one record's image (a full decode catches truncated files); encode only when needed."""
+    """Read and check one record's image (a full decode catches truncated files); encode only when needed (16-bit
+    grey is always stored as 8-bit, `formats.to_8bit`)."""
     if isinstance(item, Skip):
         return item
     captions = tuple(c.strip() for c in item.captions if c and c.strip())
@@ -128,6 +129,8 @@ def prepare_record(item: Record | Skip, opts: EncodeOptions) -> Prepared | Skip:
         must_encode = opts.reencode
         if opts.reencode:
             ext = "jpg"
+    if img.mode in WIDE_GREY_MODES:  # stored 8-bit, so every reader (ours, PIL's convert) sees its brightness
+        img, ext, must_encode = to_8bit(img), "jpg" if opts.reencode else "png", True
     if opts.max_side and max(img.size) > opts.max_side:
         scale = opts.max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -293,7 +296,8 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     bytes, and every skipped source row with its reason. With `skip_existing`, a manifest written from the same
     inputs whose shards are intact is returned without writing anything. Writing is all or nothing: shards are
     staged and replace the folder's dataset at the end; a folder holding another dataset is refused unless
-    `replace`.
+    `replace`, which deletes only the shards the previous manifest lists (other tar files stay, and a warning names
+    them).
     """
     if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise ConfigError("shard_size and shard_bytes must be positive")
@@ -313,11 +317,16 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
               "image_column": image_column, "caption_column": caption_column,
               "image_root": str(Path(image_root).resolve()) if image_root else None,
               "one_sample_per_caption": one_sample_per_caption, "keep_order": keep_order}
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{outdir}: exists and is not a folder (OUTDIR is the folder the shards go into)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{outdir}: cannot create the shard folder ({e.strerror or e})") from None
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
         return manifest
-    previous = _check_replaceable(out, inputs, replace)
+    previous, loose = _check_replaceable(out, inputs, replace)
     _, records = read_source(src, fmt, opts)
     # this run's shards go to a staging folder and replace the folder's dataset only once all are written, so an
     # interrupted run leaves the previous dataset whole (and no mix of the two)
@@ -356,6 +365,10 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "order": order, "samples": n, "shards": shards,
                 "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
     _swap_in(out, staging, previous, shards, manifest)
+    if left := sorted(set(loose) - {s["name"] for s in shards}):
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        log.warning("%s: left in place %d tar file(s) no previous manifest listed (%s); the loader refuses tar files "
+                    "%s does not list, so move them out of this folder", out, len(left), shown, MANIFEST)
     if skipped:
         log.warning("%s: skipped %d source rows (%s); see %s", src, len(skipped),
                     ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())), out / MANIFEST)
@@ -375,9 +388,11 @@ def _swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> set[str]:
-    """The shard names of the dataset `out` holds, which this run may replace: one written from the same source,
-    or any when `replace`; another dataset (or tar files no manifest accounts for) is refused."""
+def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> tuple[set[str], list[str]]:
+    """The shard names the previous manifest of `out` lists, which this run may replace (a dataset written from the
+    same source, or any when `replace`), and the tar files no manifest lists. Another dataset, or loose tar files,
+    are refused unless `replace`; even then loose files are not this run's to delete (only a new shard of the same
+    name replaces one)."""
     try:
         old = json.loads((out / MANIFEST).read_text())
     except FileNotFoundError:
@@ -393,7 +408,7 @@ def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> set[
             f"{len(loose)} tar files no {MANIFEST} accounts for"
         raise DataError(f"{out}: holds {what}; pass --overwrite (replace=True) to replace it, or choose another "
                         "folder")
-    return names | (set(loose) if replace else set())
+    return names, loose
 
 
 def _ignore_sigint() -> None:

@@ -283,10 +283,21 @@ def read_export_config(path: str | os.PathLike) -> ModelConfig | None:
         return None
     from vlpretrain.config import from_dict
 
-    cfg = from_dict({"model": json.loads(meta["model_config"])}, str(path)).model
+    cfg = from_dict({"model": _metadata_json(path, meta, "model_config")}, str(path)).model
     if "architecture" in meta:
-        cfg.name = str(_register_architecture(Path(cfg.name).stem, json.loads(meta["architecture"])))
+        cfg.name = str(_register_architecture(Path(cfg.name).stem, _metadata_json(path, meta, "architecture")))
     return cfg
+
+
+def _metadata_json(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
+    """The JSON object `export_model` stored under `key` in an export's metadata; a damaged one names the file."""
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its {key} metadata is not valid JSON ({e}); export the model again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: its {key} metadata is not a JSON object; export the model again")
+    return value
 
 
 def _register_architecture(stem: str, arch: dict[str, Any]) -> Path:

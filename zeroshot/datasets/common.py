@@ -13,14 +13,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
-from vlpretrain.formats import IMAGE_SUFFIXES
+from vlpretrain.formats import IMAGE_SUFFIXES, to_rgb
 
 
 def open_rgb(path: Path | str) -> Image.Image:
-    """Decode an image file as RGB, naming the file when it is unreadable."""
+    """Decode an image file as 8-bit RGB (16-bit grey keeps its brightness), naming the file when it is unreadable."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
@@ -71,7 +71,7 @@ class Relabelled(Dataset):
         image, label = self.base[i]
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
-        image = image.convert("RGB")
+        image = to_rgb(image)
         label = int(label) if self.label_map is None else self.label_map[int(label)]
         return (self.transform(image) if self.transform else image), label
 

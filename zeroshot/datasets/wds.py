@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
+from vlpretrain.formats import to_rgb
 from zeroshot.datasets.base import Benchmark, EvalSet, Layout
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order when a sample has several
@@ -120,7 +121,7 @@ class ShardSamples(Dataset):
             f.seek(offset)
             data = f.read(size)
         try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image = to_rgb(Image.open(io.BytesIO(data)))
         except OSError as e:
             raise DataError(f"{shard}: cannot decode the image at byte {offset} ({e})") from None
         return (self.transform(image) if self.transform else image), label
