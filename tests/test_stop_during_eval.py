@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import free_port
 from zeroshot_fakes import write_idx
 
 from vlpretrain.config import ModelConfig
@@ -59,12 +60,13 @@ def wait_for_line(p: subprocess.Popen, file: Path, pattern: str, timeout: float 
     raise AssertionError(f"{pattern!r} never appeared in {file}")
 
 
-def stop_after_first_benchmark(p: subprocess.Popen, log: Path, sig: int) -> float:
-    """Send `sig` once the quick benchmark is done (the long one under way); returns the seconds until the process
-    ended, after checking that the long benchmark would have taken far longer at the quick one's rate."""
+def stop_after_first_benchmark(p: subprocess.Popen, log: Path, sig: int, pid: int | None = None) -> float:
+    """Send `sig` (to `pid`, default the process) once the quick benchmark is done and the long one under way;
+    returns the seconds until the process ended, after checking that the long benchmark would have taken far
+    longer at the quick one's rate."""
     rate = float(wait_for_line(p, log, r"fashion-mnist: 16 img in [\d.]+ s, ([\d.]+) img/s").group(1))
     sent = time.monotonic()
-    p.send_signal(sig)
+    os.kill(pid or p.pid, sig)
     try:
         p.wait(timeout=120)  # a bound, not the check: the code before the fix evaluated for minutes
     finally:
@@ -115,6 +117,34 @@ def test_sigterm_during_periodic_then_final_evaluation(tmp_path):
     assert results["training"]["steps"] == 4
     s = json.loads((out / "summary_rank0.json").read_text())
     assert s["interrupted"] and s["steps"] == 4
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=`rank`."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_waiting_rank_stops_rank_0s_evaluation(tmp_path):
+    """Two processes: rank 0 evaluates alone while rank 1 waits; SIGTERM to rank 1 only reaches rank 0 within a
+    batch, and both checkpoint the step and stop (neither hangs in a collective). torchrun then ends the rank still
+    exiting when the first exits 130, and prints its own traceback for that."""
+    root, out = eval_root(tmp_path / "bench"), tmp_path / "run"
+    p, _ = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                  SCRIPT, str(out), "train.steps=4", "eval.every=2", "eval.benchmarks=[fashion-mnist,mnist]",
+                  f"eval.root={root}", "eval.batch_size=1"], tmp_path / "err.log")
+    wait_for_line(p, tmp_path / "err.log", r"fashion-mnist: 16 img in")  # workers are up, rank 0 evaluating
+    stop_after_first_benchmark(p, tmp_path / "err.log", signal.SIGTERM, pid=rank_pid(p, 1))
+    err = (tmp_path / "err.log").read_text()
+    assert err.count("stop requested during the evaluation at step 2: evaluation cut short") == 2, err[-3000:]
+    assert err.count(f"stop requested: checkpoint {out}/checkpoints/step_00000002 written, exiting") == 2
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 130 ", err), err[-3000:]
+    assert checkpoints(out) == ["step_00000002"]
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
 
 
 def test_second_signal_exits_at_once(tmp_path):

@@ -135,10 +135,9 @@ def read_results(path: str | os.PathLike) -> Results:
         raise DataError(f"{path}: malformed 'training' (expected an object)")
     interrupted = doc.get("interrupted")
     if interrupted is not None:
-        left = _need(interrupted, "not_evaluated", list, f"{path}: interrupted") if isinstance(interrupted, dict) \
-            else None
-        if left is None or not all(isinstance(t, dict) and isinstance(t.get("task"), str)
-                                   and isinstance(t.get("benchmark"), str) for t in left):
+        left = interrupted.get("not_evaluated") if isinstance(interrupted, dict) else None
+        if not isinstance(left, list) or not all(isinstance(t, dict) and isinstance(t.get("task"), str)
+                                                 and isinstance(t.get("benchmark"), str) for t in left):
             raise DataError(f"{path}: malformed 'interrupted' (expected not_evaluated: [{{task, benchmark}}])")
     return Results(model=_need(doc, "model", str, str(path)), pretrained=doc.get("pretrained"), results=entries,
                    date=doc.get("date") or "", training=training, interrupted=interrupted)
