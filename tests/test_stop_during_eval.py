@@ -5,6 +5,7 @@ The long evaluation is a real one: MNIST-format idx files of many random images,
 benchmark whose progress line tells the test that evaluation has started.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -45,7 +46,16 @@ def eval_root(root: Path, splits: tuple[str, ...] = ("test",)) -> Path:
 def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
     out = log.with_suffix(".out")
     with open(log, "w") as err, open(out, "w") as std:
-        return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=std, stderr=err, text=True), out
+        # its own process group, so that `end` also reaches torchrun's workers
+        return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=std, stderr=err, text=True,
+                                start_new_session=True), out
+
+
+def end(p: subprocess.Popen) -> None:
+    """Kill whatever is left of the process and its children (after a failure)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def wait_for_line(p: subprocess.Popen, file: Path, pattern: str, timeout: float = 300) -> re.Match:
@@ -64,14 +74,14 @@ def stop_after_first_benchmark(p: subprocess.Popen, log: Path, sig: int, pid: in
     """Send `sig` (to `pid`, default the process) once the quick benchmark is done and the long one under way;
     returns the seconds until the process ended, after checking that the long benchmark would have taken far
     longer at the quick one's rate."""
-    rate = float(wait_for_line(p, log, r"fashion-mnist: 16 img in [\d.]+ s, ([\d.]+) img/s").group(1))
-    sent = time.monotonic()
-    os.kill(pid or p.pid, sig)
     try:
+        rate = float(wait_for_line(p, log, r"fashion-mnist: 16 img in [\d.]+ s, ([\d.]+) img/s").group(1))
+        sent = time.monotonic()
+        os.kill(pid or p.pid, sig)
         p.wait(timeout=120)  # a bound, not the check: the code before the fix evaluated for minutes
+        seconds = time.monotonic() - sent
     finally:
-        p.kill()
-    seconds = time.monotonic() - sent
+        end(p)
     assert seconds < 30 and seconds < LONG / rate / 3, (seconds, LONG / rate)
     return seconds
 
@@ -137,8 +147,11 @@ def test_sigterm_to_a_waiting_rank_stops_rank_0s_evaluation(tmp_path):
     p, _ = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                   SCRIPT, str(out), "train.steps=4", "eval.every=2", "eval.benchmarks=[fashion-mnist,mnist]",
                   f"eval.root={root}", "eval.batch_size=1"], tmp_path / "err.log")
-    wait_for_line(p, tmp_path / "err.log", r"fashion-mnist: 16 img in")  # workers are up, rank 0 evaluating
-    stop_after_first_benchmark(p, tmp_path / "err.log", signal.SIGTERM, pid=rank_pid(p, 1))
+    try:
+        wait_for_line(p, tmp_path / "err.log", r"fashion-mnist: 16 img in")  # workers are up, rank 0 evaluating
+        stop_after_first_benchmark(p, tmp_path / "err.log", signal.SIGTERM, pid=rank_pid(p, 1))
+    finally:
+        end(p)
     err = (tmp_path / "err.log").read_text()
     assert err.count("stop requested during the evaluation at step 2: evaluation cut short") == 2, err[-3000:]
     assert err.count(f"stop requested: checkpoint {out}/checkpoints/step_00000002 written, exiting") == 2
@@ -164,7 +177,7 @@ def test_second_signal_exits_at_once(tmp_path):
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)  # at once; the code before the fix waited for its data forever
     finally:
-        p.kill()
+        end(p)
     err = (tmp_path / "err.log").read_text()
     assert p.returncode == 130, err[-3000:]
     assert err.splitlines()[-1] == "SIGTERM again: exiting now", err[-3000:]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlpretrain.errors import DataError, VLPretrainError, without_worker_traceback
 from vlpretrain.progress import progress as progress_bar
-from vlpretrain.stopping import StopCheck, check_stop
+from vlpretrain.stopping import Interrupted, StopCheck, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,18 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: in
     return data
 
 
-def _worker_errors_cleaned(batches: Iterable) -> Iterator:
-    """`batches`, with a worker's DataError (an unreadable image, say) raised as its own one-line message."""
+def _worker_errors_cleaned(batches: Iterable, should_stop: StopCheck | None = None) -> Iterator:
+    """`batches`, with a worker's DataError (an unreadable image, say) raised as its own one-line message, and the
+    loader's error for workers that exited raised as Interrupted when a stop was requested (a terminal's Ctrl-C
+    reaches the workers too, and they exit)."""
     try:
         yield from batches
     except VLPretrainError as e:
         raise without_worker_traceback(e) from None
+    except RuntimeError:
+        if should_stop is not None and should_stop():
+            raise Interrupted("stop requested") from None
+        raise
 
 
 def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,7 @@ def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, ba
     total = len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
     feats, labels = [], []
     with eval_mode(model), progress_bar(total, desc, "img", enabled=progress) as bar:
-        for i, batch in enumerate(_worker_errors_cleaned(_batches(data, batch_size, workers, device))):
+        for i, batch in enumerate(_worker_errors_cleaned(_batches(data, batch_size, workers, device), should_stop)):
             check_stop(should_stop)
             if not isinstance(batch, list | tuple) or len(batch) < 2:
                 raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
