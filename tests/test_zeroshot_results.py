@@ -38,6 +38,26 @@ def test_update_replaces_same_task_and_benchmark_keeps_others(tmp_path):
         update_results(path, "RN50", None, [entry("zeroshot", "mnist", 0.1)])
 
 
+def test_interrupted_block_lists_what_was_not_evaluated_until_it_is(tmp_path):
+    """A stop marks the file interrupted with the pairs it did not reach; later writes of them shorten the list,
+    a training block keeps it, and the block goes with the last pair."""
+    path = tmp_path / "r.json"
+    update_results(path, "m", None, [entry("zeroshot", "cifar10", 0.5)],
+                   not_evaluated=[("zeroshot", "mnist"), ("linear_probe", "cifar10")])
+    update_results(path, "m", None, [], training={"steps": 4})
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"]["not_evaluated"] == [{"task": "zeroshot", "benchmark": "mnist"},
+                                                   {"task": "linear_probe", "benchmark": "cifar10"}]
+    assert doc["interrupted"]["date"] and doc["training"] == {"steps": 4}
+    update_results(path, "m", None, [entry("zeroshot", "mnist", 0.9)])
+    assert read_results(path).interrupted["not_evaluated"] == [{"task": "linear_probe", "benchmark": "cifar10"}]
+    update_results(path, "m", None, [entry("linear_probe", "cifar10", 0.7)])
+    assert "interrupted" not in json.loads(path.read_text()) and len(read_results(path).results) == 3
+    path.write_text(json.dumps({**doc, "interrupted": {"not_evaluated": "mnist"}}))
+    with pytest.raises(DataError, match="malformed 'interrupted'"):
+        read_results(path)
+
+
 def test_training_totals_sit_beside_the_entries(tmp_path):
     path = tmp_path / "r.json"
     update_results(path, "m", None, [entry("zeroshot", "cifar10", 0.5)])

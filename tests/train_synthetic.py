@@ -3,6 +3,7 @@
 usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--hold-until FILE]
     [--resume latest] [--per-sample] [--image-size 28] [--context 16] [k=v ...]
 
+--hold-until makes the first batch wait until FILE exists; FILE.waiting appears when the wait begins.
 --per-sample draws every sample from its own seed, in epochs of SAMPLES_PER_EPOCH samples per rank, so that k
 micro-batches of b hold exactly the samples of one batch of k x b (the accumulation tests compare the two).
 """
@@ -49,6 +50,8 @@ def main() -> None:
     bs = cfg.data.batch_size
 
     def data(epoch: int, start: int):
+        if a.hold_until and not os.path.exists(a.hold_until):
+            open(a.hold_until + ".waiting", "w").close()  # tells a test that the run got this far
         while a.hold_until and not os.path.exists(a.hold_until):
             time.sleep(0.1)
         for b in range(start, BATCHES_PER_EPOCH):

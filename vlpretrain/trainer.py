@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.planning import flops_per_sample
 from vlpretrain.runlock import RunLock, lock_run_folder
+from vlpretrain.stopping import Interrupted, StopCheck, StopRequest
 from vlpretrain.storage import remove_tree
 from vlpretrain.validate import Validator
 
@@ -68,21 +69,6 @@ class TrainState:
     nonfinite_total: int = 0
     flops: int = 0  # model FLOPs (forward + backward) of those samples
     energy_j: float = 0.0  # joules of every rank's GPU up to the last logging step (0 on CPUs)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next optimizer step and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv, counts: ShardCounts) -> BatchSource:
@@ -130,7 +116,9 @@ class Evaluator:
 
     Benchmark names and their data under eval.root are checked when it is built, so a typo or a missing folder
     fails before training starts. `during` gives the
-    periodic zero-shot metrics; `final_report` adds the linear probes and writes the run's results file.
+    periodic zero-shot metrics; `final_report` adds the linear probes and writes the run's results file. Both run
+    on rank 0 while the other ranks wait (`DistEnv.main_alone`), checking `stop_here` between batches on every rank:
+    a stop cuts them short and every rank learns of it (the second value they return).
     """
 
     def __init__(self, cfg: RunConfig, env: DistEnv):
@@ -147,10 +135,6 @@ class Evaluator:
                 for split in splits:
                     bench.locate(cfg.eval.root, split=split)
 
-    @property
-    def active(self) -> bool:
-        return self.env.is_main and bool(self.cfg.eval.benchmarks)
-
     def _load(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         if self.model is None:
             # the native MoE layer reads every backend's export and needs no expert-parallel group
@@ -161,48 +145,78 @@ class Evaluator:
         self.model.load_state_dict({k: v.reshape(own[k].shape) for k, v in weights.items()})
         return self.model
 
-    def _zeroshot(self, weights: dict[str, torch.Tensor] | None) -> list:
+    def _zeroshot(self, weights: dict[str, torch.Tensor] | None, should_stop: StopCheck,
+                  entries: list) -> list:
         import zeroshot
 
         e = self.cfg.eval
         return zeroshot.evaluate_suite(self._load(weights), e.benchmarks, e.root,
                                        tokenizer=get_tokenizer(self.cfg.model), batch_size=e.batch_size,
-                                       workers=e.workers, max_images=e.max_images, progress=True)
+                                       workers=e.workers, max_images=e.max_images, progress=True,
+                                       on_result=entries.append, should_stop=should_stop)
 
-    def during(self, weights: dict[str, torch.Tensor] | None) -> dict[str, dict[str, float]]:
-        """Zero-shot metrics per benchmark (empty on other ranks, or with no benchmarks configured)."""
-        if not self.active:
-            return {}
-        return {entry.benchmark: entry.metrics for entry in self._zeroshot(weights)}
+    def _on_main(self, work: Callable[[StopCheck], dict[str, dict[str, float]]],
+                 stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
+        """`work` on rank 0, the other ranks waiting; (its metrics, {} elsewhere or when cut; whether to stop)."""
+        if not self.cfg.eval.benchmarks:
+            return {}, False
+        try:
+            out, stopped = self.env.main_alone(work, stop_here)
+        except Interrupted:  # rank 0's; the other ranks learnt of the stop in main_alone's last round
+            return {}, True
+        return out or {}, stopped
 
-    def final_report(self, weights: dict[str, torch.Tensor] | None,
-                     results_file: Path) -> dict[str, dict[str, float]]:
-        """Zero-shot metrics, linear probes when configured, all written to `results_file` (zeroshot's format)."""
-        if not self.active:
-            return {}
+    def during(self, weights: dict[str, torch.Tensor] | None,
+               stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
+        """Zero-shot metrics per benchmark (empty on other ranks, with no benchmarks configured, or when a stop cut
+        them short) and whether any rank asked to stop."""
+        def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
+            return {entry.benchmark: entry.metrics for entry in self._zeroshot(weights, should_stop, [])}
+
+        return self._on_main(work, stop_here)
+
+    def final_report(self, weights: dict[str, torch.Tensor] | None, results_file: Path,
+                     stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
+        """Zero-shot metrics, linear probes when configured, all written to `results_file` (zeroshot's format), and
+        whether any rank asked to stop. A stop writes what finished and marks the file interrupted, listing the
+        (task, benchmark) pairs not evaluated."""
+        e = self.cfg.eval
+
+        def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
+            import zeroshot
+            from zeroshot.evaluate import entry_task
+
+            benches = [zeroshot.get_benchmark(name) for name in e.benchmarks]
+            planned = [(entry_task(b), b.name) for b in benches]
+            planned += [("linear_probe", b.name) for b in benches] if e.linear_probe else []
+            entries: list = []
+            try:
+                self._zeroshot(weights, should_stop, entries)
+                for bench in benches if e.linear_probe else []:
+                    m = zeroshot.linear_probe(self.model, bench.name, e.root, batch_size=e.batch_size,
+                                              workers=e.workers, max_images=e.max_images, progress=True,
+                                              should_stop=should_stop)
+                    entries.append(zeroshot.ResultEntry("linear_probe", bench.name, bench.metric, m, str(e.root)))
+            except Interrupted:
+                done = {(entry.task, entry.benchmark) for entry in entries}
+                self._write(results_file, entries, not_evaluated=[p for p in planned if p not in done])
+                raise
+            self._write(results_file, entries)
+            return {(entry.benchmark if entry.task != "linear_probe" else f"{entry.benchmark}/linear_probe"):
+                    entry.metrics for entry in entries}
+
+        return self._on_main(work, stop_here)
+
+    @staticmethod
+    def _write(results_file: Path, entries: list, **kwargs: Any) -> None:
         import zeroshot
 
-        e = self.cfg.eval
-        entries = self._zeroshot(weights)
-        out = {entry.benchmark: entry.metrics for entry in entries}
-        if e.linear_probe:
-            for name in e.benchmarks:
-                bench = zeroshot.get_benchmark(name)
-                m = zeroshot.linear_probe(self.model, name, e.root, batch_size=e.batch_size, workers=e.workers,
-                                          max_images=e.max_images, progress=True)
-                entries.append(zeroshot.ResultEntry("linear_probe", name, bench.metric, m, str(e.root)))
-                out[f"{name}/linear_probe"] = m
-        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries)
-        return out
+        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries, **kwargs)
 
     def record_training(self, results_file: Path, training: dict[str, float]) -> None:
         """The run's totals (steps, samples, FLOPs, energy) as the `training` block of `results_file` (rank 0)."""
-        if not self.env.is_main:
-            return
-        import zeroshot
-
-        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, [],
-                                training=training)
+        if self.env.is_main:
+            self._write(results_file, [], training=training)
 
 
 def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = None,
@@ -273,13 +287,25 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     # one optimizer step's micro-batches at a time, the next step's already on their way to the device
     batches = DevicePrefetch(data.forever(state.epoch, state.batch_in_epoch), accumulation.micro_batches, env.device)
     guard = NonFiniteGuard(engine, env)
-    micro, last_ckpt, eval_results, start_step = 0, None, {}, state.step
+    micro, last_ckpt, eval_results, start_step, eval_cut = 0, None, {}, state.step, False
     final_weights, have_final = None, False  # final_weights is None on ranks other than 0
     window_t, window_samples = time.perf_counter(), 0
     energy, energy_before = EnergyMeter(env.device), state.energy_j  # joules of earlier segments of a resumed run
 
     def weights() -> dict[str, torch.Tensor] | None:
         return engine.consolidated_weights()
+
+    def evaluate(zeroshot_part: Callable[[StopCheck], tuple[dict[str, dict[str, float]], bool]]
+                 ) -> tuple[dict[str, dict[str, float]], bool]:
+        """The evaluator's part (zero-shot on rank 0), then validation on every rank unless a stop came first;
+        (metrics, whether a stop cut them short), alike on every rank."""
+        out, cut = zeroshot_part(lambda: stop.requested)
+        if validator and not cut:
+            try:
+                out = {**out, **validator.run(engine, lambda: env.any(stop.requested)[0])}
+            except Interrupted:
+                cut = True
+        return out, cut
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
         client = {"train_state": asdict(state), "config": _plain(cfg)}
@@ -343,9 +369,13 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                     window_t, window_samples = now, 0
                     metrics.log(row)
             metrics.advance()
-            if due_eval:
-                eval_results = {**evaluator.during(weights()), **(validator.run(engine) if validator else {})}
-                metrics.log_eval(state.step, eval_results)
+            if due_eval and not stopping:
+                eval_results, cut = evaluate(lambda stop_here: evaluator.during(weights(), stop_here))
+                if cut:  # the checkpoint below keeps this step's state, then the run stops
+                    log.warning("stop requested during the evaluation at step %d: evaluation cut short", state.step)
+                    stopping = True
+                else:
+                    metrics.log_eval(state.step, eval_results)
             if due_ckpt or stopping or state.step == tc.steps:
                 final_weights, have_final = weights(), True
                 last_ckpt = checkpoint(final_weights)
@@ -358,10 +388,14 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                 final_weights = weights()
             if env.is_main:  # the run's model, beside its results
                 export_model(None, cfg.model, out_dir / "model.safetensors", state_dict=final_weights)
-            if cfg.eval.at_end:
-                eval_results = {**evaluator.final_report(final_weights, out_dir / "results.json"),
-                                **(validator.run(engine) if validator else {})}
-                metrics.log_eval(state.step, eval_results)
+            if cfg.eval.at_end:  # the final checkpoint is written: a stop here has nothing more to save
+                eval_results, eval_cut = evaluate(
+                    lambda stop_here: evaluator.final_report(final_weights, out_dir / "results.json", stop_here))
+                if eval_cut:
+                    log.warning("stop requested during the final evaluation: cut short; %s lists what was not "
+                                "evaluated", out_dir / "results.json")
+                else:
+                    metrics.log_eval(state.step, eval_results)
             evaluator.record_training(out_dir / "results.json", training_totals(state, sample_flops, cfg, env))
     finally:
         stop.restore()  # a second Ctrl-C leaves the wait below
@@ -370,7 +404,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
             metrics.log_values(state.step, mirror.report())
         metrics.close()
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
-               "interrupted": state.step < tc.steps, "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "interrupted": state.step < tc.steps or eval_cut, "checkpoint": str(last_ckpt) if last_ckpt else None,
                "output_dir": str(out_dir), "eval": eval_results, "last_loss": metrics.last_loss,
                **training_totals(state, sample_flops, cfg, env)}
     shutdown_distributed()  # after rank 0's upload: the other ranks wait for it here

@@ -16,6 +16,7 @@ import torch
 
 from vlpretrain.config import RunConfig
 from vlpretrain.engine import DistEnv, Engine
+from vlpretrain.stopping import StopCheck, check_stop
 
 
 class Validator:
@@ -36,7 +37,9 @@ class Validator:
         self.batches = max(1, min(self.loader.batches_per_epoch, math.ceil(cfg.eval.val_samples / per_batch)))
 
     @torch.no_grad()
-    def run(self, engine: Engine) -> dict[str, dict[str, float]]:
+    def run(self, engine: Engine, should_stop: StopCheck | None = None) -> dict[str, dict[str, float]]:
+        """Validation metrics; `should_stop`, asked before each batch on every rank (so it must answer alike on
+        all, as `DistEnv.any` does), raises `vlpretrain.stopping.Interrupted` there."""
         module, dtype = engine.module, torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
         was_training = module.training
         module.eval()
@@ -46,6 +49,7 @@ class Validator:
             for i, (images, texts) in enumerate(self.loader):
                 if i >= self.batches:
                     break
+                check_stop(should_stop)
                 out = engine(images.to(self.env.device, dtype), texts.to(self.env.device))
                 image_f, text_f, scale = out[0].float(), out[1].float(), out[2].float()
                 bias = out[3].float() if len(out) > 3 else None

@@ -21,6 +21,7 @@ from torch import nn
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.progress import progress as progress_bar
+from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
 
 Template = str | Callable[[str], str]
@@ -76,24 +77,29 @@ def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, class
 
 
 def text_batches(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
-                 device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                 device: str | torch.device | None = None,
+                 should_stop: StopCheck | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(start index, float32 text features [batch, D] on `device`, not normalised) for `texts`, `batch_size` at a
-    time: the one text-encoding pass of zeroshot (heads average them, retrieval keeps them)."""
+    time: the one text-encoding pass of zeroshot (heads average them, retrieval keeps them); `should_stop` is asked
+    before each batch (see `encode_images`)."""
     device = resolve_device(device, model)
     tokenizer = tokenizer or default_tokenizer(model)
     model.to(device)
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):
+            check_stop(should_stop)
             tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
             yield start, model.encode_text(tokens).float()
 
 
 def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
-                 device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+                 device: str | torch.device | None = None, progress: bool = False,
+                 should_stop: StopCheck | None = None) -> torch.Tensor:
     """Float32 text features [len(texts), D] (not normalised) on the CPU, encoded on `device`."""
     feats = []
     with progress_bar(len(texts), "texts", "text", enabled=progress) as bar:
-        for _, emb in text_batches(model, tokenizer, texts, batch_size=batch_size, device=device):
+        for _, emb in text_batches(model, tokenizer, texts, batch_size=batch_size, device=device,
+                                   should_stop=should_stop):
             feats.append(emb.cpu())
             bar.update(len(emb))
     if not feats:
@@ -103,7 +109,7 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_siz
 
 def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName], templates: Sequence[Template], *,
                      batch_size: int = 256, device: str | torch.device | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+                     cache_dir: str | os.PathLike | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
     """The zero-shot head, a float32 (embed_dim, classes) tensor on `device` (default: the model's).
 
     Prompts are embedded `batch_size` at a time. With `cache_dir`, a head built before for the same weights,
@@ -121,7 +127,8 @@ def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName
             return torch.load(cache, map_location=device, weights_only=True)["head"]
     prompts, owners, _ = expand_prompts(classnames, templates)
     sums = None
-    for start, emb in text_batches(model, tokenizer, prompts, batch_size=batch_size, device=device):
+    for start, emb in text_batches(model, tokenizer, prompts, batch_size=batch_size, device=device,
+                                   should_stop=should_stop):
         if sums is None:
             sums = torch.zeros(len(classnames), emb.shape[1], device=device)
         sums.index_add_(0, torch.tensor(owners[start:start + len(emb)], device=device), F.normalize(emb, dim=-1))

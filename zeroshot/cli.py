@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vlpretrain.console import Commands, check_writable
 from vlpretrain.errors import ConfigError, VLPretrainError
+from vlpretrain.stopping import Interrupted, StopRequest
 
 COMMANDS = Commands("zeroshot", "Zero-shot evaluation of CLIP-style models.")
 command = COMMANDS.command
@@ -88,16 +89,17 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     return names
 
 
-def _save(a: argparse.Namespace, entries: list) -> int:
+def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, str]] | None = None) -> int:
     """Add the entries to the --out results file, when one is given (eval and probe write the same file shape), or
-    with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder."""
+    with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder. `not_evaluated` marks
+    our results file interrupted (CLIP_benchmark's files have no place for it)."""
     from zeroshot.results import Results, update_results, write_clip_benchmark
 
     if a.out and getattr(a, "results_format", "zeroshot") == "clip_benchmark":
         paths = write_clip_benchmark(Results(a.model, a.pretrained, entries), a.out)
         print(f"wrote {len(paths)} CLIP_benchmark result files to {a.out}")
     elif a.out:
-        update_results(a.out, a.model, a.pretrained, entries)
+        update_results(a.out, a.model, a.pretrained, entries, not_evaluated=not_evaluated)
         print(f"wrote {a.out}")
     return 0
 
@@ -119,7 +121,8 @@ def _eval(p: argparse.ArgumentParser):
                                      "the prompt ensemble (one benchmark, the adapter's)")
 
     def run(a: argparse.Namespace) -> int:
-        from zeroshot.evaluate import evaluate_suite
+        from zeroshot.datasets import get_benchmark
+        from zeroshot.evaluate import entry_task, evaluate_suite
         from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "test")
@@ -135,9 +138,25 @@ def _eval(p: argparse.ArgumentParser):
             show(entry := _eval_adapter(a, names))
             return _save(a, [entry])
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
-        entries = evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size,
-                                 workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
-                                 progress=not a.no_progress, cache_dir=a.cache_dir, on_result=show)
+        entries: list[ResultEntry] = []
+
+        def keep(e: ResultEntry) -> None:
+            entries.append(e)
+            show(e)
+
+        stop = StopRequest()  # Ctrl-C or SIGTERM: stop at the next batch and keep what finished
+        try:
+            evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
+                           device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
+                           cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)
+        except Interrupted:
+            left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in names[len(entries):]]
+            print(f"interrupted: {len(entries)} of {len(names)} benchmarks evaluated"
+                  + (f"; {a.out} lists the others as not evaluated" if a.out else ""), file=sys.stderr, flush=True)
+            _save(a, entries, not_evaluated=left)
+            return 130
+        finally:
+            stop.restore()
         return _save(a, entries)
 
     return run

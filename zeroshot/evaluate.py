@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.classifier import build_classifier
-from zeroshot.datasets import EvalSet, get_benchmark
+from zeroshot.datasets import Benchmark, EvalSet, get_benchmark
 from zeroshot.features import encode_images, resolve_device
 from zeroshot.metrics import classification_metrics, multilabel_metrics
 from zeroshot.results import ResultEntry
@@ -38,34 +39,38 @@ def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
 
 def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
                  workers: int = 0, device: str | torch.device | None = None, max_images: int | None = None,
-                 progress: bool = False, desc: str = "zeroshot",
-                 cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+                 progress: bool = False, desc: str = "zeroshot", cache_dir: str | os.PathLike | None = None,
+                 should_stop: StopCheck | None = None) -> dict[str, float]:
     """Metrics of the zero-shot head built from `data`'s prompts on `data`'s images (see evaluate)."""
     device = resolve_device(device, model)
-    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
+    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir,
+                            should_stop=should_stop)
     return head_metrics(model, head, data, headline=headline, batch_size=batch_size, workers=workers, device=device,
-                        max_images=max_images, progress=progress, desc=desc)
+                        max_images=max_images, progress=progress, desc=desc, should_stop=should_stop)
 
 
 def head_metrics(model: nn.Module, head: torch.Tensor, data: EvalSet, *, headline: str = "top1",
                  batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
-                 max_images: int | None = None, progress: bool = False, desc: str = "images") -> dict[str, float]:
+                 max_images: int | None = None, progress: bool = False, desc: str = "images",
+                 should_stop: StopCheck | None = None) -> dict[str, float]:
     """Metrics of a classification head (embed_dim, classes), zero-shot or adapted, on `data`'s images."""
     feats, labels = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
-                                  workers=workers, device=device, progress=progress, desc=desc)
+                                  workers=workers, device=device, progress=progress, desc=desc,
+                                  should_stop=should_stop)
     return classification_metrics(F.normalize(feats, dim=-1) @ head.float().cpu(), labels, headline=headline)
 
 
 def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_average_precision", tokenizer=None,
                    batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
                    max_images: int | None = None, progress: bool = False, desc: str = "zeroshot",
-                   cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+                   cache_dir: str | os.PathLike | None = None, should_stop: StopCheck | None = None) -> dict[str, float]:
     """Average-precision metrics of the zero-shot head on a multi-label set (`data.targets`, see multilabel_metrics)."""
     assert data.targets is not None, "a multi-label EvalSet carries its targets"
     device = resolve_device(device, model)
-    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir)
+    head = build_classifier(model, tokenizer, data.classnames, data.templates, device=device, cache_dir=cache_dir,
+                            should_stop=should_stop)
     feats, index = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
-                                 workers=workers, device=device, progress=progress, desc=desc)
+                                 workers=workers, device=device, progress=progress, desc=desc, should_stop=should_stop)
     return multilabel_metrics(F.normalize(feats, dim=-1) @ head.cpu(), data.targets[index])
 
 
@@ -76,6 +81,11 @@ def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
 
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
             "retrieval": ("retrieval", run_retrieval)}[task]
+
+
+def entry_task(bench: Benchmark) -> str:
+    """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks, else "zeroshot"."""
+    return _runner(bench.task)[0]
 
 
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
@@ -106,11 +116,14 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
                    transform: Callable | None = None, batch_size: int = 256, workers: int = 0,
                    device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
                    progress: bool = True, cache_dir: str | os.PathLike | None = None,
-                   on_result: Callable[[ResultEntry], None] | None = None) -> list[ResultEntry]:
+                   on_result: Callable[[ResultEntry], None] | None = None,
+                   should_stop: StopCheck | None = None) -> list[ResultEntry]:
     """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
 
     Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
-    is done. Entries of retrieval benchmarks have task "retrieval", the others "zeroshot".
+    is done. Entries of retrieval benchmarks have task "retrieval", the others "zeroshot". `should_stop` is asked
+    between benchmarks and batches: a stop raises `vlpretrain.stopping.Interrupted`, the finished entries having
+    reached `on_result`.
     """
     benches = [get_benchmark(name) for name in benchmarks]
     if transform is None:
@@ -119,11 +132,12 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
         transform = image_transform(model, train=False)
     entries = []
     for bench in benches:
+        check_stop(should_stop)
         data = bench.load(root, transform=transform, format=format)
         task, run = _runner(bench.task)
         metrics = run(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                       workers=workers, device=device, max_images=max_images, progress=progress,
-                      desc=bench.name, cache_dir=cache_dir)
+                      desc=bench.name, cache_dir=cache_dir, should_stop=should_stop)
         entries.append(ResultEntry(task, bench.name, bench.metric, metrics, str(data.root), data.format))
         if on_result is not None:
             on_result(entries[-1])

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlpretrain.errors import DataError, VLPretrainError, without_worker_traceback
 from vlpretrain.progress import progress as progress_bar
+from vlpretrain.stopping import Interrupted, StopCheck, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,18 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: in
     return data
 
 
-def _worker_errors_cleaned(batches: Iterable) -> Iterator:
-    """`batches`, with a worker's DataError (an unreadable image, say) raised as its own one-line message."""
+def _worker_errors_cleaned(batches: Iterable, should_stop: StopCheck | None = None) -> Iterator:
+    """`batches`, with a worker's DataError (an unreadable image, say) raised as its own one-line message, and the
+    loader's error for workers that exited raised as Interrupted when a stop was requested (a terminal's Ctrl-C
+    reaches the workers too, and they exit)."""
     try:
         yield from batches
     except VLPretrainError as e:
         raise without_worker_traceback(e) from None
+    except RuntimeError:
+        if should_stop is not None and should_stop():
+            raise Interrupted("stop requested") from None
+        raise
 
 
 def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -98,19 +105,21 @@ def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
                   workers: int = 0, device: str | torch.device | None = None, progress: bool = False,
-                  desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+                  desc: str = "images", should_stop: StopCheck | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 image features [N, D] (as the model gives them, not normalised) and int64 labels [N], on the CPU.
 
     The one feature pass of zeroshot: zero-shot evaluation, the probe's cache and few-shot adaptation all use it.
     The model runs under `eval_mode` on `device` (default: where it is); the caller gives `data` an eval-mode
-    transform, since augmentation would make the features of a frozen model noisy.
+    transform, since augmentation would make the features of a frozen model noisy. `should_stop` is asked before
+    each batch: when it says so, `vlpretrain.stopping.Interrupted` is raised (a preempted job must not finish the set).
     """
     device = resolve_device(device, model)
     model.to(device)
     total = len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
     feats, labels = [], []
     with eval_mode(model), progress_bar(total, desc, "img", enabled=progress) as bar:
-        for i, batch in enumerate(_worker_errors_cleaned(_batches(data, batch_size, workers, device))):
+        for i, batch in enumerate(_worker_errors_cleaned(_batches(data, batch_size, workers, device), should_stop)):
+            check_stop(should_stop)
             if not isinstance(batch, list | tuple) or len(batch) < 2:
                 raise DataError(f"batch {i}: expected (images, labels), got {type(batch).__name__}")
             images, y = batch[0], batch[1]
@@ -159,8 +168,8 @@ def _read_cache(path: Path, digest: str, key: str) -> tuple[torch.Tensor, torch.
 
 def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset | DataLoader | Iterable],
                     cache_dir: str | os.PathLike, *, digest: str | None = None, batch_size: int = 256,
-                    device: str | torch.device | None = None, workers: int = 0,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device | None = None, workers: int = 0, progress: bool = False,
+                    should_stop: StopCheck | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of `key` (benchmark/split) from the cache, extracting and storing them on a miss.
 
     `loader_fn` is only called on a miss, so a cached split needs neither its images nor the model to run.
@@ -172,7 +181,7 @@ def cached_features(model: nn.Module, key: str, loader_fn: Callable[[], Dataset 
     if hit is not None:
         return hit
     x, y = encode_images(model, loader_fn(), batch_size=batch_size, device=device, workers=workers,
-                         progress=progress, desc=f"features {key}")
+                         progress=progress, desc=f"features {key}", should_stop=should_stop)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a half file that a later run would trust.
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

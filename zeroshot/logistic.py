@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from vlpretrain.errors import ConfigError, DataError
 from vlpretrain.progress import progress as progress_bar
+from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.features import resolve_device
 from zeroshot.metrics import topk_metrics
 
@@ -307,11 +308,13 @@ def few_shot_indices(labels: torch.Tensor, shots: int, num_classes: int, seed: i
 
 def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
              num_classes: int, *, l2_range: tuple[float, float] = (1e-6, 1e6), coarse_steps: int = 7,
-             refine_steps: int = 4, progress: bool = False, **fit_kwargs) -> SweepResult:
+             refine_steps: int = 4, progress: bool = False, should_stop: StopCheck | None = None,
+             **fit_kwargs) -> SweepResult:
     """The L2 strength with the best validation accuracy (lower validation loss breaks ties).
 
     A coarse log grid over `l2_range`, fitted from the strongest regularisation down so each fit warm-starts from
     its neighbour, then `refine_steps` rounds that try half the previous step either side of the best so far.
+    `should_stop` is asked before each fit (see `vlpretrain.stopping`).
     """
     lo, hi = sorted(math.log10(v) for v in l2_range)
     if coarse_steps < 2:
@@ -330,6 +333,7 @@ def sweep_l2(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
         e = round(e, 9)  # exponents reached by different paths compare equal
         if e in fits or not lo - 1e-9 <= e <= hi + 1e-9:
             return
+        check_stop(should_stop)
         init = fits[min(fits, key=lambda f: abs(f - e))] if fits else None
         fits[e] = fit_logistic_regression(train_x, train_y, num_classes, 10.0 ** e, init=init, spectrum=spectrum,
                                           **fit_kwargs)
@@ -363,13 +367,15 @@ def linear_probe_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
                           shots: int | None = None, seed: int = 0, val_fraction: float = 0.2,
                           l2_range: tuple[float, float] = (1e-6, 1e6), coarse_steps: int = 7,
                           refine_steps: int = 4, max_iter: int = 1000, tol: float = 1e-4, rtol: float = 1e-4,
-                          device: str | torch.device | None = None, progress: bool = False) -> dict[str, float]:
+                          device: str | torch.device | None = None, progress: bool = False,
+                          should_stop: StopCheck | None = None) -> dict[str, float]:
     """The CLIP linear-probe protocol on precomputed features; returns test metrics plus the l2 used.
 
     Features are L2-normalised. `shots` keeps that many training samples per class (seeded). Without `l2` the
     strength is swept on a stratified `val_fraction` of train and the final probe is fitted on all of train at
     the chosen strength; with `l2` the sweep is skipped. Keys: top1, top5 (over 5 classes),
-    mean_per_class_recall, num_images (test), num_train, l2, and val_top1 when swept.
+    mean_per_class_recall, num_images (test), num_train, l2, and val_top1 when swept. `should_stop` is asked before
+    each fit (see `vlpretrain.stopping`).
     """
     _check_xy(train_x, train_y, num_classes, "probe train set")
     _check_xy(test_x, test_y, num_classes, "probe test set")
@@ -388,9 +394,11 @@ def linear_probe_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         tr, va = stratified_split(train_y.cpu(), val_fraction, seed)
         tr, va = tr.to(device), va.to(device)
         sweep = sweep_l2(train_x[tr], train_y[tr], train_x[va], train_y[va], num_classes, l2_range=l2_range,
-                         coarse_steps=coarse_steps, refine_steps=refine_steps, progress=progress, **fit_kwargs)
+                         coarse_steps=coarse_steps, refine_steps=refine_steps, progress=progress,
+                         should_stop=should_stop, **fit_kwargs)
         l2, init = sweep.l2, sweep.classifier
         out["val_top1"] = sweep.val_top1
+    check_stop(should_stop)
     clf = fit_logistic_regression(train_x, train_y, num_classes, l2, init=init, **fit_kwargs)
     out = {**evaluate_classifier(clf, normalize_features(test_x), test_y, num_classes),
            "num_images": float(len(test_y)), "num_train": float(len(train_y)), "l2": float(l2), **out}

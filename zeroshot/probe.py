@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlpretrain.stopping import StopCheck
 from zeroshot.datasets import Benchmark, get_benchmark
 from zeroshot.evaluate import spread_subset
 from zeroshot.features import cached_features, weights_digest
@@ -24,8 +25,8 @@ DEFAULT_CACHE = Path(os.environ.get("VLPRETRAIN_CACHE", Path.home() / ".cache" /
 def split_features(model: nn.Module, bench: Benchmark, root: str | os.PathLike, splits: Sequence[str], *,
                    batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
                    max_images: int | None = None, format: str | None = None,
-                   cache_dir: str | os.PathLike | None = None,
-                   progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                   cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                   should_stop: StopCheck | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(features, labels) of each split of `bench`, from the feature cache or extracted once into it.
 
     The probe and few-shot adaptation share this, so either finds the image features the other extracted.
@@ -44,28 +45,30 @@ def split_features(model: nn.Module, bench: Benchmark, root: str | os.PathLike, 
             return spread_subset(data.dataset, max_images)
 
         features[split] = cached_features(model, key, load, cache, digest=digest, batch_size=batch_size,
-                                          device=device, workers=workers, progress=progress)
+                                          device=device, workers=workers, progress=progress,
+                                          should_stop=should_stop)
     return features
 
 
 def linear_probe(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int | None = None,
                  l2: float | None = None, seed: int = 0, batch_size: int = 256, workers: int = 0,
                  device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, float]:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                 should_stop: StopCheck | None = None) -> dict[str, float]:
     """Linear-probe metrics of `model`'s frozen image features on `benchmark` (train split -> test split).
 
     Without `l2` the strength is swept on a validation split held out from train (CLIP protocol), then refitted on
     train + validation; `shots` keeps k training images per class. `max_images` caps each split (evenly spaced).
     Returns top1, top5, mean_per_class_recall, headline, images, num_train, l2 (and val_top1 when swept, shots
-    when given).
+    when given). `should_stop` is asked between feature batches and l2 fits (see `encode_images`).
     """
     bench = get_benchmark(benchmark)
     features = split_features(model, bench, root, ("train", "test"), batch_size=batch_size, workers=workers,
                               device=device, max_images=max_images, format=format, cache_dir=cache_dir,
-                              progress=progress)
+                              progress=progress, should_stop=should_stop)
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     out = linear_probe_features(train_x, train_y, test_x, test_y, num_classes=len(bench.classnames), l2=l2,
-                                shots=shots, seed=seed, device=device, progress=progress)
+                                shots=shots, seed=seed, device=device, progress=progress, should_stop=should_stop)
     out["images"] = out.pop("num_images")
     out["headline"] = out[bench.metric]
     if shots is not None:

@@ -10,13 +10,17 @@
          "root": "/usr/share/datasets/fashion-mnist", "format": "torchvision", "date": "2026-11-26T12:00:00+00:00",
          "metrics": {"top1": 0.71, "top5": 0.98, "mean_per_class_recall": 0.71, "headline": 0.71, "images": 10000.0}}
       ],
-      "training": {"steps": 1000, "samples": 256000, "flops": 5.1e15, "energy_j": 2.4e6}   # a run's totals, if any
+      "training": {"steps": 1000, "samples": 256000, "flops": 5.1e15, "energy_j": 2.4e6},  # a run's totals, if any
+      "interrupted": {"date": "2026-11-26T12:05:00+00:00",                  # only when a stop cut an evaluation
+                      "not_evaluated": [{"task": "linear_probe", "benchmark": "fashion-mnist"}]}
     }
 
 `task` names the evaluation ("zeroshot", "retrieval", "linear_probe", ...); `metric` names the key of `metrics` that
 is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways). Writing an entry replaces the one with the same task and benchmark.
 `training` holds the totals of the run that trained the model (written by the trainer at its end; see
 `vlpretrain.trainer`): optimizer steps, samples, model FLOPs (forward + backward) and, on GPUs, joules.
+`interrupted` says that a SIGINT/SIGTERM cut an evaluation short: the entries it finished are in `results`, those
+it did not reach are listed; writing one of them later takes it off the list, and the block goes with the last.
 """
 
 from __future__ import annotations
@@ -63,11 +67,20 @@ class Results:
     results: list[ResultEntry] = field(default_factory=list)
     date: str = field(default_factory=now)
     training: dict[str, float] | None = None  # totals of the training run, when the trainer wrote this file
+    interrupted: dict[str, Any] | None = None  # {"date", "not_evaluated": [{"task", "benchmark"}]} after a stop
 
     def add(self, entry: ResultEntry) -> None:
         """Add `entry`, replacing an earlier one for the same task and benchmark."""
         self.results = [r for r in self.results if (r.task, r.benchmark) != (entry.task, entry.benchmark)]
         self.results.append(entry)
+        if self.interrupted is not None:
+            left = [t for t in self.interrupted["not_evaluated"]
+                    if (t["task"], t["benchmark"]) != (entry.task, entry.benchmark)]
+            self.interrupted = {**self.interrupted, "not_evaluated": left} if left else None
+
+    def mark_interrupted(self, not_evaluated: list[tuple[str, str]]) -> None:
+        """Record that a stop cut the evaluation short before these (task, benchmark) pairs were evaluated."""
+        self.interrupted = {"date": now(), "not_evaluated": [{"task": t, "benchmark": b} for t, b in not_evaluated]}
 
     def get(self, task: str, benchmark: str) -> ResultEntry | None:
         return next((r for r in self.results if (r.task, r.benchmark) == (task, benchmark)), None)
@@ -80,7 +93,8 @@ def write_results(path: str | os.PathLike, results: Results) -> Path:
     results.date = now()
     doc = {"schema": SCHEMA, "model": results.model, "pretrained": results.pretrained, "date": results.date,
            "results": [asdict(r) for r in results.results],
-           **({"training": results.training} if results.training is not None else {})}
+           **({"training": results.training} if results.training is not None else {}),
+           **({"interrupted": results.interrupted} if results.interrupted is not None else {})}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
@@ -119,14 +133,22 @@ def read_results(path: str | os.PathLike) -> Results:
     training = doc.get("training")
     if training is not None and not isinstance(training, dict):
         raise DataError(f"{path}: malformed 'training' (expected an object)")
+    interrupted = doc.get("interrupted")
+    if interrupted is not None:
+        left = interrupted.get("not_evaluated") if isinstance(interrupted, dict) else None
+        if not isinstance(left, list) or not all(isinstance(t, dict) and isinstance(t.get("task"), str)
+                                                 and isinstance(t.get("benchmark"), str) for t in left):
+            raise DataError(f"{path}: malformed 'interrupted' (expected not_evaluated: [{{task, benchmark}}])")
     return Results(model=_need(doc, "model", str, str(path)), pretrained=doc.get("pretrained"), results=entries,
-                   date=doc.get("date") or "", training=training)
+                   date=doc.get("date") or "", training=training, interrupted=interrupted)
 
 
 def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry],
-                   training: dict[str, float] | None = None) -> Results:
+                   training: dict[str, float] | None = None,
+                   not_evaluated: list[tuple[str, str]] | None = None) -> Results:
     """Add `entries` (and the training totals, replacing earlier ones, when given) to the results file at `path`
-    (created if absent); refuses a file of another model."""
+    (created if absent); refuses a file of another model. `not_evaluated` (task, benchmark) pairs mark the file
+    interrupted: an evaluation cut short by a stop lists what it did not reach."""
     path = Path(path)
     results = read_results(path) if path.exists() else Results(model, pretrained)
     if (results.model, results.pretrained) != (model, pretrained):
@@ -136,6 +158,8 @@ def update_results(path: str | os.PathLike, model: str, pretrained: str | None, 
         results.add(entry)
     if training is not None:
         results.training = dict(training)
+    if not_evaluated is not None:
+        results.mark_interrupted(not_evaluated)
     write_results(path, results)
     return results
 

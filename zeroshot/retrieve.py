@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.stopping import StopCheck
 from zeroshot.classifier import encode_texts
 from zeroshot.datasets import CaptionSet, get_benchmark
 from zeroshot.evaluate import spread_subset
@@ -26,19 +27,19 @@ RECALL_KS = (1, 5, 10)
 def run_retrieval(model: nn.Module, data: CaptionSet, *, headline: str = "mean_recall", tokenizer=None,
                   batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
                   max_images: int | None = None, progress: bool = False, desc: str = "retrieval",
-                  ks: Sequence[int] = RECALL_KS, **_unused) -> dict[str, float]:
+                  ks: Sequence[int] = RECALL_KS, should_stop: StopCheck | None = None, **_unused) -> dict[str, float]:
     """Retrieval metrics of `model` on a caption set (see retrieval_metrics); with `max_images`, an evenly spaced
     subset of the images and their captions only (a smaller gallery: higher recall than on the whole set)."""
     assert headline == "mean_recall", headline
     device = resolve_device(device, model)
     feats, ids = encode_images(model, spread_subset(data.images, max_images), batch_size=batch_size,
-                               workers=workers, device=device, progress=progress, desc=desc)
+                               workers=workers, device=device, progress=progress, desc=desc, should_stop=should_stop)
     position = torch.full((len(data),), -1, dtype=torch.long)
     position[ids] = torch.arange(len(ids))
     owner = position[torch.as_tensor(data.text_to_image, dtype=torch.long)]
     kept = (owner >= 0).nonzero().flatten().tolist()
     texts = encode_texts(model, tokenizer, [data.captions[t] for t in kept], batch_size=batch_size,
-                         device=device, progress=progress)
+                         device=device, progress=progress, should_stop=should_stop)
     return retrieval_metrics(feats, texts, owner[kept], ks=ks, device=device)
 
 

@@ -10,15 +10,17 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from vlpretrain.engine.launch import launch_env
 
 log = logging.getLogger("vlpretrain")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +68,30 @@ class DistEnv:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=self.control)
         return t.tolist()
+
+    def main_alone(self, work: Callable[[Callable[[], bool]], T],
+                   stop_here: Callable[[], bool]) -> tuple[T | None, bool]:
+        """Run `work(should_stop)` on rank 0 while the other ranks wait; returns (its result on rank 0, None
+        elsewhere; whether any rank's `stop_here()` asked to stop), alike on every rank.
+
+        The waiting ranks do not sit in one long collective: every `should_stop()` of rank 0 is a host round trip
+        in which each rank says whether it was asked to stop, so a signal to any rank reaches rank 0 within one of
+        its batches, and a waiting rank neither hangs when rank 0 stops early nor times out while it works for
+        hours. If `work` raises, the waiting ranks are released first and the exception goes on, on rank 0.
+        """
+        if self.world_size == 1:
+            result = work(stop_here)
+            return result, stop_here()
+        if self.is_main:
+            try:
+                result = work(lambda: self.any(stop_here(), False)[0])
+            finally:
+                stopped, _ = self.any(stop_here(), True)  # the last round: rank 0 is done
+            return result, stopped
+        while True:
+            stopped, done = self.any(stop_here(), False)
+            if done:
+                return None, stopped
 
 
 def _free_port() -> int:
