@@ -398,10 +398,10 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                     metrics.log_eval(state.step, eval_results)
             evaluator.record_training(out_dir / "results.json", training_totals(state, sample_flops, cfg, env))
     finally:
-        stop.restore()  # a second Ctrl-C leaves the wait below
-        if mirror is not None:
+        if mirror is not None:  # signals still go to `stop`: a second one leaves this wait at once (exit 130)
             mirror.finish()
             metrics.log_values(state.step, mirror.report())
+        stop.restore()
         metrics.close()
     summary = {"steps": state.step, "samples": state.samples, "nonfinite_skipped": state.nonfinite_total,
                "interrupted": state.step < tc.steps or eval_cut, "checkpoint": str(last_ckpt) if last_ckpt else None,

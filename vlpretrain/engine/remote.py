@@ -141,8 +141,8 @@ class RemoteMirror:
             busy = self._pending or self._running
             if busy:
                 name = self._pending[0] if self._pending else self._running
-                print(f"waiting for the upload of {name} to {self.remote_dir} (Ctrl-C leaves it; the remote "
-                      "`latest` still names a complete checkpoint)", flush=True)
+                print(f"waiting for the upload of {name} to {self.remote_dir} (Ctrl-C twice leaves it; the "
+                      "remote `latest` still names a complete checkpoint)", flush=True)
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
