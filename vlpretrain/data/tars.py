@@ -136,9 +136,8 @@ def _local_names(path: str) -> tuple[list[str], bool]:
                 if kind == b"x":  # pax: a path record overrides the next member's name
                     long_name = _pax_path(m[data:data + length]) or long_name
                     continue
-                if kind in _REGULAR and offset <= size:
-                    name = long_name or _header_name(block)
-                    names.append(name)
+                if kind in _REGULAR:  # counted even when its data is cut short, as tarfile lists it
+                    names.append(long_name or _header_name(block))
                 long_name = None
     return names, False
 
