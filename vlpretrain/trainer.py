@@ -32,6 +32,7 @@ from vlpretrain.engine import (
     init_distributed,
     latest_checkpoint,
     load_checkpoint,
+    read_client_state,
     save_checkpoint,
     shutdown_distributed,
 )
@@ -43,6 +44,7 @@ from vlpretrain.models import build_model, export_model, get_tokenizer, image_si
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.planning import flops_per_sample
+from vlpretrain.resume import adapt_to_world_size, map_data_position
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.validate import Validator
 
@@ -221,13 +223,26 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
 def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None) -> dict[str, Any]:
     """The body of `train`, in a run folder this run holds."""
     # ---- check what can be checked, then build -----------------------------------------------------------------
+    out_dir = Path(cfg.train.output_dir)
+    resumed = None
+    if resume:  # before anything is built: the checkpoint's world size may change train.grad_accum
+        path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
+        client = read_client_state(path)
+        cfg, saved_world, moved = adapt_to_world_size(client, cfg, env.world_size, path)
+        saved_cfg = {**client.get("config", {})}
+        if moved:  # the adjusted grad_accum is the checkpoint's global batch, not a change
+            saved_cfg["train"] = {**saved_cfg["train"], "grad_accum": cfg.train.grad_accum}
+        changed = check_resume_config(saved_cfg, cfg, path)
+        resumed = path, saved_world, [moved] if moved else []
     tc = cfg.train
-    out_dir = Path(tc.output_dir)
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, loss=tc.loss)
     channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
     sample_flops = train_flops(model, cfg)
+    from_shards = data is None
     data = data or shard_loader(cfg, model, env, run_shard_counts(cfg, out_dir, env, resume))
     engine = build_engine(model, cfg, env)
     if cfg.model.compile:
@@ -236,17 +251,21 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
     accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
-    if resume:
-        path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
+    if resumed:
+        path, saved_world, notes = resumed
         client = load_checkpoint(engine, path)
-        changed = check_resume_config(client.get("config", {}), cfg, path)
         state = TrainState(**client["train_state"])
         if "flops" not in client["train_state"]:  # a checkpoint from before FLOPs were counted
             state.flops = state.samples * sample_flops[cfg.model.patch_dropout]
+        if saved_world != env.world_size:
+            state.batch_in_epoch, where = map_data_position(state.batch_in_epoch, saved_world, env.world_size,
+                                                            cfg.data.batch_size)
+            notes.append(f"data position in epoch {state.epoch}: {where}" + (
+                "; the rest of this epoch is planned for the new world size, which deals shards to processes "
+                "differently, so some of its samples may come twice and others not until the next epoch"
+                if from_shards else ""))
         if env.is_main:
-            note = f"; changed since: {', '.join(changed)}" if changed else ""
+            note = "".join(f"; {n}" for n in notes + ([f"changed since: {', '.join(changed)}"] if changed else []))
             print(f"resumed from {path} at step {state.step}{note}", flush=True)
     if env.is_main:
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -265,8 +284,8 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         return engine.consolidated_weights()
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
-        client = {"train_state": asdict(state), "config": _plain(cfg)}
-        return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        client = {"train_state": asdict(state), "config": _plain(cfg), "world_size": env.world_size}
+        return save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env)
 
     # ---- loop -------------------------------------------------------------------------------------------------
     # Between sync steps (logging, evaluation, checkpoints, a stop, the last step) nothing here reads a device

@@ -145,9 +145,35 @@ class Engine:
             return None
         return {k: v.detach().float().cpu() for k, v in state.items()}
 
-    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
-        """DeepSpeed's state (weights, optimizer, schedule) as `folder/tag/`; collective."""
-        self._ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> str | None:
+        """DeepSpeed's state (weights, optimizer, schedule) as `folder/tag/`; collective. Returns why this rank
+        could not write its files (a full disk), or None.
+
+        A failed write must not raise inside DeepSpeed's save: this rank would skip the collectives still to
+        come there while the other ranks wait in them. So this rank's writes record their first error and
+        DeepSpeed goes on to its end on every rank; the caller then asks all ranks whether any failed.
+        """
+        ds, errors = self._ds, []
+
+        def recording(write):
+            def attempt(*args, **kwargs):
+                if errors:  # the disk is full: write nothing more
+                    return None
+                try:
+                    return write(*args, **kwargs)
+                except (OSError, RuntimeError) as e:
+                    errors.append((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+            return attempt
+
+        engine = ds.checkpoint_engine
+        saved = engine.save, engine.makedirs, ds._copy_recovery_script
+        engine.save, engine.makedirs = recording(engine.save), recording(engine.makedirs)
+        ds._copy_recovery_script = recording(ds._copy_recovery_script)
+        try:
+            ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            engine.save, engine.makedirs, ds._copy_recovery_script = saved
+        return errors[0] if errors else None
 
     def load(self, folder: str, tag: str) -> bool:
         """Restore the state saved as `folder/tag/`; False when DeepSpeed found nothing to load.

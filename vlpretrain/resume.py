@@ -1,0 +1,77 @@
+"""Resuming at another world size (a job moved from 2 processes to 1, or from 8 GPUs to 16): pure rules.
+
+A checkpoint records the world size it was saved at, beside its config (data.batch_size, train.grad_accum). The
+contrastive loss of a step is over its global batch (batch size x micro-steps x processes), so a resume at another
+world size keeps that global batch by changing train.grad_accum, and maps the data position by samples consumed.
+Under ZeRO-0 every process holds the whole model and optimizer state, so the state loads as it is; ZeRO 1-3 split
+the optimizer state (and ZeRO-3 the weights) by process, and DeepSpeed's MoE splits experts: those are refused
+with what to do instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from vlpretrain.config import RunConfig
+from vlpretrain.engine.core import deepspeed_stage
+from vlpretrain.errors import CheckpointError, ConfigError
+
+
+def saved_world_size(client: dict[str, Any], path: Path) -> int:
+    """The number of processes that wrote the checkpoint: stored since issue 23; for older checkpoints, one
+    optimizer shard per process (ZeRO 1-3), else the samples per optimizer step over the batch per process."""
+    if "world_size" in client:
+        return int(client["world_size"])
+    shards = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
+    if shards:
+        return shards
+    state, saved = client["train_state"], client["config"]
+    per_process = saved["data"]["batch_size"] * saved["train"]["grad_accum"]
+    return max(1, round(state["samples"] / max(state["step"], 1) / per_process))
+
+
+def adapt_to_world_size(client: dict[str, Any], cfg: RunConfig, world_size: int,
+                        path: Path) -> tuple[RunConfig, int, str | None]:
+    """`cfg` with the train.grad_accum that keeps the checkpoint's global batch at `world_size`, the checkpoint's
+    world size, and what changed (None when nothing did). Raises CheckpointError where the state cannot move to
+    another world size, ConfigError where no whole train.grad_accum keeps the global batch."""
+    old = saved_world_size(client, path)
+    saved = client["config"]
+    batch, accum = saved["data"]["batch_size"], saved["train"]["grad_accum"]
+    if old == world_size:
+        return cfg, old, None
+    what = f"{path}: saved by {old} process(es), resumed with {world_size}"
+    weights = f"--set model.pretrained={path / 'model.safetensors'}"
+    stage = deepspeed_stage(cfg.train)
+    if stage > 0:
+        raise CheckpointError(f"{what}; ZeRO-{stage} splits the optimizer state by process and only ZeRO-0 "
+                              f"state moves to another world size: resume with {old} process(es), or start a new run "
+                              f"from its weights ({weights}; the optimizer state starts afresh)")
+    if cfg.model.moe.num_experts and cfg.model.moe.backend == "deepspeed":
+        raise CheckpointError(f"{what}; DeepSpeed's MoE saves experts by process: resume with {old} process(es), "
+                              f"or use model.moe.backend native, or start a new run from its weights ({weights})")
+    global_batch = batch * accum * old
+    if global_batch % (batch * world_size):
+        raise ConfigError(f"{what}; its global batch of {global_batch} (data.batch_size {batch} x train.grad_accum "
+                          f"{accum} x {old}) needs a whole train.grad_accum: resume with a number of processes that "
+                          f"divides {global_batch // batch}")
+    need = global_batch // (batch * world_size)
+    if cfg.train.grad_accum not in (accum, need):
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} would change the global batch of "
+                          f"{global_batch} of the checkpoint {path}; with {world_size} process(es) it must be {need} "
+                          f"(left unset, it is)")
+    cfg = replace(cfg, train=replace(cfg.train, grad_accum=need))
+    return cfg, old, (f"world size {old} -> {world_size}: train.grad_accum {accum} -> {need} keeps the global "
+                      f"batch of {global_batch}")
+
+
+def map_data_position(batch_in_epoch: int, old: int, new: int, batch_size: int) -> tuple[int, str]:
+    """The batch per process of the epoch to resume at under `new` processes after `batch_in_epoch` batches per
+    process under `old`: the same samples consumed, rounded down (those beyond it are read again), and how exactly."""
+    consumed = batch_in_epoch * old * batch_size
+    start = consumed // (new * batch_size)
+    again = consumed - start * new * batch_size
+    exact = "exact" if not again else f"{again} sample(s) of it read again"
+    return start, f"{consumed} samples of the epoch consumed -> batch {start} per process ({exact})"
