@@ -109,52 +109,71 @@ def test_disk_full_during_a_save_stops_every_rank_in_one_line(tmp_path, tmpfs):
 
 @pytest.mark.slow
 def test_resume_at_another_world_size(tmp_path):
-    """ZeRO-0 (state replicated): a 2-process checkpoint resumed by 1 process keeps the global batch (grad_accum
-    1 -> 2) and the data position, and its losses match the uninterrupted 2-process run. ZeRO-2 (optimizer state
-    split by process): refused in one line naming both world sizes and what to do."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    run(two, "train.steps=6", "train.save_every=3", "train.keep_last=2", nproc=2, extra=["--global-order"])
-    straight = losses(two)
-    ckpt = two / "checkpoints" / "step_00000003"
-    assert json.loads((ckpt / "client_state.json").read_text())["world_size"] == 2
-    r = run(one, "train.steps=6", extra=["--global-order", "--resume", str(ckpt)])
-    assert "world size 2 -> 1: train.grad_accum 1 -> 2 keeps the global batch of 8" in r.stdout
-    assert "data position in epoch 0: 24 samples of the epoch consumed -> batch 6 per process (exact)" in r.stdout
-    moved = losses(one)
-    assert sorted(moved) == [4, 5, 6]
-    for step in (4, 5, 6):  # fp32: the same samples per step, summed in another order
-        assert moved[step] == pytest.approx(straight[step], rel=1e-5), step
-    assert json.loads((one / "summary_rank0.json").read_text())["samples"] == 48  # 6 steps x 8
-    client = json.loads((one / "checkpoints" / "step_00000006" / "client_state.json").read_text())
-    assert client["world_size"] == 1 and client["config"]["train"]["grad_accum"] == 2
+    """A checkpoint resumed by another number of processes keeps the global batch (train.grad_accum adjusted) and
+    the data position (exact here: --global-order deals one batch sequence to any world size), and its losses
+    match the uninterrupted run: ZeRO-0 from 2 processes to 1 (state replicated, loaded as it is), ZeRO-2 from 1 to
+    2 (through DeepSpeed's universal checkpoint). ZeRO-3 is refused in one line naming both world sizes."""
+    def moved(straight: Path, nproc: int, *overrides: str) -> tuple[dict, str]:
+        out = tmp_path / f"{straight.name}-moved"
+        r = run(out, "train.steps=6", *overrides, nproc=nproc,
+                extra=["--global-order", "--resume", str(straight / "checkpoints" / "step_00000003")])
+        assert json.loads((out / "summary_rank0.json").read_text())["samples"] == 48  # 6 steps x 8
+        client = json.loads((out / "checkpoints" / "step_00000006" / "client_state.json").read_text())
+        assert client["world_size"] == nproc and client["config"]["train"]["grad_accum"] == 2 // nproc
+        assert not list((out / "checkpoints").glob("*universal*"))  # the conversion is removed once loaded
+        return losses(out), r.stdout
 
+    z0 = tmp_path / "z0"
+    run(z0, "train.steps=6", "train.save_every=3", "train.keep_last=2", nproc=2, extra=["--global-order"])
     z2 = tmp_path / "z2"
-    run(z2, "train.steps=2", "train.zero_stage=2", nproc=2)
-    r = run(z2, "train.steps=3", "train.zero_stage=2", extra=["--resume", "latest"], check=False)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    (msg,) = error_lines(r)
-    assert "step_00000002: saved by 2 process(es), resumed with 1; ZeRO-2 splits the optimizer state" in msg
-    assert "resume with 2 process(es)" in msg and "--set model.pretrained=" in msg
+    run(z2, "train.steps=6", "train.save_every=3", "train.keep_last=2", "train.zero_stage=2", "train.grad_accum=2",
+        extra=["--global-order"])
+    for straight, nproc, overrides, note in [
+            (z0, 1, [], "world size 2 -> 1: train.grad_accum 1 -> 2 keeps the global batch of 8; "
+                        "data position in epoch 0: 24 samples of the epoch consumed -> batch 6 per process (exact)"),
+            (z2, 2, ["train.zero_stage=2", "train.grad_accum=2"],
+             "world size 1 -> 2: train.grad_accum 2 -> 1 keeps the global batch of 8 (ZeRO-2 state loaded through "
+             "DeepSpeed's universal checkpoint); data position in epoch 0: 24 samples of the epoch consumed -> "
+             "batch 3 per process (exact)")]:
+        got, stdout = moved(straight, nproc, *overrides)
+        assert note in stdout, stdout[-2000:]
+        ref = losses(straight)
+        assert sorted(got) == [4, 5, 6]
+        for step in (4, 5, 6):  # fp32: the same samples and state, summed in another order
+            assert got[step] == pytest.approx(ref[step], rel=1e-5), (straight.name, step)
+
+    z3 = tmp_path / "z3"
+    run(z3, "train.steps=2", "train.zero_stage=3", "train.grad_accum=2")
+    r = run(z3, "train.steps=3", "train.zero_stage=3", "train.grad_accum=2", nproc=2, extra=["--resume", "latest"],
+            check=False)
+    assert r.returncode != 0 and f'File "{REPO / "vlpretrain"}' not in r.stderr, r.stderr[-3000:]
+    lines = error_lines(r)
+    assert len(lines) == 2 and lines[0] == lines[1], r.stderr[-3000:]  # every rank stops with the same line
+    assert "step_00000002: saved by 1 process(es), resumed with 2; ZeRO-3 state is split by process" in lines[0]
+    assert "resume with 1 process(es)" in lines[0] and "--set model.pretrained=" in lines[0]
 
 
 def test_world_size_rules():
     """The global batch kept by a whole grad_accum or refused; the data position mapped by samples consumed."""
     cfg = load_config(None, ["data.train=x", "data.batch_size=4"])
     client = {"world_size": 4, "config": {"data": {"batch_size": 4}, "train": {"grad_accum": 1}}}
-    new, old, note = adapt_to_world_size(client, cfg, 2, Path("ckpt"))
-    assert (new.train.grad_accum, old) == (2, 4) and "train.grad_accum 1 -> 2 keeps the global batch of 16" in note
-    assert adapt_to_world_size(client, cfg, 4, Path("ckpt"))[2] is None
+    new, old, note, universal = adapt_to_world_size(client, cfg, 2, Path("ckpt"))
+    assert (new.train.grad_accum, old, universal) == (2, 4, False)
+    assert note == "world size 4 -> 2: train.grad_accum 1 -> 2 keeps the global batch of 16"
+    assert adapt_to_world_size(client, cfg, 4, Path("ckpt")).note is None
     with pytest.raises(ConfigError, match="global batch of 16 .* divides 4"):
         adapt_to_world_size(client, cfg, 3, Path("ckpt"))
     with pytest.raises(ConfigError, match="train.grad_accum: 3 would change the global batch"):
         adapt_to_world_size(client, load_config(None, ["data.train=x", "data.batch_size=4", "train.grad_accum=3"]),
                             2, Path("ckpt"))
-    with pytest.raises(CheckpointError, match="saved by 4 process"):
+    with pytest.raises(CheckpointError, match="saved by 4 process.* ZeRO-1 bf16 state is split"):
         adapt_to_world_size(client, load_config(None, ["data.train=x", "data.batch_size=4",
                                                        "train.precision=bf16"]), 2, Path("ckpt"))  # runs ZeRO-1
+    assert adapt_to_world_size(client, load_config(None, ["data.train=x", "data.batch_size=4",
+                                                          "train.zero_stage=1"]), 2, Path("ckpt")).universal
     # older checkpoints: the world size from samples per step
     legacy = {"train_state": {"step": 3, "samples": 48}, "config": client["config"]}
-    assert adapt_to_world_size(legacy, cfg, 2, Path("ckpt"))[1] == 4
+    assert adapt_to_world_size(legacy, cfg, 2, Path("ckpt")).saved_world == 4
     assert map_data_position(3, 2, 1, 4) == (6, "24 samples of the epoch consumed -> batch 6 per process (exact)")
     assert map_data_position(3, 1, 2, 4) == (1, "12 samples of the epoch consumed -> batch 1 per process "
                                                 "(4 sample(s) of it read again)")

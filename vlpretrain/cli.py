@@ -97,8 +97,10 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
         plain = next(r for r in rows if r.stage == stage and not r.offload)
         off = next((r for r in rows if r.stage == stage and r.offload), None)
         mark = "*" if stage == t.zero_stage else " "
-        line = f"#   ZeRO-{stage} {mark} {format_bytes(plain.gpu_bytes):>12}{format_bytes(plain.cpu_bytes):>12}   "
-        line += f"{'':20}{format_bytes(off.gpu_bytes):>12}{format_bytes(off.cpu_bytes):>12}" if off else f"{'':20}{'-':>12}"
+        gpu, cpu = format_bytes(plain.gpu_bytes), format_bytes(plain.cpu_bytes)
+        line = f"#   ZeRO-{stage} {mark} {gpu:>12}{cpu:>12}   "
+        line += (f"{'':20}{format_bytes(off.gpu_bytes):>12}{format_bytes(off.cpu_bytes):>12}" if off
+                 else f"{'':20}{'-':>12}")
         if stage == t.zero_stage and runs_as != stage:
             line += f"   (runs as ZeRO-{runs_as} under bf16)"
         print(line.rstrip())

@@ -3,16 +3,18 @@
 A checkpoint records the world size it was saved at, beside its config (data.batch_size, train.grad_accum). The
 contrastive loss of a step is over its global batch (batch size x micro-steps x processes), so a resume at another
 world size keeps that global batch by changing train.grad_accum, and maps the data position by samples consumed.
-Under ZeRO-0 every process holds the whole model and optimizer state, so the state loads as it is; ZeRO 1-3 split
-the optimizer state (and ZeRO-3 the weights) by process, and DeepSpeed's MoE splits experts: those are refused
-with what to do instead.
+Under ZeRO-0 every process holds the whole model and optimizer state, so the state loads as it is. ZeRO 1-2 split
+the optimizer state by process: fp32 runs (optimizer on the device) are converted to DeepSpeed's universal
+checkpoint, which loads at any world size. ZeRO-3 (weights split too), bf16 under ZeRO 0-2 (DeepSpeed's
+BF16_Optimizer), an offloaded optimizer and DeepSpeed's MoE (experts split by process) are refused with what to do
+instead: those conversions are untested here.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vlpretrain.config import RunConfig
 from vlpretrain.engine.core import deepspeed_stage
@@ -32,23 +34,35 @@ def saved_world_size(client: dict[str, Any], path: Path) -> int:
     return max(1, round(state["samples"] / max(state["step"], 1) / per_process))
 
 
-def adapt_to_world_size(client: dict[str, Any], cfg: RunConfig, world_size: int,
-                        path: Path) -> tuple[RunConfig, int, str | None]:
-    """`cfg` with the train.grad_accum that keeps the checkpoint's global batch at `world_size`, the checkpoint's
-    world size, and what changed (None when nothing did). Raises CheckpointError where the state cannot move to
-    another world size, ConfigError where no whole train.grad_accum keeps the global batch."""
+class WorldChange(NamedTuple):
+    """How a resume meets the checkpoint's world size: the config to run (train.grad_accum adjusted), the world
+    size it was saved at, what changed (None when nothing did), and whether to load through a universal
+    checkpoint."""
+
+    cfg: RunConfig
+    saved_world: int
+    note: str | None
+    universal: bool
+
+
+def adapt_to_world_size(client: dict[str, Any], cfg: RunConfig, world_size: int, path: Path) -> WorldChange:
+    """The train.grad_accum that keeps the checkpoint's global batch at `world_size`, and how its state loads.
+    Raises CheckpointError where the state cannot move to another world size, ConfigError where no whole
+    train.grad_accum keeps the global batch."""
     old = saved_world_size(client, path)
     saved = client["config"]
     batch, accum = saved["data"]["batch_size"], saved["train"]["grad_accum"]
     if old == world_size:
-        return cfg, old, None
+        return WorldChange(cfg, old, None, False)
     what = f"{path}: saved by {old} process(es), resumed with {world_size}"
     weights = f"--set model.pretrained={path / 'model.safetensors'}"
-    stage = deepspeed_stage(cfg.train)
-    if stage > 0:
-        raise CheckpointError(f"{what}; ZeRO-{stage} splits the optimizer state by process and only ZeRO-0 "
-                              f"state moves to another world size: resume with {old} process(es), or start a new run "
-                              f"from its weights ({weights}; the optimizer state starts afresh)")
+    t, stage = cfg.train, deepspeed_stage(cfg.train)
+    if stage == 3 or (stage > 0 and (t.precision == "bf16" or t.offload_optimizer)):
+        kind = f"ZeRO-{stage}" + (" bf16" if t.precision == "bf16" else "") + (" offloaded" if t.offload_optimizer
+                                                                               else "")
+        raise CheckpointError(f"{what}; {kind} state is split by process and moves to another world size only "
+                              f"under ZeRO-0, or fp32 ZeRO 1-2 on the device: resume with {old} process(es), or start "
+                              f"a new run from its weights ({weights}; the optimizer state starts afresh)")
     if cfg.model.moe.num_experts and cfg.model.moe.backend == "deepspeed":
         raise CheckpointError(f"{what}; DeepSpeed's MoE saves experts by process: resume with {old} process(es), "
                               f"or use model.moe.backend native, or start a new run from its weights ({weights})")
@@ -63,8 +77,9 @@ def adapt_to_world_size(client: dict[str, Any], cfg: RunConfig, world_size: int,
                           f"{global_batch} of the checkpoint {path}; with {world_size} process(es) it must be {need} "
                           f"(left unset, it is)")
     cfg = replace(cfg, train=replace(cfg.train, grad_accum=need))
-    return cfg, old, (f"world size {old} -> {world_size}: train.grad_accum {accum} -> {need} keeps the global "
-                      f"batch of {global_batch}")
+    how = f" (ZeRO-{stage} state loaded through DeepSpeed's universal checkpoint)" if stage else ""
+    return WorldChange(cfg, old, f"world size {old} -> {world_size}: train.grad_accum {accum} -> {need} keeps the "
+                                 f"global batch of {global_batch}{how}", stage > 0)
 
 
 def map_data_position(batch_in_epoch: int, old: int, new: int, batch_size: int) -> tuple[int, str]:

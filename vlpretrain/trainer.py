@@ -35,6 +35,7 @@ from vlpretrain.engine import (
     read_client_state,
     save_checkpoint,
     shutdown_distributed,
+    to_universal,
 )
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.guard import NonFiniteGuard, host_values
@@ -224,18 +225,18 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     """The body of `train`, in a run folder this run holds."""
     # ---- check what can be checked, then build -----------------------------------------------------------------
     out_dir = Path(cfg.train.output_dir)
-    resumed = None
+    path, world, universal, changed = None, None, None, []
     if resume:  # before anything is built: the checkpoint's world size may change train.grad_accum
         path = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
         if path is None:
             raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from")
         client = read_client_state(path)
-        cfg, saved_world, moved = adapt_to_world_size(client, cfg, env.world_size, path)
-        saved_cfg = {**client.get("config", {})}
-        if moved:  # the adjusted grad_accum is the checkpoint's global batch, not a change
+        world = adapt_to_world_size(client, cfg, env.world_size, path)
+        cfg, saved_cfg = world.cfg, {**client.get("config", {})}
+        if world.note:  # the adjusted grad_accum is the checkpoint's global batch, not a change
             saved_cfg["train"] = {**saved_cfg["train"], "grad_accum": cfg.train.grad_accum}
         changed = check_resume_config(saved_cfg, cfg, path)
-        resumed = path, saved_world, [moved] if moved else []
+        universal = universal_copy(path, out_dir, env) if world.universal else None
     tc = cfg.train
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
@@ -244,21 +245,25 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     sample_flops = train_flops(model, cfg)
     from_shards = data is None
     data = data or shard_loader(cfg, model, env, run_shard_counts(cfg, out_dir, env, resume))
-    engine = build_engine(model, cfg, env)
+    engine = build_engine(model, cfg, env, load_universal=universal is not None)
     if cfg.model.compile:
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
     validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
     accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
-    if resumed:
-        path, saved_world, notes = resumed
-        client = load_checkpoint(engine, path)
+    if path is not None and world is not None:
+        client = load_checkpoint(engine, path, universal)
+        if universal is not None:  # loaded on every rank: the conversion has served
+            torch.distributed.barrier()
+            if env.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
         state = TrainState(**client["train_state"])
         if "flops" not in client["train_state"]:  # a checkpoint from before FLOPs were counted
             state.flops = state.samples * sample_flops[cfg.model.patch_dropout]
-        if saved_world != env.world_size:
-            state.batch_in_epoch, where = map_data_position(state.batch_in_epoch, saved_world, env.world_size,
+        notes = [world.note] if world.note else []
+        if world.saved_world != env.world_size:
+            state.batch_in_epoch, where = map_data_position(state.batch_in_epoch, world.saved_world, env.world_size,
                                                             cfg.data.batch_size)
             notes.append(f"data position in epoch {state.epoch}: {where}" + (
                 "; the rest of this epoch is planned for the new world size, which deals shards to processes "
@@ -367,6 +372,23 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                **training_totals(state, sample_flops, cfg, env)}
     shutdown_distributed()
     return summary
+
+
+def universal_copy(path: Path, out_dir: Path, env: DistEnv) -> Path:
+    """`path` converted by rank 0 into a universal checkpoint in the run folder's checkpoints folder, which every
+    rank then loads (and rank 0 removes); a failed conversion stops every rank with the same line."""
+    dest = out_dir / "checkpoints" / f".universal-{path.name}"
+    error = None
+    if env.is_main:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            to_universal(path, dest)
+        except CheckpointError as e:
+            error = str(e)
+    error = env.share(error)
+    if error:
+        raise CheckpointError(error)
+    return dest
 
 
 def train_flops(model: torch.nn.Module, cfg: RunConfig) -> dict[float, int]:

@@ -4,12 +4,15 @@ names the newest complete one. Exports of a checkpoint's consolidated model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,45 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot read (truncated or corrupt? {first[:200]}); resume from an "
                               "earlier checkpoint with --resume CKPT") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` in this process reads weights only (DeepSpeed's own types allowed) while inside: for
+    DeepSpeed's universal-checkpoint converter and loader, which call `torch.load(weights_only=False)` themselves."""
+    original, allowed = torch.load, _deepspeed_types()
+
+    def load(f, map_location=None, weights_only=None, **kwargs):
+        with torch.serialization.safe_globals(allowed):
+            return original(f, map_location=map_location, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def to_universal(path: Path, dest: Path) -> None:
+    """Convert a ZeRO 1-2 checkpoint into DeepSpeed's universal format (one file per parameter and optimizer
+    moment, whole), which a run of any world size loads with `checkpoint: {load_universal: true}`."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(dest, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(dest), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+            ds_to_universal.main(args)
+        (dest.parent / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`
+    except (AssertionError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: DeepSpeed could not convert it for another world size ({first[:200]}); "
+                              "resume with the world size it was saved at") from None
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -173,11 +215,14 @@ def read_client_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "client_state.json").read_text())
 
 
-def load_checkpoint(engine: Engine, path: Path) -> dict[str, Any]:
-    """Restore engine state (weights, optimizer, schedule) from a complete checkpoint; returns our client state."""
+def load_checkpoint(engine: Engine, path: Path, universal: Path | None = None) -> dict[str, Any]:
+    """Restore engine state (weights, optimizer, schedule) from a complete checkpoint, or from `universal`, its
+    conversion by `to_universal` (for an engine built to load one); returns our client state."""
     client = read_client_state(path)
-    if not engine.load(str(path.parent), path.name):
-        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+    source = universal or path
+    with weights_only_loads() if universal else contextlib.nullcontext():
+        if not engine.load(str(source.parent), source.name):
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
     return client
 
 
