@@ -1,4 +1,5 @@
-"""Resuming at another world size (a job moved from 2 processes to 1, or from 8 GPUs to 16): pure rules.
+"""Resuming at another world size (a job moved from 2 processes to 1, or from 8 GPUs to 16): the rules, pure, and
+the conversion of a ZeRO 1-2 checkpoint that they may call for.
 
 A checkpoint records the world size it was saved at, beside its config (data.batch_size, train.grad_accum). The
 contrastive loss of a step is over its global batch (batch size x micro-steps x processes), so a resume at another
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from vlpretrain.config import RunConfig
+from vlpretrain.engine.checkpoint import to_universal
 from vlpretrain.engine.core import deepspeed_stage
+from vlpretrain.engine.dist import DistEnv
 from vlpretrain.errors import CheckpointError, ConfigError
 
 
@@ -90,3 +93,20 @@ def map_data_position(batch_in_epoch: int, old: int, new: int, batch_size: int) 
     again = consumed - start * new * batch_size
     exact = "exact" if not again else f"{again} sample(s) of it read again"
     return start, f"{consumed} samples of the epoch consumed -> batch {start} per process ({exact})"
+
+
+def universal_copy(path: Path, out_dir: Path, env: DistEnv) -> Path:
+    """`path` converted by rank 0 into a universal checkpoint in the run folder's checkpoints folder, which every
+    rank then loads (and rank 0 removes); a failed conversion stops every rank with the same line."""
+    dest = out_dir / "checkpoints" / f".universal-{path.name}"
+    error = None
+    if env.is_main:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            to_universal(path, dest)
+        except CheckpointError as e:
+            error = str(e)
+    error = env.share(error)
+    if error:
+        raise CheckpointError(error)
+    return dest

@@ -35,7 +35,6 @@ from vlpretrain.engine import (
     read_client_state,
     save_checkpoint,
     shutdown_distributed,
-    to_universal,
 )
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.guard import NonFiniteGuard, host_values
@@ -45,7 +44,7 @@ from vlpretrain.models import build_model, export_model, get_tokenizer, image_si
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.planning import flops_per_sample
-from vlpretrain.resume import adapt_to_world_size, map_data_position
+from vlpretrain.resume import adapt_to_world_size, map_data_position, universal_copy
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.validate import Validator
 
@@ -372,23 +371,6 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                **training_totals(state, sample_flops, cfg, env)}
     shutdown_distributed()
     return summary
-
-
-def universal_copy(path: Path, out_dir: Path, env: DistEnv) -> Path:
-    """`path` converted by rank 0 into a universal checkpoint in the run folder's checkpoints folder, which every
-    rank then loads (and rank 0 removes); a failed conversion stops every rank with the same line."""
-    dest = out_dir / "checkpoints" / f".universal-{path.name}"
-    error = None
-    if env.is_main:
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            to_universal(path, dest)
-        except CheckpointError as e:
-            error = str(e)
-    error = env.share(error)
-    if error:
-        raise CheckpointError(error)
-    return dest
 
 
 def train_flops(model: torch.nn.Module, cfg: RunConfig) -> dict[float, int]:
