@@ -68,3 +68,30 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def tmpfs():
+    """`tmpfs(folder, size)` mounts a small RAM file system there (a disk that fills up), unmounted at the end;
+    the test is skipped where mounting is not permitted. Returns a `resize(size)` callable (space freed)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(folder, size: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
+        mounted.append(folder)
+
+        def resize(new_size: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
+        return resize
+
+    try:
+        yield mount
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -1,11 +1,13 @@
 """Run `vlpretrain.train` on deterministic synthetic batches (used by the trainer tests, one or more processes).
 
 usage: python tests/train_synthetic.py OUT_DIR [--nan-batches 3,4] [--slow SECONDS] [--hold-until FILE]
-    [--resume latest] [--per-sample] [--image-size 28] [--context 16] [k=v ...]
+    [--resume latest] [--per-sample] [--global-order] [--image-size 28] [--context 16] [k=v ...]
 
 --hold-until makes the first batch wait until FILE exists; FILE.waiting appears when the wait begins.
 --per-sample draws every sample from its own seed, in epochs of SAMPLES_PER_EPOCH samples per rank, so that k
 micro-batches of b hold exactly the samples of one batch of k x b (the accumulation tests compare the two).
+--global-order draws batches from one sequence of GLOBAL_BATCHES_PER_EPOCH per epoch, rank r of w taking every
+w-th from r on: the samples of a step are the same at any world size with the same global batch.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from vlpretrain.trainer import train
 
 BATCHES_PER_EPOCH = 5
 SAMPLES_PER_EPOCH = 48
+GLOBAL_BATCHES_PER_EPOCH = 10
 
 
 def main() -> None:
@@ -34,6 +37,7 @@ def main() -> None:
     p.add_argument("--hold-until", help="the first batch waits until this file exists (the run folder is locked)")
     p.add_argument("--resume", default=None)
     p.add_argument("--per-sample", action="store_true")
+    p.add_argument("--global-order", action="store_true")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--context", type=int, default=16, help="tokens per caption (the model's context length)")
     p.add_argument("overrides", nargs="*")
@@ -42,7 +46,8 @@ def main() -> None:
         cfg = load_config(None, ["data.train=unused", f"train.output_dir={a.out}", "data.batch_size=4",
                                  "train.progress=false", "train.log_every=1", "train.warmup_steps=2",
                                  "train.lr=1e-3", *a.overrides])
-        rank = launch_env(os.environ).rank  # any launcher: torchrun, srun, mpirun or none
+        place = launch_env(os.environ)  # any launcher: torchrun, srun, mpirun or none
+        rank, world = place.rank, place.world_size
     except VLPretrainError as e:  # as the CLI does: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -75,8 +80,15 @@ def main() -> None:
                 images[:] = float("nan")
             yield images, torch.stack(texts)
 
+    def global_order(epoch: int, start: int):
+        for b in range(start, GLOBAL_BATCHES_PER_EPOCH // world):
+            g = torch.Generator().manual_seed((epoch * 100 + b * world + rank) * 7919 + 13)
+            yield (torch.randn(bs, 3, a.image_size, a.image_size, generator=g),
+                   torch.randint(1, 49000, (bs, a.context), generator=g))
+
+    source = per_sample if a.per_sample else global_order if a.global_order else data
     try:
-        summary = train(cfg, resume=a.resume, data=EpochBatches(per_sample if a.per_sample else data))
+        summary = train(cfg, resume=a.resume, data=EpochBatches(source))
     except VLPretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from vlpretrain.console import Commands, check_writable
+from vlpretrain.console import Commands, check_writable, format_bytes
 from vlpretrain.errors import ConfigError, VLPretrainError
 
 COMMANDS = Commands("vlpretrain", "Contrastive vision-language pretraining.")
@@ -59,10 +59,6 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def _flops(n: float) -> str:
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if abs(n) >= scale:
@@ -101,8 +97,10 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
         plain = next(r for r in rows if r.stage == stage and not r.offload)
         off = next((r for r in rows if r.stage == stage and r.offload), None)
         mark = "*" if stage == t.zero_stage else " "
-        line = f"#   ZeRO-{stage} {mark} {_bytes(plain.gpu_bytes):>12}{_bytes(plain.cpu_bytes):>12}   "
-        line += f"{'':20}{_bytes(off.gpu_bytes):>12}{_bytes(off.cpu_bytes):>12}" if off else f"{'':20}{'-':>12}"
+        gpu, cpu = format_bytes(plain.gpu_bytes), format_bytes(plain.cpu_bytes)
+        line = f"#   ZeRO-{stage} {mark} {gpu:>12}{cpu:>12}   "
+        line += (f"{'':20}{format_bytes(off.gpu_bytes):>12}{format_bytes(off.cpu_bytes):>12}" if off
+                 else f"{'':20}{'-':>12}")
         if stage == t.zero_stage and runs_as != stage:
             line += f"   (runs as ZeRO-{runs_as} under bf16)"
         print(line.rstrip())

@@ -57,6 +57,11 @@ class Commands:
         return run_command(self.build_parser().parse_args(argv))
 
 
+def format_bytes(n: int) -> str:
+    """A byte count for people: GiB from 1 GiB up, else MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
     """Fail now, in one line, when `path` could not be written once the work is done."""
     target = Path(path).expanduser()

@@ -14,7 +14,7 @@ class DataError(VLPretrainError):
 
 
 class CheckpointError(VLPretrainError):
-    """A checkpoint is missing, incomplete or does not match the model."""
+    """A checkpoint is missing, incomplete, does not match the model or this world size, or cannot be written."""
 
 
 class LaunchError(VLPretrainError):

@@ -31,6 +31,7 @@ from vlpretrain.engine import (
     build_engine,
     init_distributed,
     load_checkpoint,
+    read_client_state,
     save_checkpoint,
     shutdown_distributed,
 )
@@ -50,6 +51,7 @@ from vlpretrain.models import build_model, export_model, get_tokenizer, image_si
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.planning import flops_per_sample
+from vlpretrain.resume import adapt_to_world_size, map_data_position, universal_copy
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.stopping import Interrupted, StopCheck, StopRequest
 from vlpretrain.storage import remove_tree
@@ -243,8 +245,22 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
 def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None) -> dict[str, Any]:
     """The body of `train`, in a run folder this run holds."""
     # ---- check what can be checked, then build -----------------------------------------------------------------
+    out_dir = Path(cfg.train.output_dir)
+    path, world, universal, changed = None, None, None, []
+    remote_dir = cfg.train.remote_dir
+    if resume:  # before anything is built: the checkpoint's world size may change train.grad_accum
+        path = resume_point(out_dir, remote_dir, env) if resume == "latest" else Path(resume)
+        if path is None:
+            where = f" nor in {remote_root(remote_dir)}" if remote_dir else ""
+            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from{where}")
+        client = read_client_state(path)
+        world = adapt_to_world_size(client, cfg, env.world_size, path)
+        cfg, saved_cfg = world.cfg, {**client.get("config", {})}
+        if world.note:  # the adjusted grad_accum is the checkpoint's global batch, not a change
+            saved_cfg["train"] = {**saved_cfg["train"], "grad_accum": cfg.train.grad_accum}
+        changed = check_resume_config(saved_cfg, cfg, path)
+        universal = universal_copy(path, out_dir, env) if world.universal else None
     tc = cfg.train
-    out_dir = Path(tc.output_dir)
     if tc.remote_dir and (tc.zero_stage > 0 or cfg.model.moe.ep_size > 1) and not run_folder_shared(out_dir, env):
         # every rank writes its part of such a checkpoint: rank 0 would save, and upload, its own node's only
         raise ConfigError(f"train.output_dir: {out_dir} is not one folder shared by every rank (node-local disks?); "
@@ -255,26 +271,34 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     model = build_model(cfg.model, loss=tc.loss)
     channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
     sample_flops = train_flops(model, cfg)
+    from_shards = data is None
     data = data or shard_loader(cfg, model, env, run_shard_counts(cfg, out_dir, env, resume))
-    engine = build_engine(model, cfg, env)
+    engine = build_engine(model, cfg, env, load_universal=universal is not None)
     if cfg.model.compile:
         engine.compile()
     loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
     validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
     accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
-    if resume:
-        path = resume_point(out_dir, tc.remote_dir, env) if resume == "latest" else Path(resume)
-        if path is None:
-            where = f" nor in {remote_root(tc.remote_dir)}" if tc.remote_dir else ""
-            raise CheckpointError(f"{out_dir}/checkpoints: no checkpoint to resume from{where}")
-        client = load_checkpoint(engine, path)
-        changed = check_resume_config(client.get("config", {}), cfg, path)
+    if path is not None and world is not None:
+        client = load_checkpoint(engine, path, universal)
+        if universal is not None:  # loaded on every rank: the conversion has served
+            torch.distributed.barrier()
+            if env.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
         state = TrainState(**client["train_state"])
         if "flops" not in client["train_state"]:  # a checkpoint from before FLOPs were counted
             state.flops = state.samples * sample_flops[cfg.model.patch_dropout]
+        notes = [world.note] if world.note else []
+        if world.saved_world != env.world_size:
+            state.batch_in_epoch, where = map_data_position(state.batch_in_epoch, world.saved_world, env.world_size,
+                                                            cfg.data.batch_size)
+            notes.append(f"data position in epoch {state.epoch}: {where}" + (
+                "; the rest of this epoch is planned for the new world size, which deals shards to processes "
+                "differently, so some of its samples may come twice and others not until the next epoch"
+                if from_shards else ""))
         if env.is_main:
-            note = f"; changed since: {', '.join(changed)}" if changed else ""
+            note = "".join(f"; {n}" for n in notes + ([f"changed since: {', '.join(changed)}"] if changed else []))
             print(f"resumed from {path} at step {state.step}{note}", flush=True)
     if env.is_main:
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -308,8 +332,8 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         return out, cut
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
-        client = {"train_state": asdict(state), "config": _plain(cfg)}
-        path = save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env.is_main)
+        client = {"train_state": asdict(state), "config": _plain(cfg), "world_size": env.world_size}
+        path = save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env)
         if mirror is not None:
             mirror.submit(path)
         return path

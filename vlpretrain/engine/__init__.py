@@ -12,12 +12,14 @@ from vlpretrain.engine.checkpoint import (
     export_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    read_client_state,
     resolve_checkpoint,
     save_checkpoint,
+    to_universal,
 )
 from vlpretrain.engine.core import Engine, build_engine, deepspeed_config, lr_at, param_groups
 from vlpretrain.engine.dist import DistEnv, init_distributed, shutdown_distributed
 
 __all__ = ["DistEnv", "Engine", "build_engine", "checkpoint_root", "deepspeed_config", "export_checkpoint",
-           "init_distributed", "latest_checkpoint", "load_checkpoint", "lr_at", "param_groups", "resolve_checkpoint",
-           "save_checkpoint", "shutdown_distributed"]
+           "init_distributed", "latest_checkpoint", "load_checkpoint", "lr_at", "param_groups", "read_client_state",
+           "resolve_checkpoint", "save_checkpoint", "shutdown_distributed", "to_universal"]

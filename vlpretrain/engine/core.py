@@ -50,8 +50,9 @@ def deepspeed_stage(t: TrainConfig) -> int:
     return 1 if t.precision == "bf16" and t.zero_stage == 0 else t.zero_stage
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict derived from the run config (there is no separate DeepSpeed JSON to keep in step)."""
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict derived from the run config (there is no separate DeepSpeed JSON to keep in step);
+    `load_universal` for an engine that resumes from a universal checkpoint (another world size)."""
     t = cfg.train
     zero: dict[str, Any] = {"stage": deepspeed_stage(t)}
     if t.zero_stage == 3:
@@ -74,6 +75,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             # torch's fused AdamW (CPU and GPU): one kernel over all tensors instead of a loop per parameter
             "torch_adam": not t.offload_optimizer, **({} if t.offload_optimizer else {"fused": True})}},
         "zero_allow_untested_optimizer": True,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -145,9 +147,35 @@ class Engine:
             return None
         return {k: v.detach().float().cpu() for k, v in state.items()}
 
-    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
-        """DeepSpeed's state (weights, optimizer, schedule) as `folder/tag/`; collective."""
-        self._ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    def save(self, folder: str, tag: str, client_state: dict[str, Any]) -> str | None:
+        """DeepSpeed's state (weights, optimizer, schedule) as `folder/tag/`; collective. Returns why this rank
+        could not write its files (a full disk), or None.
+
+        A failed write must not raise inside DeepSpeed's save: this rank would skip the collectives still to
+        come there while the other ranks wait in them. So this rank's writes record their first error and
+        DeepSpeed goes on to its end on every rank; the caller then asks all ranks whether any failed.
+        """
+        ds, errors = self._ds, []
+
+        def recording(write):
+            def attempt(*args, **kwargs):
+                if errors:  # the disk is full: write nothing more
+                    return None
+                try:
+                    return write(*args, **kwargs)
+                except (OSError, RuntimeError) as e:
+                    errors.append((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+            return attempt
+
+        engine = ds.checkpoint_engine
+        saved = engine.save, engine.makedirs, ds._copy_recovery_script
+        engine.save, engine.makedirs = recording(engine.save), recording(engine.makedirs)
+        ds._copy_recovery_script = recording(ds._copy_recovery_script)
+        try:
+            ds.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            engine.save, engine.makedirs, ds._copy_recovery_script = saved
+        return errors[0] if errors else None
 
     def load(self, folder: str, tag: str) -> bool:
         """Restore the state saved as `folder/tag/`; False when DeepSpeed found nothing to load.
@@ -167,8 +195,9 @@ class Engine:
         return loaded is not None
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with our parameter groups and warmup-cosine schedule."""
+def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv, load_universal: bool = False) -> Engine:
+    """Wrap `model` in a DeepSpeed engine with our parameter groups and warmup-cosine schedule (`load_universal`:
+    to load a universal checkpoint, see `deepspeed_config`)."""
     import deepspeed
 
     moe = cfg.model.moe.num_experts > 0
@@ -182,7 +211,8 @@ def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Engine:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg.train) / cfg.train.lr)
 
     ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                       config=deepspeed_config(cfg, env.world_size), lr_scheduler=schedule)
+                                       config=deepspeed_config(cfg, env.world_size, load_universal),
+                                       lr_scheduler=schedule)
     if env.world_size == 1 and deepspeed_stage(cfg.train) == 0:
         # averaging gradients over one rank is the identity; DeepSpeed would still flatten and copy them every step
         ds.enable_backward_allreduce = False
