@@ -68,7 +68,7 @@ def _flops(n: float) -> str:
 
 def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> None:
     """Parameter counts, model-state memory per ZeRO stage and FLOPs per sample (vlpretrain.planning's figures)."""
-    from vlpretrain.engine.core import deepspeed_stage
+    from vlpretrain.engine.core import zero_stage_run
     from vlpretrain.engine.memory import largest_layer_params, model_state_memory
     from vlpretrain.models import build_model, count_parameters, image_size
     from vlpretrain.planning import flops_per_sample
@@ -92,7 +92,7 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
     print("#   CPU/node: host memory DeepSpeed's estimators ask for (each local rank loading the model; offloaded, "
           "the optimizer states)")
     print(f"#   {'':9}{'GPU/rank':>12}{'CPU/node':>12}   optimizer offloaded:{'GPU/rank':>12}{'CPU/node':>12}")
-    runs_as = deepspeed_stage(dataclasses.replace(t, precision=precision))
+    runs_as = zero_stage_run(dataclasses.replace(t, precision=precision))
     for stage in range(4):
         plain = next(r for r in rows if r.stage == stage and not r.offload)
         off = next((r for r in rows if r.stage == stage and r.offload), None)

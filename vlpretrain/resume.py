@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from vlpretrain.config import RunConfig
 from vlpretrain.engine.checkpoint import to_universal
-from vlpretrain.engine.core import deepspeed_stage
+from vlpretrain.engine.core import zero_stage_run
 from vlpretrain.engine.dist import DistEnv
 from vlpretrain.errors import CheckpointError, ConfigError
 
@@ -59,7 +59,7 @@ def adapt_to_world_size(client: dict[str, Any], cfg: RunConfig, world_size: int,
         return WorldChange(cfg, old, None, False)
     what = f"{path}: saved by {old} process(es), resumed with {world_size}"
     weights = f"--set model.pretrained={path / 'model.safetensors'}"
-    t, stage = cfg.train, deepspeed_stage(cfg.train)
+    t, stage = cfg.train, zero_stage_run(cfg.train)
     if stage == 3 or (stage > 0 and (t.precision == "bf16" or t.offload_optimizer)):
         kind = f"ZeRO-{stage}" + (" bf16" if t.precision == "bf16" else "") + (" offloaded" if t.offload_optimizer
                                                                                else "")

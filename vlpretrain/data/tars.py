@@ -122,7 +122,7 @@ def _local_names(path: str) -> tuple[list[str], bool]:
                 block = m[offset:offset + BLOCK]
                 if not any(block):
                     return names, True
-                if sum(block) - sum(block[148:156]) + 256 != _octal(block[148:156]):
+                if sum(block) - sum(block[148:156]) + 256 != _octal(block[148:156], default=-1):
                     if offset == 0:
                         raise tarfile.ReadError("bad checksum in the first header")
                     return names, False
@@ -142,9 +142,15 @@ def _local_names(path: str) -> tuple[list[str], bool]:
     return names, False
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: bytes, default: int | None = None) -> int:
+    """A header's octal number field; `default` for one that is not octal (or a ReadError without one)."""
     text = field.split(b"\0", 1)[0].strip()
-    return int(text or b"0", 8)
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        if default is None:
+            raise tarfile.ReadError(f"not an octal number in a tar header: {text[:12]!r}") from None
+        return default
 
 
 def _header_name(block: bytes) -> str:

@@ -39,7 +39,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_stage(t: TrainConfig) -> int:
+def zero_stage_run(t: TrainConfig) -> int:
     """The ZeRO stage DeepSpeed runs: `train.zero_stage`, except that bf16 under stage 0 runs as stage 1.
 
     DeepSpeed's stage-0 bf16 path accumulates gradients in bf16 and checks every parameter's gradient for overflow
@@ -54,7 +54,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     """The DeepSpeed config dict derived from the run config (there is no separate DeepSpeed JSON to keep in step);
     `load_universal` for an engine that resumes from a universal checkpoint (another world size)."""
     t = cfg.train
-    zero: dict[str, Any] = {"stage": deepspeed_stage(t)}
+    zero: dict[str, Any] = {"stage": zero_stage_run(t)}
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if t.offload_optimizer:  # the schema allows it with ZeRO 1-3 only
@@ -68,8 +68,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         # offloaded, the optimizer is DeepSpeed's CPU Adam, which cannot skip a step on a device flag
         # (`Engine.skip_update_when`): DeepSpeed's own check of the gradient norm must catch non-finite gradients
         "bf16": {"enabled": t.precision == "bf16", **({"check_grad_overflow": True} if t.offload_optimizer else {})},
-        # bf16 weights, fp32 gradients and master weights: DeepSpeed's BF16_Optimizer under ZeRO 1 (see deepspeed_stage)
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and deepspeed_stage(t) == 1 else {}),
+        # bf16 weights, fp32 gradients and master weights: DeepSpeed's BF16_Optimizer under ZeRO 1 (see zero_stage_run)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and zero_stage_run(t) == 1 else {}),
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
             # torch's fused AdamW (CPU and GPU): one kernel over all tensors instead of a loop per parameter
@@ -213,7 +213,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv, load_universal:
     ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                        config=deepspeed_config(cfg, env.world_size, load_universal),
                                        lr_scheduler=schedule)
-    if env.world_size == 1 and deepspeed_stage(cfg.train) == 0:
+    if env.world_size == 1 and zero_stage_run(cfg.train) == 0:
         # averaging gradients over one rank is the identity; DeepSpeed would still flatten and copy them every step
         ds.enable_backward_allreduce = False
     return Engine(ds, moe)
