@@ -19,6 +19,7 @@ import time
 import torch
 
 from vlpretrain.config import load_config
+from vlpretrain.console import print_error
 from vlpretrain.data import EpochBatches
 from vlpretrain.engine.launch import launch_env
 from vlpretrain.errors import VLPretrainError
@@ -49,7 +50,7 @@ def main() -> None:
         place = launch_env(os.environ)  # any launcher: torchrun, srun, mpirun or none
         rank, world = place.rank, place.world_size
     except VLPretrainError as e:  # as the CLI does: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))  # as the CLI does
         sys.exit(2)
     nan = {int(x) for x in a.nan_batches.split(",") if x}
     bs = cfg.data.batch_size
@@ -90,7 +91,7 @@ def main() -> None:
     try:
         summary = train(cfg, resume=a.resume, data=EpochBatches(source))
     except VLPretrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))  # as the CLI does
         sys.exit(2)
     with open(os.path.join(a.out, f"summary_rank{rank}.json"), "w") as f:
         json.dump(summary, f)

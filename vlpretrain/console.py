@@ -75,12 +75,19 @@ def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
         raise ConfigError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr in one write, so that the lines of several ranks sharing a terminal or a log never
+    run into each other (print writes the text and its newline separately)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed subcommand: a user error prints `error: ...` on one line and gives 2, Ctrl-C gives 130."""
     try:
         return int(args._run(args) or 0)
     except VLPretrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
