@@ -76,11 +76,14 @@ class ShardCounts:
 def read_manifest(url: str) -> dict[str, tuple[int, int]] | None:
     """{shard name: (samples, bytes)} of a manifest or index file, None if there is none; unreadable is an error."""
     raw = storage.read_bytes(url)
-    if raw is None:
-        return None
+    return None if raw is None else _parse_manifest(url, raw)[1]
+
+
+def _parse_manifest(url: str, raw: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """(the whole JSON, {shard name: (samples, bytes)}) of a manifest's bytes; unreadable is an error naming it."""
     try:
-        shards = json.loads(raw)["shards"]
-        return {s["name"]: (int(s["samples"]), int(s["bytes"])) for s in shards}
+        values = json.loads(raw)
+        return values, {s["name"]: (int(s["samples"]), int(s["bytes"])) for s in values["shards"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{url}: unreadable shard manifest ({type(e).__name__}: {e}); restore it, or delete it and "
                         "run vlpretrain index-shards on the folder") from None
@@ -90,10 +93,11 @@ def _read_index(url: str) -> tuple[str, dict[str, tuple[int, int]]]:
     """(shard folder, counts) of an index written with index-shards --out (a file, or a folder holding it)."""
     if not url.endswith(".json"):
         url = storage.join(url, MANIFEST)
-    listed = read_manifest(url)
-    if listed is None:
+    raw = storage.read_bytes(url)
+    if raw is None:
         raise DataError(f"data.index: {url} does not exist")
-    root = json.loads(storage.read_bytes(url) or b"{}").get("root")
+    values, listed = _parse_manifest(url, raw)
+    root = values.get("root")
     if not isinstance(root, str):
         raise DataError(f"data.index: {url} names no shard folder (\"root\"); write it with vlpretrain index-shards")
     return root.rstrip("/"), listed
