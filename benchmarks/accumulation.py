@@ -53,8 +53,8 @@ class Setup:
         from vlpretrain.accumulate import build_accumulation
         from vlpretrain.config import load_config
         from vlpretrain.engine import build_engine, init_distributed
-        from vlpretrain.loss import build_loss
         from vlpretrain.models import build_model
+        from vlpretrain.objectives import build_objective
 
         self.k, b = (1, a.k * a.batch) if mode == "big" else (a.k, a.batch)
         cfg = load_config(None, ["data.train=synthetic", f"model.name={a.model}", f"data.batch_size={b}",
@@ -65,7 +65,7 @@ class Setup:
         model = build_model(cfg.model)
         size = model.visual.image_size
         self.size, self.context = (size if isinstance(size, int) else size[0]), model.context_length
-        self.accumulation = build_accumulation(build_engine(model, cfg, env), build_loss("clip"), cfg, env.device)
+        self.accumulation = build_accumulation(build_engine(model, cfg, env), build_objective(cfg), cfg, env.device)
         self.g = torch.Generator().manual_seed(1)
         self.step(self.batches(2))  # allocates the optimizer state (the same in every mode) and warms up
         self.full = self.batches(b)
@@ -77,14 +77,10 @@ class Setup:
                  torch.randint(1, 49000, (n, self.context), generator=self.g)) for _ in range(self.k)]
 
     def step(self, batches: list | None = None) -> float:
-        """Seconds of one optimizer step (independent: k calls of one micro-batch; exact and big: one call)."""
+        """Seconds of one optimizer step (its k micro-batches)."""
         batches = batches or self.full
         start = time.perf_counter()
-        n = self.accumulation.micro_batches
-        for i in range(0, self.k, n):
-            self.accumulation.loss(batches[i:i + n])
-            stepped = self.accumulation.backward()
-        assert stepped
+        self.accumulation.step(batches, lambda loss: None)
         return time.perf_counter() - start
 
 

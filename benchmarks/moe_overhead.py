@@ -30,7 +30,7 @@ from vlpretrain.models.moe import TOWER_BLOCKS, TOWERS, select_blocks
 def clip_loss(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the batch plus the MoE auxiliary loss."""
     out = model(images, texts)
-    img, txt, scale = out[0], out[1], out[2]
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     logits = scale.exp() * img @ txt.t()
     labels = torch.arange(len(images))
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

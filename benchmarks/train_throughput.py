@@ -126,7 +126,7 @@ def _flops_per_sample(model_name: str) -> float:
     images, text = torch.randn(1, 3, s, s), torch.randint(1, 1000, (1, ctx))
     with FlopCounterMode(display=False) as fc:
         out = model(images, text)
-        (out[0].sum() + out[1].sum()).backward()
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
     return float(fc.get_total_flops())
 
 

@@ -12,17 +12,24 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_loss_distributed import loss_forms
 from test_train import losses, run
 
-from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches, outputs
-from vlpretrain.config import ModelConfig, MoEConfig, load_config
-from vlpretrain.loss import ClipLoss
+from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches
+from vlpretrain.config import ModelConfig, MoEConfig, RunConfig, TrainConfig, load_config
 from vlpretrain.models import build_model, load_state_dict, moe_losses
+from vlpretrain.objectives import build_objective, objective_class, total
 
 K, B = 3, 4  # micro-batches, samples per micro-batch
 
-LOSSES = loss_forms(chunk=5)
+# every contrastive loss form: (objective, train options)
+FORMS = {"clip-local": ("clip", {}), "clip-global": ("clip", {"local_loss": False}),
+         "clip-chunked": ("clip", {"loss_chunk": 5}), "siglip": ("siglip", {}),
+         "siglip-chunked": ("siglip", {"loss_chunk": 5})}
+
+
+def objective_for(name: str, rank: int = 0, world: int = 1):
+    objective, options = FORMS[name]
+    return build_objective(RunConfig(train=TrainConfig(objective=objective, **options)), rank, world)
 
 
 class TorchEngine:
@@ -40,15 +47,12 @@ class TorchEngine:
     def step(self):
         self.steps += 1
 
-    @property
-    def at_boundary(self):
-        return (self.steps + 1) % self.micro_steps == 0
 
-
-def model_for(loss: str, moe: MoEConfig | None = None, patch_dropout: float = 0.0) -> torch.nn.Module:
+def model_for(name: str, moe: MoEConfig | None = None, patch_dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(name="tiny-vit", moe=moe or MoEConfig(), patch_dropout=patch_dropout)
-    return build_model(cfg, loss="siglip" if loss.startswith("siglip") else "clip").train()
+    objective = FORMS[name][0]
+    return build_model(cfg, objective_class(objective).model_options(RunConfig())).train()
 
 
 def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +64,12 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def exact_step(model, loss_fn, images, texts, k, moe=False):
+def exact_step(model, objective, images, texts, k):
     engine = TorchEngine(model, k)
-    acc = ExactAccumulation(engine, loss_fn, k, moe, torch.device("cpu"))
-    loss, _ = acc.loss(list(zip(images.chunk(k), texts.chunk(k))))
-    assert acc.backward() and engine.steps == k
+    acc = ExactAccumulation(engine, objective, k, torch.device("cpu"))
+    seen = []
+    loss, metrics = acc.step(list(zip(images.chunk(k), texts.chunk(k))), seen.append)
+    assert engine.steps == k and len(seen) == 1 and seen[0].item() == loss.item()
     return loss, grads(model)
 
 
@@ -74,49 +79,58 @@ def assert_same_grads(got, ref):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(FORMS))
 def test_exact_equals_one_big_batch(name):
     images, texts = batch(K * B)
     big = model_for(name)
-    ref_loss = LOSSES[name](0, 1)(*outputs(big(images, texts)))
+    ref_loss = total(objective_for(name).batch_terms(big(images, texts)))
     ref_loss.backward()
     model = model_for(name)
-    loss, got = exact_step(model, LOSSES[name](0, 1), images, texts, K)
+    loss, got = exact_step(model, objective_for(name), images, texts, K)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert_same_grads(got, grads(big))
     # independent micro-batches are another loss: fewer negatives per sample
     indep = model_for(name)
-    acc = IndependentMicroBatches(TorchEngine(indep, K), LOSSES[name](0, 1), False, torch.device("cpu"))
-    first, _ = acc.loss([(images[:B], texts[:B])])
-    assert first.item() != pytest.approx(ref_loss.item(), rel=1e-3)
+    engine = TorchEngine(indep, K)
+    acc = IndependentMicroBatches(engine, objective_for(name), K)
+    seen = []
+    mean, _ = acc.step(list(zip(images.chunk(K), texts.chunk(K))), seen.append)
+    assert engine.steps == K and len(seen) == K
+    assert mean.item() == pytest.approx(torch.stack(seen).mean().item())
+    assert seen[0].item() != pytest.approx(ref_loss.item(), rel=1e-3)
 
 
 def test_randomness_replays_and_moe_aux_counts_once_per_micro_batch():
     """Patch dropout and router jitter draw the same values in both passes; the gradient is that of one autograd
-    graph over the k micro-batch forwards, plus the mean of their MoE auxiliary losses."""
+    graph over the k micro-batch forwards, plus the mean of their MoE auxiliary losses (which the model's
+    outputs carry, as `moe_aux`)."""
     moe = MoEConfig(num_experts=4, top_k=2, towers="both", jitter=0.1, capacity_factor=8.0, aux_loss_weight=0.5,
                     z_loss_weight=0.1)
     images, texts = batch(K * B)
-    loss_fn = ClipLoss()
-    ref = model_for("clip", moe, patch_dropout=0.5)
+    objective = objective_for("clip-local")
+    ref = model_for("clip-local", moe, patch_dropout=0.5)
     torch.manual_seed(7)
     outs, aux = [], 0.0
     for im, tx in zip(images.chunk(K), texts.chunk(K)):
-        outs.append(outputs(ref(im, tx)))
-        aux = aux + moe_losses(ref)[0]
-    ref_loss = loss_fn(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]), outs[0].scale)
+        out = ref(im, tx)
+        assert out["moe_aux"].item() == pytest.approx(moe_losses(ref)[0].item())
+        outs.append(out)
+        aux = aux + out["moe_aux"]
+    ref_loss = total(objective.batch_terms({
+        "image_features": torch.cat([o["image_features"] for o in outs]),
+        "text_features": torch.cat([o["text_features"] for o in outs]), "logit_scale": outs[0]["logit_scale"]}))
     (ref_loss + aux / K).backward()
 
-    model = model_for("clip", moe, patch_dropout=0.5)
+    model = model_for("clip-local", moe, patch_dropout=0.5)
     torch.manual_seed(7)
-    loss, got = exact_step(model, loss_fn, images, texts, K, moe=True)
+    loss, got = exact_step(model, objective, images, texts, K)
     assert loss.item() == pytest.approx((ref_loss + aux / K).item(), rel=1e-5)
     assert_same_grads(got, grads(ref))
     # the randomness is real: another seed gives other features
     with torch.no_grad():
         torch.manual_seed(8)
-        other = outputs(model(images[:B], texts[:B])).image
-    assert not torch.allclose(other, outs[0].image.detach())
+        other = model(images[:B], texts[:B])["image_features"]
+    assert not torch.allclose(other, outs[0]["image_features"].detach())
 
 
 def _free_port() -> int:
@@ -134,7 +148,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = {}
     for name in ("clip-local", "clip-global", "siglip"):
         model = model_for(name)
-        loss, got = exact_step(model, LOSSES[name](rank, world), images[rows], texts[rows], K)
+        loss, got = exact_step(model, objective_for(name, rank, world), images[rows], texts[rows], K)
         dist.all_reduce(loss)
         for g in got.values():  # what DeepSpeed does: average gradients over ranks
             dist.all_reduce(g)
@@ -142,6 +156,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result[name] = (loss.item() / world, got)
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -149,11 +164,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_exact_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    result = torch.load(out, weights_only=False)
+    result = torch.load(out, weights_only=True)
     images, texts = batch(2 * K * B)
     for name, (loss, got) in result.items():
         big = model_for(name)
-        ref = LOSSES[name](0, 1)(*outputs(big(images, texts)))
+        ref = total(objective_for(name).batch_terms(big(images, texts)))
         ref.backward()
         assert loss == pytest.approx(ref.item(), rel=1e-5), name
         assert_same_grads(got, grads(big))

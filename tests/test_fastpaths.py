@@ -43,10 +43,11 @@ def test_channels_last_resnet_computes_the_same():
     for x in (images, images.contiguous(memory_format=torch.channels_last)):
         model.zero_grad()
         out = model(x, texts)
-        outs.append(out[0])
+        image = out["image_features"]
+        outs.append(image)
         w = torch.Generator().manual_seed(1)
         # not a plain sum: BatchNorm makes that one's gradient vanish before it
-        (out[0] * torch.randn(out[0].shape, generator=w)).sum().backward()
+        (image * torch.randn(image.shape, generator=w)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert model.visual.conv1(images.contiguous(memory_format=torch.channels_last)).is_contiguous(
         memory_format=torch.channels_last)  # the layout propagates

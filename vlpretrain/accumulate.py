@@ -1,127 +1,115 @@
-"""Gradient accumulation for contrastive losses: exact over all micro-batches (the default), or independent.
+"""One optimizer step from its micro-batches: forward, loss terms, backward, engine steps.
 
-A contrastive loss is not a sum over samples: each sample's negatives are the other samples of its batch, so k
-micro-batch losses computed on their own are not the loss of one batch of k x b. `ExactAccumulation` computes the
-loss of the whole batch with the memory of one micro-batch plus its features (GradCache, Gao et al. 2021; open_clip's
-`--accum-freq`):
+An objective (`vlpretrain.objectives`) names two kinds of loss terms. Batch terms (contrastive ones) are not sums
+over samples: each sample's negatives are the other samples of its batch, so k micro-batch losses computed on their
+own are not the loss of one batch of k x b. `ExactAccumulation` computes them over the whole batch with the memory
+of one micro-batch plus its pooled outputs (GradCache, Gao et al. 2021; open_clip's `--accum-freq`):
 
-1. a forward of each micro-batch without autograd, keeping its features and the RNG state it started from;
-2. the loss over the features of all k micro-batches (gathered across ranks by the loss, as always) and its
-   gradient with respect to those features, the temperature and the bias;
+1. a forward of each micro-batch without autograd, keeping its pooled outputs (features, temperature; a teacher's
+   features) and the RNG state it started from;
+2. the batch terms over the pooled outputs of all k micro-batches (gathered across ranks by the loss, as always)
+   and their gradient with respect to those outputs;
 3. a forward with autograd of each micro-batch, replaying its RNG state so that dropout, patch dropout and router
-   jitter draw the same values, and a backward of the surrogate sum(features * cached gradient), whose gradient
-   with respect to the parameters is exactly the loss's.
+   jitter draw the same values, and a backward of the surrogate sum(outputs * cached gradient), whose gradient
+   with respect to the parameters is exactly the batch terms', plus the micro-batch's sample terms (captioning,
+   the MoE auxiliary loss) divided by k: those accumulate as the mean of the micro-batches' terms.
 
-It costs one extra forward per micro-batch. `IndependentMicroBatches` is the plain scheme: one loss per micro-batch,
-DeepSpeed averaging their gradients (negatives come from one micro-batch x world size only).
+It costs one extra forward per micro-batch. `IndependentMicroBatches` is the plain scheme: every term per
+micro-batch, DeepSpeed averaging their gradients (negatives come from one micro-batch x world size only).
+
+Both take one optimizer step's micro-batches, already on the device (`vlpretrain.data.prefetch`): each is
+normalised once, here, and serves every forward of the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlpretrain.config import RunConfig, TrainConfig
+from vlpretrain.objectives import PER_FORWARD, Objective, Outputs, total
 
 if TYPE_CHECKING:
     from vlpretrain.engine import Engine
 
-MicroBatch = tuple[Tensor, Tensor]  # images, token ids, as the data source gives them (on the host)
+MicroBatch = tuple[Tensor, Tensor]  # images, token ids, on the device as the data source gives them
 Normalize = Callable[[Tensor, torch.dtype], Tensor]  # the data source's normalize: device batch -> model input
-
-
-class Outputs(NamedTuple):
-    """A forward's outputs in fp32: features of both towers, the temperature exp(logit_scale), the bias if any."""
-
-    image: Tensor
-    text: Tensor
-    scale: Tensor
-    bias: Tensor | None
-
-
-def outputs(out: Sequence[Tensor]) -> Outputs:
-    """The model's output tuple (open_clip's order) as fp32 `Outputs`; the loss runs in fp32 whatever the precision."""
-    bias = out[3].float() if len(out) > 3 and out[3] is not None else None
-    return Outputs(out[0].float(), out[1].float(), out[2].float(), bias)
-
-
-def moe_terms(model: nn.Module, moe: bool) -> tuple[Tensor | float, dict[str, Tensor]]:
-    """The weighted MoE auxiliary loss of the latest forward and its routing statistics as device scalars (0 and
-    {} when dense)."""
-    if not moe:
-        return 0.0, {}
-    from vlpretrain.models.moe import moe_losses
-
-    return moe_losses(model, on_host=False)
+Observe = Callable[[Tensor], None]  # sees each loss before the optimizer step (vlpretrain.guard)
 
 
 class Accumulation(Protocol):
-    """How the loop turns micro-batches into gradients: `loss` of a group of `micro_batches`, then `backward`."""
+    """How the loop turns one optimizer step's micro-batches into gradients and an engine step."""
 
     micro_batches: int
 
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The (detached) training loss of these micro-batches and metrics worth logging, all on the device (the
-        loop copies them to the host on logging steps only)."""
-        ...
-
-    def backward(self) -> bool:
-        """Backward and engine step for the last `loss`; True when an optimizer step was taken."""
+    def step(self, batches: list[MicroBatch], observe: Observe) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward, backward and engine steps of these micro-batches, `observe` called with each loss before the
+        optimizer step; returns the (detached) loss and metrics worth logging (each loss term as `loss/NAME`, the
+        temperature, routing statistics), all on the device: the loop reads them on logging steps only."""
         ...
 
 
-class _DeviceForward:
-    """A forward that brings its micro-batch to the engine's device, precision and memory layout."""
+class Forward:
+    """The model's forward on a micro-batch: inputs prepared once, named outputs in fp32 (losses run in fp32
+    whatever the training precision)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, normalize: Normalize | None = None,
+    def __init__(self, engine: Engine, dtype: torch.dtype = torch.float32, normalize: Normalize | None = None,
                  channels_last: bool = False):
-        self.device, self.dtype = device, dtype
+        self.engine, self.dtype = engine, dtype
         self.normalize = normalize or (lambda images, dtype: images.to(dtype))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, engine: Engine, batch: MicroBatch) -> Outputs:
+    def inputs(self, batch: MicroBatch) -> MicroBatch:
+        """Model inputs from a device batch: uint8 pixels normalised on the device (see BatchSource.normalize),
+        in the image tower's memory layout."""
         images, texts = batch
-        # uint8 pixel batches are normalised here, on the device (see BatchSource.normalize); on a GPU they are
-        # already there (vlpretrain.data.prefetch), and `.to` is then a no-op
-        images = self.normalize(images.to(self.device, non_blocking=True), self.dtype)
-        images = images.contiguous(memory_format=self.memory_format)
-        return outputs(engine(images, texts.to(self.device, non_blocking=True)))
+        return self.normalize(images, self.dtype).contiguous(memory_format=self.memory_format), texts
+
+    def __call__(self, images: Tensor, texts: Tensor) -> Outputs:
+        out = self.engine(images, texts)
+        return {k: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in out.items()}
+
+
+def logged(out: Outputs, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What a step logs besides its loss: each term, the temperature, routing statistics (device scalars)."""
+    values = {f"loss/{k}": v.detach().reshape(()) for k, v in terms.items()}
+    values["logit_scale"] = out["logit_scale"].detach().reshape(-1)[0]
+    values.update({k: v for k, v in out.items() if k.startswith("moe/")})
+    return values
+
+
+def _mean_terms(per_micro: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([t[k].detach().float().reshape(()) for t in per_micro]).mean() for k in per_micro[0]}
 
 
 class IndependentMicroBatches:
-    """One micro-batch at a time: its own contrastive loss (+ MoE auxiliary loss), backward, engine step.
+    """Each micro-batch on its own: its loss (every term), backward, engine step. DeepSpeed divides each loss by
+    the accumulation steps, so the gradient is the mean of the k micro-batch losses."""
 
-    DeepSpeed divides each loss by the accumulation steps, so the gradient is the mean of k micro-batch losses.
-    """
+    def __init__(self, engine: Engine, objective: Objective, micro_batches: int = 1, dtype: torch.dtype = torch.float32,
+                 normalize: Normalize | None = None, channels_last: bool = False):
+        self.engine, self.objective, self.micro_batches = engine, objective, micro_batches
+        self.forward = Forward(engine, dtype, normalize, channels_last)
 
-    micro_batches = 1
-
-    def __init__(self, engine: Engine, loss_fn: nn.Module, moe: bool, device: torch.device,
-                 dtype: torch.dtype = torch.float32, normalize: Normalize | None = None, channels_last: bool = False):
-        self.engine, self.loss_fn, self.moe = engine, loss_fn, moe
-        self.forward = _DeviceForward(device, dtype, normalize, channels_last)
-        self._loss: Tensor | None = None
-
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Forward with autograd of the one micro-batch and its loss."""
-        (batch,) = batches
-        out = self.forward(self.engine, batch)
-        aux, stats = moe_terms(self.engine.module, self.moe)
-        self._loss = self.loss_fn(*out) + aux
-        return self._loss.detach(), {"logit_scale": out.scale.detach().reshape(-1)[0], **stats}
-
-    def backward(self) -> bool:
-        """Backward and engine step; an optimizer step only at the accumulation boundary."""
-        assert self._loss is not None, "loss() first"
-        boundary = self.engine.at_boundary
-        self.engine.backward(self._loss)
-        self.engine.step()
-        self._loss = None
-        return boundary
+    def step(self, batches: list[MicroBatch], observe: Observe) -> tuple[Tensor, dict[str, Tensor]]:
+        assert len(batches) == self.micro_batches, (len(batches), self.micro_batches)
+        losses, per_micro, out = [], [], {}
+        for batch in batches:
+            images, texts = self.forward.inputs(batch)
+            out = self.forward(images, texts)
+            out.update(self.objective.targets(images, texts))
+            terms = {**self.objective.batch_terms(out), **self.objective.micro_terms(out)}
+            loss = total(terms)
+            observe(loss.detach())
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+            per_micro.append(terms)
+        return torch.stack(losses).mean(), logged(out, _mean_terms(per_micro))
 
 
 RngState = tuple[Tensor, Tensor | None]
@@ -141,82 +129,85 @@ def set_rng_state(state: RngState, device: torch.device) -> None:
 
 
 @dataclass
-class _Pending:
-    """What `backward` needs from `loss`: the graph of the loss over cached features, and how to replay."""
+class _Pooled:
+    """The pooled outputs of every micro-batch, concatenated, and which of them the loss differentiates."""
 
-    loss: Tensor
-    leaves: list[Tensor]  # image features, text features, temperature[, bias]: what the loss is differentiated by
-    batches: list[MicroBatch]
-    rngs: list[RngState]
+    values: Outputs
+    leaves: list[str]  # pooled model outputs (a teacher's are constants)
+
+
+def pool(parts: list[Outputs], names: tuple[str, ...], model_outputs: set[str]) -> _Pooled:
+    """Concatenate per-sample outputs over micro-batches (one-per-forward values from the first); the model's own
+    become leaves that require gradients."""
+    values, leaves = {}, []
+    for name in names:
+        if name not in parts[0]:
+            continue
+        value = parts[0][name].clone() if name in PER_FORWARD else torch.cat([p[name] for p in parts])
+        if name in model_outputs:
+            value.requires_grad_()
+            leaves.append(name)
+        values[name] = value
+    return _Pooled(values, leaves)
 
 
 class ExactAccumulation:
-    """k micro-batches as one contrastive batch of k x b per rank (see the module docstring)."""
+    """k micro-batches as one batch of k x b per rank for the batch terms (see the module docstring)."""
 
-    def __init__(self, engine: Engine, loss_fn: nn.Module, micro_batches: int, moe: bool, device: torch.device,
+    def __init__(self, engine: Engine, objective: Objective, micro_batches: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, normalize: Normalize | None = None, channels_last: bool = False):
-        self.engine, self.loss_fn, self.micro_batches, self.moe = engine, loss_fn, micro_batches, moe
-        self.forward = _DeviceForward(device, dtype, normalize, channels_last)
-        self._pending: _Pending | None = None
+        self.engine, self.objective, self.micro_batches, self.device = engine, objective, micro_batches, device
+        self.forward = Forward(engine, dtype, normalize, channels_last)
 
-    def loss(self, batches: list[MicroBatch]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Features of every micro-batch without autograd, then the loss over all of them (with autograd from the
-        features on). The logged loss adds the mean MoE auxiliary loss, as independent micro-batches would."""
+    def step(self, batches: list[MicroBatch], observe: Observe) -> tuple[Tensor, dict[str, Tensor]]:
         assert len(batches) == self.micro_batches, (len(batches), self.micro_batches)
-        feats, rngs, aux, stats = [], [], 0.0, {}
+        k, obj = self.micro_batches, self.objective
+        inputs = [self.forward.inputs(b) for b in batches]
+        # 1. pooled outputs (and the logged sample terms) of every micro-batch, without autograd
+        parts, rngs, micro_terms, out = [], [], [], {}
         with torch.no_grad():
-            for batch in batches:
-                rngs.append(rng_state(self.forward.device))
-                feats.append(self.forward(self.engine, batch))
-                term, stats = moe_terms(self.engine.module, self.moe)
-                aux = aux + term
-        image = torch.cat([f.image for f in feats]).requires_grad_()
-        text = torch.cat([f.text for f in feats]).requires_grad_()
-        # the temperature and bias are parameters, the same in every micro-batch's forward
-        scale = feats[0].scale.clone().requires_grad_()
-        bias = feats[0].bias.clone().requires_grad_() if feats[0].bias is not None else None
-        leaves = [image, text, scale] + ([bias] if bias is not None else [])
+            for images, texts in inputs:
+                rngs.append(rng_state(self.device))
+                out = self.forward(images, texts)
+                micro_terms.append(obj.micro_terms(out))
+                parts.append({**{n: out[n] for n in obj.pooled if n in out}, **obj.targets(images, texts)})
+        pooled = pool(parts, obj.pooled, set(out))
+        # 2. the batch terms over the whole batch, and their gradient with respect to the pooled outputs
         with torch.enable_grad():
-            loss = self.loss_fn(image, text, scale, bias)
-        self._pending = _Pending(loss, leaves, list(batches), rngs)
-        logged = loss.detach() + aux / self.micro_batches
-        return logged, {"logit_scale": scale.detach().reshape(-1)[0], **stats}
-
-    def backward(self) -> bool:
-        """Feature gradients of the cached loss, then each micro-batch replayed with autograd and its surrogate
-        backpropagated; the k-th engine step is the optimizer step."""
-        p = self._pending
-        assert p is not None, "loss() first"
-        self._pending = None
-        grads = torch.autograd.grad(p.loss, p.leaves, allow_unused=True)  # CLIP ignores the bias
-        sizes = [images.shape[0] for images, _ in p.batches]
-        g_image, g_text = grads[0].split(sizes), grads[1].split(sizes)
-        for j, batch in enumerate(p.batches):
-            set_rng_state(p.rngs[j], self.forward.device)
-            out = self.forward(self.engine, batch)
-            surrogate = (out.image * g_image[j]).sum() + (out.text * g_text[j]).sum()
-            if j == 0:  # one parameter seen by every forward: its gradient is added once
-                for g, value in zip(grads[2:], (out.scale, out.bias)):
-                    if g is not None:
-                        surrogate = surrogate + (value * g).sum()
-            aux, _ = moe_terms(self.engine.module, self.moe)
-            # each micro-batch's auxiliary loss once, averaged over the k (its scale as in independent mode)
-            surrogate = surrogate + aux / self.micro_batches
-            # the surrogate carries the exact gradient: DeepSpeed must not divide it by the accumulation steps
+            batch_terms = obj.batch_terms(pooled.values)
+            batch_loss = total(batch_terms)
+        sample_terms = _mean_terms(micro_terms) if micro_terms[0] else {}
+        loss = batch_loss.detach() + total(sample_terms)
+        observe(loss)
+        grads = dict(zip(pooled.leaves, torch.autograd.grad(batch_loss, [pooled.values[n] for n in pooled.leaves],
+                                                            allow_unused=True)))
+        sizes = [images.shape[0] for images, _ in inputs]
+        split = {n: g.split(sizes) for n, g in grads.items() if g is not None and n not in PER_FORWARD}
+        # 3. each micro-batch again, with autograd and its own randomness: the surrogate carries the exact gradient
+        for j, (images, texts) in enumerate(inputs):
+            set_rng_state(rngs[j], self.device)
+            out = self.forward(images, texts)
+            surrogate = sum(((out[n] * g[j]).sum() for n, g in split.items()), torch.zeros((), device=self.device))
+            if j == 0:  # a parameter seen by every forward: its gradient is added once
+                for n, g in grads.items():
+                    if n in PER_FORWARD and g is not None:
+                        surrogate = surrogate + (out[n] * g).sum()
+            surrogate = surrogate + total(obj.micro_terms(out)) / k
+            # DeepSpeed must not divide it by the accumulation steps: it is already the step's gradient
             self.engine.backward(surrogate, average_micro_steps=False)
             self.engine.step()
-        return True
+        return loss, logged(out, {**batch_terms, **sample_terms})
 
 
-def build_accumulation(engine: Engine, loss_fn: nn.Module, cfg: RunConfig, device: torch.device,
+def build_accumulation(engine: Engine, objective: Objective, cfg: RunConfig, device: torch.device,
                        normalize: Normalize | None = None, channels_last: bool = False) -> Accumulation:
-    """The `train.accumulation` scheme; with one micro-step both are one plain forward and backward.
-    `channels_last` feeds the image tower NHWC images (a convolutional tower on a GPU)."""
-    moe = cfg.model.moe.num_experts > 0
+    """The `train.accumulation` scheme over `train.grad_accum` micro-batches; with one micro-batch both are one
+    plain forward and backward. `channels_last` feeds the image tower NHWC images (a convolutional tower on a GPU)."""
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    if cfg.train.accumulation == "exact" and cfg.train.grad_accum > 1:
-        return ExactAccumulation(engine, loss_fn, cfg.train.grad_accum, moe, device, dtype, normalize, channels_last)
-    return IndependentMicroBatches(engine, loss_fn, moe, device, dtype, normalize, channels_last)
+    k = cfg.train.grad_accum
+    if cfg.train.accumulation == "exact" and k > 1:
+        return ExactAccumulation(engine, objective, k, device, dtype, normalize, channels_last)
+    return IndependentMicroBatches(engine, objective, k, dtype, normalize, channels_last)
 
 
 def contrastive_batch(train: TrainConfig, batch_size: int, world_size: int) -> dict[str, Any]:

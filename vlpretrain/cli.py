@@ -36,8 +36,10 @@ def _info(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.config import dump_yaml, load_config
+        from vlpretrain.objectives import check_objective
 
         cfg = load_config(a.config, a.overrides)
+        check_objective(cfg)
         world = a.world_size
         per_node = a.gpus_per_node or math.gcd(world, 8)  # checked with the memory figures that use it
         print(f"# resolved config of {a.config}")
@@ -71,9 +73,10 @@ def _print_model_plan(cfg, world: int, per_node: int, samples_per_step: int) -> 
     from vlpretrain.engine.core import zero_stage_run
     from vlpretrain.engine.memory import largest_layer_params, model_state_memory
     from vlpretrain.models import build_model, count_parameters, image_size
+    from vlpretrain.objectives import objective_class
     from vlpretrain.planning import flops_per_sample
 
-    model = build_model(cfg.model, loss=cfg.train.loss, load_pretrained=False)
+    model = build_model(cfg.model, objective_class(cfg.train.objective).model_options(cfg), load_pretrained=False)
     counts = count_parameters(model)
     print("# parameters")
     for k, v in counts.items():

@@ -44,6 +44,10 @@ def _need(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+# for option sections defined elsewhere (an objective's options): the same field and rule helpers
+option, need = _f, _need
+
+
 @dataclass
 class MoEConfig:
     """Sparse Mixture-of-Experts MLP layers (0 experts means a dense model)."""
@@ -204,9 +208,12 @@ class TrainConfig:
         "where bf16 is slower")
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage")
     offload_optimizer: bool = _f(False, "ZeRO optimizer state on the CPU")
-    loss: Literal["clip", "siglip"] = _f("clip", "InfoNCE (CLIP) or sigmoid (SigLIP) loss")
-    local_loss: bool = _f(True, "each rank computes its rows against all columns")
-    loss_chunk: int = _f(0, "column chunk of the logit matrix; 0 computes it whole")
+    objective: str = _f("clip", "training objective (vlpretrain.objectives): clip (InfoNCE), siglip (sigmoid), "
+                        "coca (contrastive + captioning, a CoCa model), distill (CLIP + a frozen teacher's logits)")
+    objective_options: dict[str, Any] = _f({}, "the objective's own options (e.g. coca: caption_weight; distill: "
+                                           "teacher), checked against it before anything starts")
+    local_loss: bool = _f(True, "contrastive terms: each rank computes its rows against all columns")
+    loss_chunk: int = _f(0, "contrastive terms: column chunk of the logit matrix; 0 computes it whole")
     unmasked_steps: int = _f(0, "last steps trained without patch dropout (FLIP's unmasked tuning)")
     seed: int = _f(0, "seed of weights and data order")
     stop_after: int = _f(0, "stop with a checkpoint after this many steps in one invocation (job slots); 0: never")
@@ -326,6 +333,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -343,6 +352,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
             return value
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, list):
@@ -371,7 +383,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 # Keys that were renamed: configs (and checkpoints) written with the old name keep working.
-RENAMED = {"data.samples_per_epoch": "data.train_num_samples"}
+RENAMED = {"data.samples_per_epoch": "data.train_num_samples", "train.loss": "train.objective"}
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -398,6 +410,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(hints[f.name]) and not dataclasses.is_dataclass(v):
             setattr(obj, f.name, _build(hints[f.name], {}, f"{prefix}{f.name}."))
+    return obj
+
+
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """A dataclass section of options (such as an objective's) from plain values, with this schema's checks:
+    unknown keys ("did you mean"), types, required values, each named `prefix` + key."""
+    obj = _build(cls, values, prefix)
+    _check(obj, prefix)
     return obj
 
 

@@ -49,11 +49,12 @@ class SampleFlops:
 
 def _forward_backward_flops(model: nn.Module, state: dict[str, torch.Tensor],
                             inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
-    """FLOPs of a forward of `model` with `state` as its tensors, and of the backward of its features."""
+    """FLOPs of a forward of `model` with `state` as its tensors, and of the backward of its outputs."""
     with FlopCounterMode(display=False) as counter:
         out = functional_call(model, state, inputs)
     forward = counter.get_total_flops()
-    features = [t for t in out[:2] if t.requires_grad]
+    # the outputs a loss reads: pooled features of both towers, and a CoCa decoder's token logits
+    features = [out[k] for k in ("image_features", "text_features", "logits") if k in out and out[k].requires_grad]
     if not features:  # both towers locked: no backward at all
         return forward, 0
     with FlopCounterMode(display=False) as counter:

@@ -45,11 +45,11 @@ from vlpretrain.engine.remote import (
 )
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.guard import NonFiniteGuard, host_values
-from vlpretrain.loss import build_loss
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_size, image_transform
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
+from vlpretrain.objectives import build_objective, check_objective, objective_class
 from vlpretrain.planning import flops_per_sample
 from vlpretrain.resume import adapt_to_world_size, map_data_position, universal_copy
 from vlpretrain.runlock import RunLock, lock_run_folder
@@ -141,7 +141,8 @@ class Evaluator:
         if self.model is None:
             # the native MoE layer reads every backend's export and needs no expert-parallel group
             moe = replace(self.cfg.model.moe, backend="native", ep_size=1)
-            self.model = build_model(replace(self.cfg.model, pretrained=None, moe=moe), loss=self.cfg.train.loss)
+            self.model = build_model(replace(self.cfg.model, pretrained=None, moe=moe),
+                                     objective_class(self.cfg.train.objective).model_options(self.cfg))
         assert weights is not None, "rank 0 holds the consolidated weights"
         own = self.model.state_dict()
         self.model.load_state_dict({k: v.reshape(own[k].shape) for k, v in weights.items()})
@@ -234,6 +235,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     if env.is_main and env.world_size > 1:
         print(f"{env.world_size} processes ({env.launcher}), master {env.master}", flush=True)
     cfg = resolve_auto(cfg, env.device)
+    check_objective(cfg)  # its name and options, before the run folder is touched
     lock = prepare_run_folder(Path(cfg.train.output_dir), resume, overwrite, env, cfg.train.remote_dir)
     try:
         return _run(cfg, env, resume, data)
@@ -268,7 +270,9 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
                           "work with train.zero_stage 0)")
     evaluator = Evaluator(cfg, env)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, loss=tc.loss)
+    objective = build_objective(cfg, env.rank, env.world_size)
+    model = build_model(cfg.model, objective.model_options(cfg))
+    objective.check_model(model)
     channels_last = env.device.type == "cuda" and is_conv_tower(model)  # NHWC images for cuDNN's fast kernels
     sample_flops = train_flops(model, cfg)
     from_shards = data is None
@@ -276,9 +280,9 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
     engine = build_engine(model, cfg, env, load_universal=universal is not None)
     if cfg.model.compile:
         engine.compile()
-    loss_fn = build_loss(tc.loss, env.rank, env.world_size, tc.local_loss, tc.loss_chunk)
-    validator = Validator(cfg, model, env, loss_fn) if cfg.data.val else None
-    accumulation = build_accumulation(engine, loss_fn, cfg, env.device, data.normalize, channels_last)
+    objective.to(env.device, torch.bfloat16 if tc.precision == "bf16" else torch.float32)
+    validator = Validator(cfg, model, env, objective) if cfg.data.val else None
+    accumulation = build_accumulation(engine, objective, cfg, env.device, data.normalize, channels_last)
     state = TrainState()
     if path is not None and world is not None:
         client = load_checkpoint(engine, path, universal)
@@ -349,14 +353,12 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
             micro += len(group)
             masking = masked_fraction(state.step, tc.steps, tc.unmasked_steps, cfg.model.patch_dropout)
             set_patch_dropout(engine.module, masking)  # FLIP: the last train.unmasked_steps see every patch
-            loss, extra = accumulation.loss([(images, texts) for _, _, images, texts in group])
-            guard.observe(loss)  # a non-finite loss on any rank: the optimizer step skips the update, on the device
+            # guard.observe: a non-finite loss on any rank makes the optimizer skip the update, on the device
+            loss, extra = accumulation.step([(images, texts) for _, _, images, texts in group], guard.observe)
             n = sum(images.shape[0] for _, _, images, _ in group) * env.world_size
             state.samples += n
             state.flops += n * sample_flops[masking]
             window_samples += n
-            if not accumulation.backward():  # independent micro-batches, inside an accumulation
-                continue
             guard.settle()
             state.step += 1
             due_log = state.step % tc.log_every == 0 or state.step == tc.steps

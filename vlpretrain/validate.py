@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 import torch
 
+from vlpretrain.accumulate import Forward
 from vlpretrain.config import RunConfig
 from vlpretrain.engine import DistEnv, Engine
+from vlpretrain.objectives import Objective, total
 from vlpretrain.stopping import StopCheck, check_stop
 
 
 class Validator:
     """`run(engine)` -> {"val": metrics} on rank 0 ({} elsewhere); built before training so bad paths fail early."""
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, env: DistEnv, loss_fn: Any):
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, env: DistEnv, objective: Objective):
         from vlpretrain.data import build_loader
         from vlpretrain.models import get_tokenizer, image_transform
 
-        self.cfg, self.env, self.loss_fn = cfg, env, loss_fn
+        self.cfg, self.env, self.objective = cfg, env, objective
         # fast_decode off: evaluation keeps open_clip's preprocessing pixel for pixel (PIL resampling)
         data = replace(cfg.data, train=cfg.data.val, mode="epoch", weights=None, train_num_samples=None,
                        augment=False, shuffle_buffer=0, fast_decode=False)
@@ -41,6 +42,7 @@ class Validator:
         """Validation metrics; `should_stop`, asked before each batch on every rank (so it must answer alike on
         all, as `DistEnv.any` does), raises `vlpretrain.stopping.Interrupted` there."""
         module, dtype = engine.module, torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        forward = Forward(engine, dtype)
         was_training = module.training
         module.eval()
         images_f, texts_f, losses = [], [], []
@@ -50,12 +52,14 @@ class Validator:
                 if i >= self.batches:
                     break
                 check_stop(should_stop)
-                out = engine(images.to(self.env.device, dtype), texts.to(self.env.device))
-                image_f, text_f, scale = out[0].float(), out[1].float(), out[2].float()
-                bias = out[3].float() if len(out) > 3 else None
-                losses.append(self.loss_fn(image_f, text_f, scale, bias).detach())
-                images_f.append(image_f)
-                texts_f.append(text_f)
+                images, texts = images.to(self.env.device, dtype), texts.to(self.env.device)
+                out = forward(images, texts)
+                out.update(self.objective.targets(images, texts))
+                # the objective's loss without the MoE auxiliary term, which is a regulariser, not a fit
+                terms = {**self.objective.batch_terms(out), **self.objective.sample_terms(out)}
+                losses.append(total(terms).detach())
+                images_f.append(out["image_features"])
+                texts_f.append(out["text_features"])
         finally:
             module.train(was_training)
         loss = torch.stack(losses).mean()

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models.lock import lock_towers
+from vlpretrain.models.moe import convert_to_moe, report_moe_outputs
 from vlpretrain.models.patch_dropout import enable_patch_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -90,25 +90,26 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(cfg: ModelConfig | str, loss: str = "clip", load_pretrained: bool = True) -> nn.Module:
+def build_model(cfg: ModelConfig | str, open_clip_options: dict[str, Any] | None = None,
+                load_pretrained: bool = True) -> nn.Module:
     """Build the open_clip model named by `cfg` (with MoE layers and local weights when configured).
 
-    `loss="siglip"` gives the model a learnable logit bias with SigLIP's initial values. Patch dropout
+    The model returns a dict of named outputs (open_clip's `output_dict`; a CoCa model always does), with the MoE
+    auxiliary loss and routing statistics among them when it has MoE layers. `open_clip_options` go to open_clip's
+    `create_model` (an objective's needs: SigLIP's logit bias and its initial values). Patch dropout
     (`model.patch_dropout`) and locked towers (`model.lock_image`, `model.lock_text`) are applied here.
     """
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     arch = _arch_name(cfg.name)
-    kwargs: dict[str, Any] = {}
-    if loss == "siglip":
-        kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     with _quiet_open_clip():
-        model = open_clip.create_model(arch, device="cpu", precision="fp32", **kwargs)
+        model = open_clip.create_model(arch, device="cpu", precision="fp32", **(open_clip_options or {}))
+    if hasattr(model, "output_dict"):
+        model.output_dict = True
+    report_moe_outputs(model)
     if cfg.patch_dropout > 0:
         enable_patch_dropout(model, cfg.patch_dropout)
     if cfg.moe.num_experts > 0:
-        from vlpretrain.models.moe import convert_to_moe
-
         convert_to_moe(model, cfg.moe)
     if cfg.pretrained and load_pretrained:
         load_weights(model, cfg.pretrained)
@@ -333,4 +334,5 @@ def load_model(path_or_arch: str, pretrained: str | None = None) -> nn.Module:
     state_has_bias = False
     if cfg.pretrained:
         state_has_bias = "logit_bias" in load_state_dict(cfg.pretrained)
-    return build_model(cfg, loss="siglip" if state_has_bias else "clip")
+    # a logit bias to load into (its initial value is replaced by the checkpoint's)
+    return build_model(cfg, {"init_logit_bias": 0.0} if state_has_bias else None)

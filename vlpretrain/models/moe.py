@@ -394,6 +394,21 @@ def moe_losses(model: nn.Module, on_host: bool = True) -> tuple[Tensor, dict[str
     return moe_aux_loss(model), moe_stats(model, on_host)
 
 
+def _add_moe_outputs(model: nn.Module, inputs: tuple, output: object) -> object:
+    """Forward hook: a dict of outputs gains `moe_aux` (the weighted auxiliary loss) and the routing statistics
+    (`moe/...`, device scalars) of the forward that made it, when the model has MoE layers."""
+    if isinstance(output, dict) and moe_layers(model):
+        aux, stats = moe_losses(model, on_host=False)
+        output["moe_aux"] = aux
+        output.update(stats)
+    return output
+
+
+def report_moe_outputs(model: nn.Module) -> None:
+    """Make `model`'s forward return its MoE terms with its other outputs (layers swapped in later count too)."""
+    model.register_forward_hook(_add_moe_outputs)
+
+
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """`model.state_dict()` in the one MoE file format: native names, every expert (gathered across the
     expert-parallel group, so with the DeepSpeed backend and ep_size > 1 every rank of the group must call it)."""
