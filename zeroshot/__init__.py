@@ -14,7 +14,7 @@
 
 from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.adapters import Adapter
-from zeroshot.caption_metrics import caption_metrics
+from zeroshot.caption_scorers import caption_metrics
 from zeroshot.captioning import Generation, caption, captioning
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify, encode_texts
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
@@ -32,9 +32,10 @@ from zeroshot.results import ResultEntry, Results, read_results, update_results,
 from zeroshot.retrieve import retrieval
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry", "Results",
-    "adapt", "adapt_head", "build_classifier", "caption", "caption_metrics", "captioning", "classification_metrics", "classify", "encode_images", "encode_texts",
-    "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall",
-    "multilabel_metrics", "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy",
-    "update_results", "write_results",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry",
+    "Results", "adapt", "adapt_head", "build_classifier", "caption", "caption_metrics", "captioning",
+    "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
+    "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
+    "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy", "update_results",
+    "write_results",
 ]

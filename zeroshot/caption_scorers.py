@@ -34,8 +34,10 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def left_out() -> dict[str, str]:
-    """The COCO caption metrics `caption_metrics` does not report on this machine, each with the reason."""
+def left_out(meteor: bool | None = None) -> dict[str, str]:
+    """The COCO caption metrics `caption_metrics(..., meteor=meteor)` does not report here, each with the reason."""
+    if meteor is False:
+        return {"meteor": "not asked for", "spice": SPICE_REASON}
     return ({} if java_available() else {"meteor": METEOR_REASON}) | {"spice": SPICE_REASON}
 
 
@@ -99,9 +101,7 @@ def coco_scores(references: Mapping[K, list[str]], predictions: Mapping[K, list[
     scores = {f"bleu_{n}": float(b) for n, b in enumerate(bleu, 1)}
     scores["rouge_l"] = float(Rouge().compute_score(references, predictions)[0])
     scores["cider"] = float(Cider().compute_score(references, predictions)[0])
-    if meteor is None:
-        meteor = java_available()
-    if meteor:
+    if meteor is not False and java_available():  # asked for without Java, it is left out as left_out() says
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorer = Meteor()  # a Java process, ended when the scorer is collected
@@ -110,11 +110,13 @@ def coco_scores(references: Mapping[K, list[str]], predictions: Mapping[K, list[
     return scores
 
 
-def caption_metrics(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]]) -> dict[str, float]:
+def caption_metrics(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]],
+                    meteor: bool | None = None) -> dict[str, float]:
     """COCO caption metrics of one generated caption per id against that id's reference captions.
 
-    Returns bleu_1, bleu_2, bleu_3, bleu_4, rouge_l, cider and, where Java is available, meteor: pycocoevalcap's
-    corpus-level scores on the tokenized captions (see the module docstring; `left_out()` names what is missing).
+    Returns bleu_1, bleu_2, bleu_3, bleu_4, rouge_l, cider and meteor: pycocoevalcap's corpus-level scores on the
+    tokenized captions (see the module docstring). METEOR needs Java; `meteor=False` leaves it out even then (its
+    scorer takes some 20 s to load its paraphrase table). `left_out(meteor)` names what is missing and why.
     """
     if not predictions:
         raise DataError("caption metrics: no predictions to score")
@@ -130,4 +132,4 @@ def caption_metrics(predictions: Mapping[K, str], references: Mapping[K, Sequenc
     ids = list(predictions)
     tokens = tokenize({**{("ref", k): [r for r in references[k] if r.strip()] for k in ids},
                        **{("pred", k): [predictions[k]] for k in ids}})
-    return coco_scores({k: tokens[("ref", k)] for k in ids}, {k: tokens[("pred", k)] for k in ids})
+    return coco_scores({k: tokens[("ref", k)] for k in ids}, {k: tokens[("pred", k)] for k in ids}, meteor=meteor)
