@@ -211,3 +211,8 @@ def test_coca_exports_load_here_and_in_open_clip(coca, tmp_path, images):
             assert torch.equal(got[key], want[key]), key
         assert got["logit_scale"].reshape(()) == want["logit_scale"].reshape(())
         assert zeroshot.caption(model, images) == zeroshot.caption(coca, images)
+
+
+def test_coca_classifies_zero_shot(coca, images):
+    probs = zeroshot.classify(coca, images, ["red square", "blue circle"])  # its towers as any CLIP's
+    assert probs.shape == (3, 2) and torch.allclose(probs.sum(1), torch.ones(3))
