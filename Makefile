@@ -20,6 +20,12 @@ $(STAMPS)/system:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
+	@# Java runs pycocoevalcap's PTB tokenizer and METEOR (zeroshot's captioning metrics)
+	@if ! command -v java >/dev/null; then \
+	  echo "installing Debian's default-jre-headless"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless; \
+	fi
 	@touch $@
 
 $(STAMPS)/install: setup.cfg pyproject.toml $(STAMPS)/system

@@ -8,10 +8,14 @@
     probe = zeroshot.linear_probe(model, "cifar10", "/data/cifar10")            # CLIP-protocol linear probe
     recall = zeroshot.retrieval(model, "flickr30k", "/data/flickr30k")          # image-text recall@1/5/10
     tuned = zeroshot.adapt(model, "cifar10", "/data/cifar10", shots=4)          # few-shot learned prompts
+    texts = zeroshot.caption(coca_model, ["a.jpg", "b.jpg"])                   # CoCa captions (beam search)
+    scores = zeroshot.captioning(coca_model, "mscoco", "/data/mscoco")         # BLEU-4, ROUGE-L, CIDEr, METEOR
 """
 
 from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.adapters import Adapter
+from zeroshot.caption_scorers import caption_metrics
+from zeroshot.captioning import Generation, caption, captioning
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify, encode_texts
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
@@ -28,9 +32,10 @@ from zeroshot.results import ResultEntry, Results, read_results, update_results,
 from zeroshot.retrieve import retrieval
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "ResultEntry", "Results", "adapt",
-    "adapt_head", "build_classifier", "classification_metrics", "classify", "encode_images", "encode_texts",
-    "evaluate", "evaluate_suite", "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall",
-    "multilabel_metrics", "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy",
-    "update_results", "write_results",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry",
+    "Results", "adapt", "adapt_head", "build_classifier", "caption", "caption_metrics", "captioning",
+    "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
+    "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
+    "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy", "update_results",
+    "write_results",
 ]

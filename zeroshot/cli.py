@@ -1,5 +1,5 @@
-"""`zeroshot` console script: list | eval | probe | adapt | report | export-results. Parse, look up, call;
-subcommands register with @command."""
+"""`zeroshot` console script: list | eval | probe | adapt | caption | caption-eval | report | export-results. Parse,
+look up, call; subcommands register with @command."""
 
 from __future__ import annotations
 
@@ -265,6 +265,132 @@ def _adapt(p: argparse.ArgumentParser):
         if a.save:
             print(f"wrote {result.adapter.save(a.save)}")
         return _save(a, [ResultEntry(result.task, bench.name, bench.metric, m, str(a.root), a.format)])
+
+    return run
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    """The options of CoCa caption generation (open_clip's generate, with its defaults)."""
+    from zeroshot.captioning import GENERATION_TYPES, Generation
+
+    d = Generation()
+    p.add_argument("--generation-type", choices=GENERATION_TYPES, default=d.generation_type,
+                   help=f"beam search or sampling from the top-k / top-p tokens (default: {d.generation_type})")
+    p.add_argument("--num-beams", type=int, default=d.num_beams, help=f"beam_search: beams (default: {d.num_beams})")
+    p.add_argument("--num-beam-groups", type=int, default=d.num_beam_groups,
+                   help=f"beam_search: diverse groups the beams form (default: {d.num_beam_groups})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"top_k: tokens sampled from (default: {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p,
+                   help=f"top_p: probability mass sampled from (default: {d.top_p})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default: 1)")
+    p.add_argument("--seq-len", type=int, help="most tokens per caption, start and end included "
+                                               "(default: 30, or the model's context length when shorter)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+
+
+def _generation(a: argparse.Namespace):
+    from zeroshot.captioning import Generation
+
+    return Generation(generation_type=a.generation_type, seq_len=a.seq_len, num_beams=a.num_beams,
+                      num_beam_groups=a.num_beam_groups, top_k=a.top_k, top_p=a.top_p, temperature=a.temperature)
+
+
+def _image_files(paths: list[str]) -> list[Path]:
+    """The image files named, each folder replaced by the images under it (sorted)."""
+    from vlpretrain.errors import DataError
+    from zeroshot.datasets.common import list_images
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise DataError(f"{path}: no image files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such image file or folder")
+    return files
+
+
+@command("caption", "caption image files or folders with a CoCa model (beam search or top-k / top-p sampling)")
+def _caption(p: argparse.ArgumentParser):
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--model", required=True, help="exported CoCa checkpoint (.safetensors) or architecture name")
+    p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
+    p.add_argument("--output", help="write {image: caption} as JSON here instead of printing `path<TAB>caption`")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    _generation_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        import dataclasses
+        import json
+        import os
+
+        from zeroshot.captioning import caption
+
+        generation = _generation(a)
+        if a.output:
+            check_writable(a.output, "--output")
+        files = _image_files(a.images)
+        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+        texts = caption(model, files, tokenizer=tokenizer, batch_size=a.batch_size, device=_device(a), seed=a.seed,
+                        **dataclasses.asdict(generation))
+        if not a.output:
+            for path, text in zip(files, texts, strict=True):
+                print(f"{path}\t{text}")
+            return 0
+        doc = {"model": a.model, "pretrained": a.pretrained, "generation": dataclasses.asdict(generation),
+               "seed": a.seed, "captions": {str(path): text for path, text in zip(files, texts, strict=True)}}
+        out = Path(a.output)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # a crash never leaves a half file under the name
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"wrote {len(texts)} captions to {out}")
+        return 0
+
+    return run
+
+
+@command("caption-eval", "captioning metrics of a CoCa model on captioned benchmarks (BLEU-4, ROUGE-L, CIDEr, METEOR)")
+def _caption_eval(p: argparse.ArgumentParser):
+    _model_and_data_args(p, "results JSON to write or update (task captioning)")
+    p.set_defaults(batch_size=32)
+    p.add_argument("--max-images", type=int, help="caption an evenly spaced subset of this many images")
+    p.add_argument("--no-meteor", action="store_true",
+                   help="leave METEOR out (with Java it is computed; its scorer takes some 20 s to start)")
+    _generation_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        import dataclasses
+
+        from zeroshot.caption_scorers import left_out
+        from zeroshot.captioning import captioning
+        from zeroshot.datasets import get_benchmark
+        from zeroshot.results import ResultEntry
+
+        generation = _generation(a)
+        names = _checked_benchmarks(a, "test")
+        for name in names:
+            if get_benchmark(name).task != "retrieval":
+                raise ConfigError(f"--benchmark: {name} is a {get_benchmark(name).task} benchmark; captioning needs a "
+                                  "captioned set (flickr8k, flickr30k, mscoco or captions)")
+        model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+        entries = []
+        for name in names:
+            bench = get_benchmark(name)
+            root, layout = bench.locate(a.root, format=a.format)
+            m = captioning(model, name, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
+                           device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
+                           seed=a.seed, meteor=False if a.no_meteor else None, **dataclasses.asdict(generation))
+            others = "  ".join(f"{k}={v:.4f}" for k, v in m.items() if k not in ("headline", "images", "cider"))
+            print(f"{bench.name}: cider={m['cider']:.4f}  {others}  images={int(m['images'])}  "
+                  f"({layout.name} at {root})", flush=True)
+            entries.append(ResultEntry("captioning", bench.name, "cider", m, str(root), layout.name))
+        print("left out: " + "; ".join(f"{k} ({why})" for k, why in left_out(False if a.no_meteor else None).items()))
+        return _save(a, entries)
 
     return run
 
