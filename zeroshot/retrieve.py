@@ -17,8 +17,7 @@ from vlpretrain.errors import ConfigError
 from vlpretrain.stopping import StopCheck
 from zeroshot.classifier import encode_texts
 from zeroshot.datasets import CaptionSet, get_benchmark
-from zeroshot.evaluate import spread_subset
-from zeroshot.features import encode_images, resolve_device
+from zeroshot.features import encode_images, resolve_device, spread_subset
 from zeroshot.metrics import retrieval_metrics
 
 RECALL_KS = (1, 5, 10)

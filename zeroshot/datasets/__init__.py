@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from zeroshot.datasets import catalog  # noqa: F401  (registers every benchmark)
+from zeroshot.datasets import captions, catalog, wds  # noqa: F401  (register their layouts and every benchmark)
 from zeroshot.datasets.base import (
     BENCHMARKS,
     CLASSIFICATION_TASKS,
