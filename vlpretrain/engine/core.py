@@ -12,6 +12,7 @@ from torch import nn
 
 from vlpretrain.config import RunConfig, TrainConfig
 from vlpretrain.engine.dist import DistEnv
+from vlpretrain.engine.safeload import safe_torch_load
 from vlpretrain.errors import CheckpointError
 
 
@@ -183,8 +184,6 @@ class Engine:
         Every file is read through `safe_torch_load` (weights_only, DeepSpeed's own types allowed), never
         unpickled in full; a file of another model raises CheckpointError naming it.
         """
-        from vlpretrain.engine.checkpoint import safe_torch_load
-
         self._ds.checkpoint_engine.load = safe_torch_load
         try:
             loaded, _ = self._ds.load_checkpoint(folder, tag=tag)
