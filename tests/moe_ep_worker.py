@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpretrain.config import ModelConfig, MoEConfig
-from vlpretrain.engine.moe import moe_param_groups, setup_expert_parallel
+from vlpretrain.engine.moe import moe_param_groups, setup_expert_parallel, use_deepspeed_moe
 from vlpretrain.models import build_model, export_state_dict, moe_layers, moe_losses
 
 
@@ -56,7 +56,7 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     native = build_model(ModelConfig(name="tiny-vit", moe=cfg)).eval()
     ds_cfg = dataclasses.replace(cfg, backend="deepspeed", ep_size=2)
-    ds = build_model(ModelConfig(name="tiny-vit", moe=ds_cfg)).eval()
+    ds = use_deepspeed_moe(build_model(ModelConfig(name="tiny-vit", moe=ds_cfg)), ds_cfg).eval()
     ds.load_state_dict(native.state_dict())
     assert all(layer.num_local == 2 for layer in moe_layers(ds))
     setup_expert_parallel(ds)
@@ -67,7 +67,7 @@ def main(out: Path) -> None:
     gathered, want = export_state_dict(ds), native.state_dict()
     assert gathered.keys() == want.keys() and all(torch.equal(gathered[k], want[k]) for k in want)
 
-    trained = build_model(ModelConfig(name="tiny-vit", moe=ds_cfg))
+    trained = use_deepspeed_moe(build_model(ModelConfig(name="tiny-vit", moe=ds_cfg)), ds_cfg)
     trained.load_state_dict(native.state_dict())
     engine_step(trained, 2, images, texts)
 

@@ -1,4 +1,5 @@
-"""The DeepSpeed MoE backend against the native layer: same weights give the same outputs, losses and file format."""
+"""The DeepSpeed MoE backend against the native layer: same weights give the same outputs, losses and file format.
+Models are built native; the engine's `use_deepspeed_moe` swaps DeepSpeed's layer in."""
 
 import copy
 import dataclasses
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from vlpretrain.config import MoEConfig
+from vlpretrain.engine.moe import DeepSpeedMoEMLP, use_deepspeed_moe
 from vlpretrain.models import build_model, export_state_dict, moe_layers, moe_losses
 from vlpretrain.models.moe import convert_to_moe
 
@@ -24,6 +26,10 @@ def dense():
     return build_model("tiny-vit")
 
 
+def deepspeed_moe(dense, cfg):
+    return use_deepspeed_moe(convert_to_moe(copy.deepcopy(dense), cfg), cfg)
+
+
 def native_and_deepspeed(dense, k):
     cfg = MoEConfig(num_experts=4, top_k=k, towers="both", capacity_factor=8.0, eval_capacity_factor=0.0,
                     normalize_weights=k > 1)
@@ -33,7 +39,7 @@ def native_and_deepspeed(dense, k):
         for layer in moe_layers(native):
             for p in layer.experts.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    ds = convert_to_moe(copy.deepcopy(dense), dataclasses.replace(cfg, backend="deepspeed"))
+    ds = deepspeed_moe(dense, dataclasses.replace(cfg, backend="deepspeed"))
     ds.load_state_dict(native.state_dict())  # native names load into DeepSpeed's layout
     return native, ds
 
@@ -59,14 +65,31 @@ def test_one_file_format(dense):
     assert exported.keys() == want.keys()
     assert all(torch.equal(exported[key], want[key]) for key in want)
     # DeepSpeed's own names load too (its engine checkpoints use them)
-    again = convert_to_moe(copy.deepcopy(dense), MoEConfig(num_experts=4, top_k=2, towers="both", backend="deepspeed"))
+    again = deepspeed_moe(dense, MoEConfig(num_experts=4, top_k=2, towers="both", backend="deepspeed"))
     again.load_state_dict(ds.state_dict())
     assert all(torch.equal(v, ds.state_dict()[key]) for key, v in again.state_dict().items())
 
 
+def test_the_swap_keeps_weights_locks_and_random_state(dense):
+    cfg = MoEConfig(num_experts=4, top_k=2, towers="both", backend="deepspeed")
+    native = convert_to_moe(copy.deepcopy(dense), cfg).eval()
+    for p in native.visual.parameters():  # a locked image tower
+        p.requires_grad_(False)
+    want, layers = export_state_dict(native), len(moe_layers(native))
+    before = torch.random.get_rng_state()
+    ds = use_deepspeed_moe(native, cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert ds is native and len(moe_layers(ds)) == layers and all(isinstance(m, DeepSpeedMoEMLP) for m in moe_layers(ds))
+    got = export_state_dict(ds)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(p.requires_grad for p in ds.visual.parameters())
+    assert all(p.requires_grad for layer in moe_layers(ds) if layer.tower == "text" for p in layer.parameters())
+    assert not any(layer.training for layer in moe_layers(ds))
+
+
 def test_deepspeed_dropping_is_reported(dense):
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=0.25, backend="deepspeed")
-    ds = convert_to_moe(copy.deepcopy(dense), cfg).train()
+    ds = deepspeed_moe(dense, cfg).train()
     ds(torch.randn(2, 3, 28, 28), torch.randint(0, 49408, (2, 16)))
     layer = moe_layers(ds)[0]
     # 34 image tokens (2 x 17): capacity ceil(34 / 4 * 0.5) = 5 slots per expert for 68 assignments: 48 drop

@@ -78,8 +78,13 @@ def test_export_reload_and_train_start(dense, inputs, tmp_path):
         assert torch.equal(x, y)
     # `train --set model.pretrained=OUT`: the run's own model config plus the file, on either backend
     for backend in ("native", "deepspeed"):
+        run_moe = dataclasses.replace(cfg, backend=backend)
         started = build_model(ModelConfig(name="tiny-vit", pretrained=str(tmp_path / "moe.safetensors"),
-                                          moe=dataclasses.replace(cfg, backend=backend))).eval()
+                                          moe=run_moe)).eval()
+        if backend == "deepspeed":  # as the engine does
+            from vlpretrain.engine.moe import use_deepspeed_moe
+
+            use_deepspeed_moe(started, run_moe)
         for x, y in zip(features(moe, inputs), features(started, inputs)):
             assert torch.allclose(x, y, atol=1e-6)
     with pytest.raises(CheckpointError, match="does not match the model"):

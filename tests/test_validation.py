@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from vlpretrain.config import DataConfig
 from vlpretrain.data import build_loader, write_shards
 from vlpretrain.models import get_tokenizer, image_transform, load_model
-from zeroshot.metrics import retrieval_metrics
+from vlpretrain.retrieval import retrieval_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "train_synthetic.py"

@@ -248,16 +248,18 @@ def _index_shards(p: argparse.ArgumentParser):
 
 
 def _class_names(arg: str | None) -> str | list[str] | None:
-    """--classes: a file of names as it is, else the class names of the benchmark it names."""
+    """--classes: a file of names as it is, else the class names of the benchmark it names (looked up by the
+    installed packages of the `vlpretrain.class_names` entry-point group: zeroshot's benchmark registry)."""
     if arg is None or Path(arg).exists():
         return arg
-    from zeroshot.datasets import get_benchmark
+    from importlib.metadata import entry_points
 
-    try:
-        return list(get_benchmark(arg).classnames)
-    except VLPretrainError:
-        raise ConfigError(f"--classes {arg}: neither a class names file nor a benchmark name "
-                          "(see `zeroshot list`)") from None
+    for ep in entry_points(group="vlpretrain.class_names"):
+        try:
+            return list(ep.load()(arg))
+        except VLPretrainError:
+            continue
+    raise ConfigError(f"--classes {arg}: neither a class names file nor a benchmark name (see `zeroshot list`)")
 
 
 @command("upcycle", "turn a dense checkpoint into an MoE one whose experts copy its MLPs (model.moe of --config)")

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from vlpretrain.engine.remote import (
     run_folder_shared,
 )
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
+from vlpretrain.evaluation import EvaluatorFactory, build_evaluators
 from vlpretrain.guard import NonFiniteGuard, host_values
 from vlpretrain.metrics import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_size, image_transform
@@ -51,6 +52,7 @@ from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
 from vlpretrain.objectives import build_objective, check_objective, objective_class
 from vlpretrain.planning import flops_per_sample
+from vlpretrain.results import ResultEntry, update_results
 from vlpretrain.resume import adapt_to_world_size, map_data_position, universal_copy
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.stopping import Interrupted, StopCheck, StopRequest
@@ -113,29 +115,20 @@ def run_shard_counts(cfg: RunConfig, out_dir: Path, env: DistEnv, resume: str | 
     return counts
 
 
-class Evaluator:
-    """Zero-shot evaluation on rank 0 from the consolidated weights (works under every ZeRO stage).
+class RankZeroEvaluator:
+    """The configured evaluators (`vlpretrain.evaluation`) run on rank 0 from the consolidated weights (works under
+    every ZeRO stage), loaded into a plain model.
 
-    Benchmark names and their data under eval.root are checked when it is built, so a typo or a missing folder
-    fails before training starts. `during` gives the
-    periodic zero-shot metrics; `final_report` adds the linear probes and writes the run's results file. Both run
-    on rank 0 while the other ranks wait (`DistEnv.main_alone`), checking `stop_here` between batches on every rank:
-    a stop cuts them short and every rank learns of it (the second value they return).
+    The evaluators are built on every rank when this is, so a bad setting or a missing benchmark folder fails
+    before training starts. `during` gives the periodic metrics; `final_report` the final ones, written to the
+    run's results file (`vlpretrain.results`). Both run on rank 0 while the other ranks wait
+    (`DistEnv.main_alone`), checking `stop_here` between batches on every rank: a stop cuts them short and every
+    rank learns of it (the second value they return).
     """
 
-    def __init__(self, cfg: RunConfig, env: DistEnv):
+    def __init__(self, cfg: RunConfig, env: DistEnv, evaluators: Mapping[str, EvaluatorFactory] | None = None):
         self.cfg, self.env, self.model = cfg, env, None
-        if cfg.eval.benchmarks:
-            from zeroshot import get_benchmark
-
-            if not cfg.eval.root:
-                raise ConfigError("eval.root: required when eval.benchmarks is set")
-            # find every benchmark's data now: a missing folder must not surface after hours of training
-            splits = ("test", "train") if cfg.eval.linear_probe else ("test",)
-            for name in cfg.eval.benchmarks:
-                bench = get_benchmark(name)
-                for split in splits:
-                    bench.locate(cfg.eval.root, split=split)
+        self.evaluators = build_evaluators(cfg, evaluators)
 
     def _load(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
         if self.model is None:
@@ -148,20 +141,10 @@ class Evaluator:
         self.model.load_state_dict({k: v.reshape(own[k].shape) for k, v in weights.items()})
         return self.model
 
-    def _zeroshot(self, weights: dict[str, torch.Tensor] | None, should_stop: StopCheck,
-                  entries: list) -> list:
-        import zeroshot
-
-        e = self.cfg.eval
-        return zeroshot.evaluate_suite(self._load(weights), e.benchmarks, e.root,
-                                       tokenizer=get_tokenizer(self.cfg.model), batch_size=e.batch_size,
-                                       workers=e.workers, max_images=e.max_images, progress=True,
-                                       on_result=entries.append, should_stop=should_stop)
-
     def _on_main(self, work: Callable[[StopCheck], dict[str, dict[str, float]]],
                  stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
         """`work` on rank 0, the other ranks waiting; (its metrics, {} elsewhere or when cut; whether to stop)."""
-        if not self.cfg.eval.benchmarks:
+        if not self.evaluators:
             return {}, False
         try:
             out, stopped = self.env.main_alone(work, stop_here)
@@ -171,50 +154,40 @@ class Evaluator:
 
     def during(self, weights: dict[str, torch.Tensor] | None,
                stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
-        """Zero-shot metrics per benchmark (empty on other ranks, with no benchmarks configured, or when a stop cut
-        them short) and whether any rank asked to stop."""
+        """Every evaluator's metrics (empty on other ranks, with none configured, or when a stop cut them short)
+        and whether any rank asked to stop."""
         def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
-            return {entry.benchmark: entry.metrics for entry in self._zeroshot(weights, should_stop, [])}
+            model = self._load(weights)
+            return {name: m for ev in self.evaluators for name, m in ev.run(model, should_stop).items()}
 
         return self._on_main(work, stop_here)
 
     def final_report(self, weights: dict[str, torch.Tensor] | None, results_file: Path,
                      stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
-        """Zero-shot metrics, linear probes when configured, all written to `results_file` (zeroshot's format), and
-        whether any rank asked to stop. A stop writes what finished and marks the file interrupted, listing the
-        (task, benchmark) pairs not evaluated."""
-        e = self.cfg.eval
-
+        """Every evaluator's final report, written to `results_file`, and whether any rank asked to stop. A stop
+        writes what finished and marks the file interrupted, listing the (task, benchmark) pairs not evaluated."""
         def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
-            import zeroshot
-            from zeroshot.evaluate import entry_task
-
-            benches = [zeroshot.get_benchmark(name) for name in e.benchmarks]
-            planned = [(entry_task(b), b.name) for b in benches]
-            planned += [("linear_probe", b.name) for b in benches] if e.linear_probe else []
-            entries: list = []
+            model = self._load(weights)
+            entries: list[ResultEntry] = []
+            logged: dict[str, dict[str, float]] = {}
             try:
-                self._zeroshot(weights, should_stop, entries)
-                for bench in benches if e.linear_probe else []:
-                    m = zeroshot.linear_probe(self.model, bench.name, e.root, batch_size=e.batch_size,
-                                              workers=e.workers, max_images=e.max_images, progress=True,
-                                              should_stop=should_stop)
-                    entries.append(zeroshot.ResultEntry("linear_probe", bench.name, bench.metric, m, str(e.root)))
+                for ev in self.evaluators:
+                    for name, entry in ev.report(model, should_stop):
+                        entries.append(entry)
+                        logged[name] = entry.metrics
             except Interrupted:
                 done = {(entry.task, entry.benchmark) for entry in entries}
+                planned = [p for ev in self.evaluators for p in ev.planned()]
                 self._write(results_file, entries, not_evaluated=[p for p in planned if p not in done])
                 raise
             self._write(results_file, entries)
-            return {(entry.benchmark if entry.task != "linear_probe" else f"{entry.benchmark}/linear_probe"):
-                    entry.metrics for entry in entries}
+            return logged
 
         return self._on_main(work, stop_here)
 
     @staticmethod
-    def _write(results_file: Path, entries: list, **kwargs: Any) -> None:
-        import zeroshot
-
-        zeroshot.update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries, **kwargs)
+    def _write(results_file: Path, entries: list[ResultEntry], **kwargs: Any) -> None:
+        update_results(results_file, str(results_file.parent / "model.safetensors"), None, entries, **kwargs)
 
     def record_training(self, results_file: Path, training: dict[str, float]) -> None:
         """The run's totals (steps, samples, FLOPs, energy) as the `training` block of `results_file` (rank 0)."""
@@ -223,13 +196,14 @@ class Evaluator:
 
 
 def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, evaluators: Mapping[str, EvaluatorFactory] | None = None) -> dict[str, Any]:
     """Train the configured model; returns a summary (steps, last loss, checkpoint, evaluation results).
 
     `resume` is "latest" or a checkpoint folder; without it the run folder must hold no checkpoints, unless
     `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchSource`, such
-    as `vlpretrain.data.EpochBatches` over synthetic batches). The run folder is locked for this run until it
-    returns: another run holding it raises RunFolderLocked.
+    as `vlpretrain.data.EpochBatches` over synthetic batches). `evaluators` hands in the evaluator factories by
+    name (default: the registered and installed ones, `vlpretrain.evaluation`). The run folder is locked for this
+    run until it returns: another run holding it raises RunFolderLocked.
     """
     env = init_distributed()
     if env.is_main and env.world_size > 1:
@@ -238,13 +212,14 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
     check_objective(cfg)  # its name and options, before the run folder is touched
     lock = prepare_run_folder(Path(cfg.train.output_dir), resume, overwrite, env, cfg.train.remote_dir)
     try:
-        return _run(cfg, env, resume, data)
+        return _run(cfg, env, resume, data, evaluators)
     finally:
         if lock is not None:  # rank 0's; the OS lets it go too if this process dies first
             lock.release()
 
 
-def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None) -> dict[str, Any]:
+def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None,
+         evaluators: Mapping[str, EvaluatorFactory] | None = None) -> dict[str, Any]:
     """The body of `train`, in a run folder this run holds."""
     # ---- check what can be checked, then build -----------------------------------------------------------------
     out_dir = Path(cfg.train.output_dir)
@@ -268,7 +243,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         raise ConfigError(f"train.output_dir: {out_dir} is not one folder shared by every rank (node-local disks?); "
                           "ZeRO-1..3 and expert-parallel checkpoints need a shared file system (node-local folders "
                           "work with train.zero_stage 0)")
-    evaluator = Evaluator(cfg, env)
+    evaluator = RankZeroEvaluator(cfg, env, evaluators)
     torch.manual_seed(tc.seed)
     objective = build_objective(cfg, env.rank, env.world_size)
     model = build_model(cfg.model, objective.model_options(cfg))

@@ -3,7 +3,8 @@
 Every rank encodes its share of the validation samples through the live engine (so it works under every ZeRO
 stage, ZeRO-3's partitioned weights included, and no rank waits while another evaluates alone); the loss is the
 training loss over the global validation batch, and rank 0 ranks all gathered features with
-`zeroshot.metrics.retrieval_metrics`. Each sample contributes one image and the caption the loader picked for it.
+`vlpretrain.retrieval.retrieval_metrics` (as zeroshot's retrieval benchmarks do). Each sample contributes one image
+and the caption the loader picked for it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vlpretrain.accumulate import Forward
 from vlpretrain.config import RunConfig
 from vlpretrain.engine import DistEnv, Engine
 from vlpretrain.objectives import Objective, total
+from vlpretrain.retrieval import retrieval_metrics
 from vlpretrain.stopping import StopCheck, check_stop
 
 
@@ -69,8 +71,6 @@ class Validator:
             loss /= self.env.world_size
         if not self.env.is_main:
             return {}
-        from zeroshot.metrics import retrieval_metrics
-
         metrics = retrieval_metrics(image_all.cpu(), text_all.cpu(), torch.arange(len(text_all)))
         return {"val": {"loss": float(loss), **metrics}}
 

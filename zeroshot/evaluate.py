@@ -15,26 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
 
-from vlpretrain.errors import ConfigError
 from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.classifier import build_classifier
 from zeroshot.datasets import Benchmark, EvalSet, get_benchmark
-from zeroshot.features import encode_images, resolve_device
+from zeroshot.features import encode_images, resolve_device, spread_subset
 from zeroshot.metrics import classification_metrics, multilabel_metrics
 from zeroshot.results import ResultEntry
-
-
-def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
-    """At most `max_images` evenly spaced items: class-folder layouts list images class by class, so a prefix
-    would cover only the first classes."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if max_images is None or max_images >= n:
-        return dataset
-    if max_images < 1:
-        raise ConfigError(f"max_images: expected a positive number, got {max_images}")
-    return Subset(dataset, torch.linspace(0, n - 1, max_images).round().long().unique().tolist())
+from zeroshot.retrieve import run_retrieval
 
 
 def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
@@ -76,9 +64,6 @@ def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_ave
 
 def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
     """The results-file task name and the run function of a benchmark task."""
-    # imported here, not at the top: retrieve.py imports spread_subset from this module
-    from zeroshot.retrieve import run_retrieval
-
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
             "retrieval": ("retrieval", run_retrieval)}[task]
 

@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from vlpretrain.errors import DataError, VLPretrainError, without_worker_traceback
+from vlpretrain.errors import ConfigError, DataError, VLPretrainError, without_worker_traceback
 from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import Interrupted, StopCheck, check_stop
 
@@ -101,6 +101,17 @@ def _encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Image features from an open_clip-style model (`encode_image`) or from any plain image encoder."""
     encode = getattr(model, "encode_image", None)
     return encode(images) if callable(encode) else model(images)
+
+
+def spread_subset(dataset: Dataset, max_images: int | None) -> Dataset:
+    """At most `max_images` evenly spaced items: class-folder layouts list images class by class, so a prefix
+    would cover only the first classes."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_images is None or max_images >= n:
+        return dataset
+    if max_images < 1:
+        raise ConfigError(f"max_images: expected a positive number, got {max_images}")
+    return Subset(dataset, torch.linspace(0, n - 1, max_images).round().long().unique().tolist())
 
 
 def encode_images(model: nn.Module, data: Dataset | DataLoader | Iterable, *, batch_size: int = 256,

@@ -15,8 +15,7 @@ from torch import nn
 
 from vlpretrain.stopping import StopCheck
 from zeroshot.datasets import Benchmark, get_benchmark
-from zeroshot.evaluate import spread_subset
-from zeroshot.features import cached_features, weights_digest
+from zeroshot.features import cached_features, spread_subset, weights_digest
 from zeroshot.logistic import linear_probe_features
 
 DEFAULT_CACHE = Path(os.environ.get("VLPRETRAIN_CACHE", Path.home() / ".cache" / "vlpretrain")) / "features"

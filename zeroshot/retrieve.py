@@ -1,8 +1,8 @@
 """Zero-shot image-text retrieval: every image and every caption encoded once, then recall@k both ways.
 
 Images go through `zeroshot.features.encode_images` and captions through `zeroshot.classifier.encode_texts` (the
-feature passes classification uses); the ranking is `zeroshot.metrics.retrieval_metrics`, the pure function the
-trainer's validation calls on its own features.
+feature passes classification uses); the ranking is `vlpretrain.retrieval.retrieval_metrics`, the pure function
+the trainer's validation calls on its own features.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.retrieval import retrieval_metrics
 from vlpretrain.stopping import StopCheck
 from zeroshot.classifier import encode_texts
 from zeroshot.datasets import CaptionSet, get_benchmark
-from zeroshot.evaluate import spread_subset
-from zeroshot.features import encode_images, resolve_device
-from zeroshot.metrics import retrieval_metrics
+from zeroshot.features import encode_images, resolve_device, spread_subset
 
 RECALL_KS = (1, 5, 10)
 

@@ -1,10 +1,11 @@
 """The DeepSpeed engine, and the only package that imports DeepSpeed.
 
 `dist` joins the process group, `core` wraps a plain model into an `Engine` (ZeRO stage, precision, accumulation,
-parameter groups, schedule), `checkpoint` writes and reads its state atomically, `remote` mirrors checkpoints to
-`train.remote_dir`, `moe` is DeepSpeed's MoE layer for expert parallelism, `memory` estimates model-state memory
-per ZeRO stage with DeepSpeed's estimators (imported by itself, not here). Models and losses never know which
-engine runs them; DeepSpeed is imported on first use.
+parameter groups, schedule), `checkpoint` writes and reads its state atomically (`safeload` reads DeepSpeed's
+state files without unpickling code, for both), `remote` mirrors checkpoints to `train.remote_dir`, `moe` swaps
+DeepSpeed's MoE layer into a built model for expert parallelism, `memory` estimates model-state memory per ZeRO
+stage with DeepSpeed's estimators (imported by itself, not here). Models and losses never know which engine runs
+them; DeepSpeed is imported on first use.
 """
 
 from vlpretrain.engine.checkpoint import (

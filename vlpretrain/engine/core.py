@@ -12,6 +12,7 @@ from torch import nn
 
 from vlpretrain.config import RunConfig, TrainConfig
 from vlpretrain.engine.dist import DistEnv
+from vlpretrain.engine.safeload import safe_torch_load
 from vlpretrain.errors import CheckpointError
 
 
@@ -183,8 +184,6 @@ class Engine:
         Every file is read through `safe_torch_load` (weights_only, DeepSpeed's own types allowed), never
         unpickled in full; a file of another model raises CheckpointError naming it.
         """
-        from vlpretrain.engine.checkpoint import safe_torch_load
-
         self._ds.checkpoint_engine.load = safe_torch_load
         try:
             loaded, _ = self._ds.load_checkpoint(folder, tag=tag)
@@ -197,14 +196,18 @@ class Engine:
 
 def build_engine(model: nn.Module, cfg: RunConfig, env: DistEnv, load_universal: bool = False) -> Engine:
     """Wrap `model` in a DeepSpeed engine with our parameter groups and warmup-cosine schedule (`load_universal`:
-    to load a universal checkpoint, see `deepspeed_config`)."""
+    to load a universal checkpoint, see `deepspeed_config`). With `model.moe.backend: deepspeed` its MoE layers
+    become DeepSpeed's first (in place: `model` is the engine's module)."""
     import deepspeed
 
     moe = cfg.model.moe.num_experts > 0
+    if moe:
+        from vlpretrain.engine.moe import moe_param_groups, use_deepspeed_moe
+
+        if cfg.model.moe.backend == "deepspeed":  # the model was built with the native layer
+            use_deepspeed_moe(model, cfg.model.moe)
     groups = param_groups(model, cfg.train.weight_decay)
     if moe:
-        from vlpretrain.engine.moe import moe_param_groups
-
         groups = moe_param_groups(groups)
 
     def schedule(optimizer):

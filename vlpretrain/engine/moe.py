@@ -1,6 +1,10 @@
 """The DeepSpeed MoE backend: `deepspeed.moe.layer.MoE` behind the `MoELayer` interface, for expert parallelism, and
 the optimizer parameter groups it needs. It lives in the engine package, the only one that imports DeepSpeed.
 
+Models are built with the native layer whatever `model.moe.backend` says; `use_deepspeed_moe` (called by
+`build_engine` for backend deepspeed) swaps this layer in for each of them, weights kept, the way the engine wraps
+any other part of a built model.
+
 With `ep_size` > 1 each rank of an expert-parallel group holds `num_experts / ep_size` experts and tokens travel
 by all-to-all. DeepSpeed creates the process groups itself in `deepspeed.initialize` (it calls the layer's
 `set_deepspeed_parallelism`), so building the model needs no process group; a forward outside the engine with
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from vlpretrain.config import MoEConfig
 from vlpretrain.errors import ConfigError
-from vlpretrain.models.moe import MoEAux, MoELayer, balance_loss, moe_layers, z_loss
+from vlpretrain.models.moe import MoEAux, MoELayer, MoEMLP, balance_loss, moe_layers, z_loss
 
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
 _ROUTER = "moe.deepspeed_moe.gate.wg.weight"
@@ -120,6 +124,28 @@ class DeepSpeedMoEMLP(MoELayer):
             for r, share in enumerate(shares):
                 state[f"experts.{r * self.num_local + int(index)}.{rest}"] = share
         return state
+
+
+def use_deepspeed_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
+    """Swap every native MoE layer of a built `model` for DeepSpeed's, configured by `cfg`; return `model`.
+
+    Each new layer takes the native one's weights (with ep_size > 1 this rank's share of the experts, so
+    torch.distributed must be initialised), whether they train (locked towers stay locked) and its mode. The global
+    random state is left as it was: a run draws the same numbers afterwards on either backend.
+    """
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not isinstance(layer, MoEMLP):
+                continue
+            with torch.random.fork_rng(devices=[]):  # DeepSpeed's gate draws its initial weights: ours replace them
+                swapped = DeepSpeedMoEMLP(layer.experts[0], layer.router.in_features, cfg, layer.tower, layer.block)
+            swapped.load_state_dict(layer.state_dict())  # native names: this rank's experts
+            frozen = [n for n, p in layer.named_parameters() if not p.requires_grad]
+            if frozen:
+                assert len(frozen) == len(list(layer.parameters())), f"partly locked MoE layer: {frozen}"
+                swapped.requires_grad_(False)
+            setattr(parent, name, swapped.train(layer.training))
+    return model
 
 
 def setup_expert_parallel(model: nn.Module) -> None:

@@ -6,8 +6,9 @@ dropping and priority are tested directly. Every layer stores its auxiliary loss
 each forward; `moe_losses` gathers them per tower for the training loss and the metrics.
 
 Two backends share one interface (`MoELayer`): the native layer here (experts replicated on every data-parallel
-rank, works under every ZeRO stage) and DeepSpeed's `deepspeed.moe.layer.MoE` for expert parallelism
-(`vlpretrain.engine.moe`, beside the rest of the DeepSpeed code, imported only when chosen).
+rank, works under every ZeRO stage) and DeepSpeed's `deepspeed.moe.layer.MoE` for expert parallelism. Models are
+always built with the native layer; with `model.moe.backend: deepspeed` the engine swaps DeepSpeed's layer in
+(`vlpretrain.engine.moe.use_deepspeed_moe`), as it wraps the rest of a built model, so this module never knows it.
 """
 
 from __future__ import annotations
@@ -274,23 +275,6 @@ class MoEMLP(MoELayer):
         return torch.cat([y, y.new_zeros(1, y.shape[1])])[r.slot]
 
 
-def _native(dense_mlp: nn.Module, d_model: int, cfg: MoEConfig, tower: str, block: int) -> MoELayer:
-    return MoEMLP(dense_mlp, d_model, cfg, tower, block)
-
-
-def _deepspeed(dense_mlp: nn.Module, d_model: int, cfg: MoEConfig, tower: str, block: int) -> MoELayer:
-    # DeepSpeed's layer lives with the engine, the only package that imports DeepSpeed; loaded only when chosen
-    from vlpretrain.engine.moe import DeepSpeedMoEMLP
-
-    return DeepSpeedMoEMLP(dense_mlp, d_model, cfg, tower, block)
-
-
-BACKENDS: dict[str, Callable[[nn.Module, int, MoEConfig, str, int], MoELayer]] = {
-    "native": _native,
-    "deepspeed": _deepspeed,
-}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # configuration checks
 
@@ -320,7 +304,7 @@ TOWERS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "b
 
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
-    """Replace the MLP of the blocks `cfg` picks with MoE layers whose experts copy it; return `model`.
+    """Replace the MLP of the blocks `cfg` picks with native MoE layers whose experts copy it; return `model`.
 
     Applied to a trained model this is sparse upcycling (Komatsuzaki et al. 2022): every expert starts as the
     dense MLP, so with no token dropped and normalised weights the model computes what it did before.
@@ -330,7 +314,6 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
         raise ConfigError(f"model.moe.towers: expected one of {sorted(TOWERS)}, got {cfg.towers!r}")
     if moe_layers(model):
         raise ConfigError("model.moe: the model already has MoE layers")
-    make = BACKENDS[cfg.backend]
     for tower in TOWERS[cfg.towers]:
         blocks = TOWER_BLOCKS[tower](model)
         if blocks is None:
@@ -342,7 +325,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
             fc = getattr(mlp, "c_fc", None)
             if not isinstance(fc, nn.Linear):
                 raise ConfigError(f"model.moe: {tower} block {i} ({type(blocks[i]).__name__}) has no open_clip MLP")
-            blocks[i].mlp = make(mlp, fc.in_features, cfg, tower, i)
+            blocks[i].mlp = MoEMLP(mlp, fc.in_features, cfg, tower, i)
     return model
 
 

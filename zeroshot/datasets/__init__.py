@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from zeroshot.datasets import catalog  # noqa: F401  (registers every benchmark)
+from zeroshot.datasets import captions, catalog, wds  # noqa: F401  (register their layouts and every benchmark)
 from zeroshot.datasets.base import (
     BENCHMARKS,
     CLASSIFICATION_TASKS,
@@ -22,5 +22,11 @@ def list_benchmarks(tasks: Sequence[str] | None = CLASSIFICATION_TASKS) -> list[
     return [b for b in BENCHMARKS.values() if tasks is None or b.task in tasks]
 
 
+def class_names(benchmark: str) -> list[str]:
+    """The class names of a registered benchmark (`vlpretrain make-shards --classes NAME` reads them through the
+    `vlpretrain.class_names` entry point)."""
+    return list(get_benchmark(benchmark).classnames)
+
+
 __all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "Benchmark", "CaptionSet", "EvalSet", "Layout",
-           "get_benchmark", "list_benchmarks", "register"]
+           "class_names", "get_benchmark", "list_benchmarks", "register"]

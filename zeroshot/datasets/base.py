@@ -4,7 +4,8 @@ A benchmark has a task (classification, multilabel classification or image-text 
 the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
 `zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
 webdataset export; for retrieval also our own shards and a COCO captions file), which are added to its own layouts
-here, so a new entry only names the layouts that are particular to it.
+here, so a new entry only names the layouts that are particular to it. The modules defining layouts import this one
+and add their generic layouts with `add_generic_layouts`; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +101,19 @@ class Benchmark:
     notes: str = ""
     task: str = "classification"
     clip_benchmark: str = ""  # its dataset name in CLIP_benchmark's result files (default: the first alias or name)
-    _all_layouts: tuple[Layout, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert self.task in TASKS, f"{self.name}: unknown task {self.task}"
         assert self.metric in METRICS[self.task], f"{self.name}: metric {self.metric} is not one of {self.task}'s"
-        if self.task == "retrieval":
-            from zeroshot.datasets.captions import GENERIC_LAYOUTS
 
-            # a benchmark's own annotation files are the most specific markers; the generic layouts come after
-            object.__setattr__(self, "_all_layouts", (*self.layouts, *(cls() for cls in GENERIC_LAYOUTS)))
-            return
-        from zeroshot.datasets.wds import WebDatasetLayout
-
+    @property
+    def _all_layouts(self) -> tuple[Layout, ...]:
+        generic = tuple(cls() for cls in GENERIC_LAYOUTS[self.task])
+        if self.task == "retrieval":  # a benchmark's own annotation files are the most specific markers
+            return (*self.layouts, *generic)
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
         # shards) are specific, while a class-folder layout would take a shard folder for a class.
-        object.__setattr__(self, "_all_layouts", (WebDatasetLayout(), *self.layouts))
+        return (*generic, *self.layouts)
 
     @property
     def classnames(self) -> list[str]:
@@ -179,6 +177,17 @@ class Benchmark:
         """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
         resolved, layout = self.locate(root, split, format)
         return layout.open(self, resolved, split, transform)
+
+
+# task -> the layouts every benchmark of that task can also be read from, in the order tried; filled by the
+# layout modules when imported (the package's __init__ imports them all)
+GENERIC_LAYOUTS: dict[str, list[type[Layout]]] = {task: [] for task in TASKS}
+
+
+def add_generic_layouts(tasks: Sequence[str], *layouts: type[Layout]) -> None:
+    """Make `layouts` readable for every benchmark of `tasks`, after those added before."""
+    for task in tasks:
+        GENERIC_LAYOUTS[task].extend(layouts)
 
 
 BENCHMARKS: dict[str, Benchmark] = {}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vlpretrain.errors import DataError
-from zeroshot.datasets.base import Benchmark, CaptionSet, Layout
+from zeroshot.datasets.base import Benchmark, CaptionSet, Layout, add_generic_layouts
 from zeroshot.datasets.common import ImageFiles
 from zeroshot.datasets.wds import IMAGE_EXTS, ShardSamples, list_shards, shard_samples
 
@@ -235,3 +235,4 @@ class ShardsLayout(Layout):
 
 
 GENERIC_LAYOUTS: tuple[type[Layout], ...] = (WdsCaptionsLayout, ShardsLayout, CocoCaptionsLayout)
+add_generic_layouts(["retrieval"], *GENERIC_LAYOUTS)

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
 from vlpretrain.formats import to_rgb
-from zeroshot.datasets.base import Benchmark, EvalSet, Layout
+from zeroshot.datasets.base import CLASSIFICATION_TASKS, Benchmark, EvalSet, Layout, add_generic_layouts
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order when a sample has several
 CLASSNAMES = "classnames.txt"
@@ -164,3 +164,6 @@ class WebDatasetLayout(Layout):
         if bad is not None:
             raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
         return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root)  # type: ignore
+
+
+add_generic_layouts(CLASSIFICATION_TASKS, WebDatasetLayout)
