@@ -49,5 +49,5 @@ class CoCa(Objective):
 
     def sample_terms(self, out: Outputs) -> dict[str, Tensor]:
         logits, labels = out["logits"], out["labels"]
-        loss = F.cross_entropy(logits.float().permute(0, 2, 1), labels, ignore_index=self.options.pad_id)
+        loss = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.options.pad_id)
         return {"caption": self.options.caption_weight * loss}
