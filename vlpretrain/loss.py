@@ -163,16 +163,6 @@ def _sigmoid_sum(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
     return -F.logsigmoid(labels * (scale * images @ texts.T + bias)).sum()
 
 
-LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
-
-
-def build_loss(name: str, rank: int = 0, world_size: int = 1, local_loss: bool = True, chunk: int = 0) -> nn.Module:
-    """The loss module named in the run config (train.loss); `local_loss` applies to CLIP (SigLIP is always local)."""
-    if name == "clip":
-        return ClipLoss(rank, world_size, local_loss, chunk)
-    return LOSSES[name](rank, world_size, chunk)
-
-
 def reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Mean of a detached scalar over ranks (for logging the global loss)."""
     x = x.detach().clone()

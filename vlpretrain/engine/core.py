@@ -119,11 +119,6 @@ class Engine:
         return True
 
     @property
-    def at_boundary(self) -> bool:
-        """Whether the next `step()` completes an optimizer step (read before `backward`)."""
-        return self._ds.is_gradient_accumulation_boundary()
-
-    @property
     def lr(self) -> float:
         return self._ds.get_lr()[0]
 

@@ -10,7 +10,7 @@ them. The contract splits the loss into two kinds of terms, because they accumul
   mean of the micro-batches' terms.
 
 The loss is the sum of all terms. The MoE auxiliary loss is the sample term `moe_aux` of every objective, read
-from the model's outputs (`vlpretrain.models.clip.output_moe_terms` puts it there).
+from the model's outputs (`vlpretrain.models.moe.report_moe_outputs` puts it there).
 """
 
 from __future__ import annotations
