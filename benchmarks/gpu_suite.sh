@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one-call device check: CUDA-marked tests, host reads and device syncs per step, then training throughput of vlpretrain against open_clip_train for
-# ViT-B-32 and ViT-B-16 (bf16, batch 256, with and without torch.compile): samples/s, ratio, MFU, peak memory.
+# The one-call device check: CUDA-marked tests, host reads and device syncs per step, optimizer step time of the coca
+# and distill objectives against clip (ViT-B-32 / coca_ViT-B-32 towers, bf16, batch 256, grad_accum 1 and 2), then
+# training throughput of vlpretrain against open_clip_train for ViT-B-32 and ViT-B-16 (bf16, batch 256, with and
+# without torch.compile): samples/s, ratio, MFU, peak memory.
 #
-#   bash benchmarks/gpu_suite.sh          # on a GPU machine, about 8 minutes; wheels in .whl/ are installed first
+#   bash benchmarks/gpu_suite.sh          # on a GPU machine, about 10 minutes; wheels in .whl/ are installed first
 #   bash benchmarks/gpu_suite.sh --dry    # anywhere: CPU, tiny model, a few steps (CI runs this so it never rots)
 #
 # The GPU image we measure on has torch but lacks open_clip_torch, webdataset, ftfy, braceexpand and deepspeed:
@@ -48,6 +50,13 @@ if [[ $DRY == 1 ]]; then
   $PY benchmarks/host_syncs.py --batch-size 4 --quick
 else
   $PY benchmarks/host_syncs.py --batch-size 32
+fi
+
+echo "== objective step time (clip, distill, coca)"
+if [[ $DRY == 1 ]]; then
+  $PY benchmarks/objectives.py --size tiny --batch 4 --steps 2 --warmup 1
+else
+  $PY benchmarks/objectives.py --size ViT-B-32 --batch 256 --steps 10 --warmup 3
 fi
 
 echo "== training throughput (vlpretrain vs open_clip_train)"

@@ -18,10 +18,18 @@ def test_gpu_suite_dry_run_prints_every_figure():
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout
     for needle in ("== environment", "open_clip_train :", "vlpretrain      :", "ratio           :",
-                   "peak memory     :", "== gpu_suite done"):
+                   "peak memory     :", "== objective step time", "== gpu_suite done"):
         assert needle in out, needle
     ratio = float(out.split("ratio           :")[1].split("x")[0])
     assert ratio > 0
     # the host-read table: none of ours between logging steps
     row = next(line for line in out.splitlines() if line.startswith("fp32 ZeRO-0"))
     assert float(row.split()[2]) == 0.0, row
+    # the objectives table: every mode at grad_accum 1 and 2, with its step time and ratio against clip
+    table = out.split("== objective step time")[1].split("\n==")[0]
+    modes = ("clip", "distill", "coca", "clip@coca")
+    rows = {(cells[0], cells[1]): cells for cells in map(str.split, table.splitlines()) if cells[:1] and cells[0] in modes}
+    assert set(rows) == {(m, k) for m in modes for k in ("1", "2")}, table
+    for (mode, _), row in rows.items():
+        assert float(row[2]) > 0 and float(row[4].rstrip("x")) > 0, row
+        assert mode != "clip" or row[4] == "1.00x", row
