@@ -6,7 +6,7 @@ own are not the loss of one batch of k x b. `ExactAccumulation` computes them ov
 of one micro-batch plus its pooled outputs (GradCache, Gao et al. 2021; open_clip's `--accum-freq`):
 
 1. a forward of each micro-batch without autograd, keeping its pooled outputs (features, temperature; a teacher's
-   features) and the RNG state it started from;
+   features) and the RNG state it started from (sample terms are not computed here);
 2. the batch terms over the pooled outputs of all k micro-batches (gathered across ranks by the loss, as always)
    and their gradient with respect to those outputs;
 3. a forward with autograd of each micro-batch, replaying its RNG state so that dropout, patch dropout and router
@@ -163,27 +163,26 @@ class ExactAccumulation:
         assert len(batches) == self.micro_batches, (len(batches), self.micro_batches)
         k, obj = self.micro_batches, self.objective
         inputs = [self.forward.inputs(b) for b in batches]
-        # 1. pooled outputs (and the logged sample terms) of every micro-batch, without autograd
-        parts, rngs, micro_terms, out = [], [], [], {}
+        # 1. pooled outputs of every micro-batch, without autograd
+        parts, rngs, names = [], [], set()
         with torch.no_grad():
             for images, texts in inputs:
                 rngs.append(rng_state(self.device))
                 out = self.forward(images, texts)
-                micro_terms.append(obj.micro_terms(out))
+                names = set(out)
                 parts.append({**{n: out[n] for n in obj.pooled if n in out}, **obj.targets(images, texts)})
-        pooled = pool(parts, obj.pooled, set(out))
+        pooled = pool(parts, obj.pooled, names)
         # 2. the batch terms over the whole batch, and their gradient with respect to the pooled outputs
         with torch.enable_grad():
             batch_terms = obj.batch_terms(pooled.values)
             batch_loss = total(batch_terms)
-        sample_terms = _mean_terms(micro_terms) if micro_terms[0] else {}
-        loss = batch_loss.detach() + total(sample_terms)
-        observe(loss)
         grads = dict(zip(pooled.leaves, torch.autograd.grad(batch_loss, [pooled.values[n] for n in pooled.leaves],
                                                             allow_unused=True)))
         sizes = [images.shape[0] for images, _ in inputs]
         split = {n: g.split(sizes) for n, g in grads.items() if g is not None and n not in PER_FORWARD}
         # 3. each micro-batch again, with autograd and its own randomness: the surrogate carries the exact gradient
+        # of the batch terms; the sample terms (computed here only) add their mean
+        micro_terms, loss = [], batch_loss.detach()
         for j, (images, texts) in enumerate(inputs):
             set_rng_state(rngs[j], self.device)
             out = self.forward(images, texts)
@@ -192,9 +191,15 @@ class ExactAccumulation:
                 for n, g in grads.items():
                     if n in PER_FORWARD and g is not None:
                         surrogate = surrogate + (out[n] * g).sum()
-            surrogate = surrogate + total(obj.micro_terms(out)) / k
+            terms = obj.micro_terms(out)
+            micro_terms.append(terms)
+            surrogate = surrogate + total(terms) / k
             # DeepSpeed must not divide it by the accumulation steps: it is already the step's gradient
             self.engine.backward(surrogate, average_micro_steps=False)
+            if j == k - 1:  # the whole step's loss is known: the guard sees it before the optimizer step
+                sample_terms = _mean_terms(micro_terms) if terms else {}
+                loss = loss + total(sample_terms)
+                observe(loss)
             self.engine.step()
         return loss, logged(out, {**batch_terms, **sample_terms})
 

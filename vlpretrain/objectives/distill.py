@@ -58,6 +58,7 @@ class Distill(Objective):
         preprocessing feeds both) and the same vocabulary."""
         from vlpretrain.models import image_size, load_model
 
+        super().check_model(model)
         o = self.options
         teacher = load_model(o.teacher, o.teacher_pretrained).eval().requires_grad_(False)
         student_size = self.cfg.data.image_size or image_size(model)

@@ -16,6 +16,7 @@ from the model's outputs (`vlpretrain.models.moe.report_moe_outputs` puts it the
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,8 @@ from torch import Tensor
 
 from vlpretrain.config import RunConfig, build_section
 from vlpretrain.errors import ConfigError
+
+log = logging.getLogger("vlpretrain")
 
 Outputs = dict[str, Tensor]  # a forward's named outputs (open_clip's output_dict) plus an objective's targets
 
@@ -50,7 +53,11 @@ class Objective:
         return {}
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ConfigError when `model` cannot give what this objective reads (before any training)."""
+        """Raise ConfigError when `model` cannot give what this objective reads (before any training); warn when
+        it computes what this objective ignores (a CoCa decoder runs in every forward and never learns)."""
+        if hasattr(model, "text_decoder"):
+            log.warning("train.objective %s ignores %s's text decoder (a CoCa architecture), which still runs in "
+                        "every forward; train.objective coca trains it", self.name, self.cfg.model.name)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move what the objective holds (a teacher) to the training device and precision."""
