@@ -3,6 +3,7 @@
 than chance; and the class-matching rule of `names_class_rate`, by hand."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,33 @@ def test_tiny_coca_captions_name_the_class(small_shards, tmp_path, capsys):
               f"{len(found.captions)} test images (chance {found.chance}); e.g. {found.captions[:3]}")
     assert len(found.captions) == TEST_IMAGES and found.chance == 0.1
     assert found.names_class > 3 * found.chance
+
+
+def test_cli_captions_a_benchmark(tmp_path, capsys):
+    from zeroshot.cli import main
+
+    args = ["caption", "--model", "tiny-coca", "--benchmark", "fashion-mnist", "--root", str(FMNIST),
+            "--max-images", "3", "--generation-type", "top_k", "--seq-len", "8"]
+    assert main(args) == 0
+    *lines, summary = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert [line.split("\t")[:2] for line in lines] == [["0", "Ankle boot"], ["5000", "Pullover"], ["9999", "Sandal"]]
+    assert summary.startswith("fashion-mnist: captions name the image's class for ") and "(chance 10%)" in summary
+    out = tmp_path / "captions.json"
+    assert main([*args, "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["chance"] == 0.1 and doc["images"] == 3 and 0 <= doc["names_class"] <= 1
+    assert [c["class"] for c in doc["captions"]] == ["Ankle boot", "Pullover", "Sandal"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: caption: give image files or folders, or --benchmark"),
+    (["--benchmark", "fashion-mnist"], "error: --benchmark: give --root"),
+    (["--benchmark", "flickr8k", "--root", "."], "error: --benchmark: flickr8k is a retrieval benchmark"),
+    (["--benchmark", "fashion-mnist,cifar10", "--root", "."], "error: --benchmark: caption one benchmark at a time"),
+])
+def test_cli_benchmark_errors_are_one_line(capsys, args, message):
+    from zeroshot.cli import main
+
+    assert main(["caption", "--model", "tiny-coca", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
