@@ -79,8 +79,9 @@ def _train(shards: str, out: Path, seed: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="too slow for ~90 s: from scratch, 2560-3840 samples (80 x 32, 60 x 64; 190-200 s on a loaded "
-                         "2-core machine) give 'a a a a' (0%); 9,600 give 25%, 25,600 (make demo-coca) 50%, chance 10%")
+@pytest.mark.skip(reason="too slow for ~90 s: from scratch, 2,560-3,840 samples give 'a a a a' (0%), 12,800 (200 x 64, "
+                         "~9 min on a loaded 2-core machine) 37% / 17% for seeds 0 / 1, 25,600 (make demo-coca) 50%; "
+                         "chance 10%")
 def test_tiny_coca_captions_name_the_class(small_shards, tmp_path, capsys):
     model = load_model(str(_train(str(small_shards), tmp_path / "run", seed=SEED)))
     found = captioning.caption_benchmark(model, "fashion-mnist", FMNIST, max_images=TEST_IMAGES,
