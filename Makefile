@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install shards demo demo-moe test test-fast lint clean
+.PHONY: install shards demo demo-moe demo-coca test test-fast lint clean
 
 install: $(STAMPS)/install
 
@@ -62,6 +62,16 @@ demo-moe: install shards
 	  --set model.pretrained=runs/demo/model.safetensors
 	$(VENV)/bin/zeroshot report runs/demo/results.json runs/demo-dense-more/results.json runs/demo-moe/results.json \
 	  --out runs/demo-moe
+
+# A tiny CoCa (contrastive + captioning) trained like the demo: captions of 10 test images (index, class, caption),
+# how often they name the class, then its zero-shot top-1.
+demo-coca: install shards
+	rm -rf runs/demo-coca
+	@start=$$(date +%s); $(TRAIN2) --config configs/demo-coca.yaml && \
+	  $(VENV)/bin/zeroshot caption --model runs/demo-coca/model.safetensors --benchmark fashion-mnist \
+	    --root $(FMNIST) --max-images 10 --generation-type top_k --top-k 1 && \
+	  echo "training + evaluation + captions took $$(( $$(date +%s) - start )) s"
+	$(VENV)/bin/zeroshot report runs/demo-coca/results.json --out runs/demo-coca
 
 lint: install
 	$(VENV)/bin/ruff check vlpretrain zeroshot tests benchmarks

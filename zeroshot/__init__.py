@@ -15,7 +15,7 @@
 from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.adapters import Adapter
 from zeroshot.caption_scorers import caption_metrics
-from zeroshot.captioning import Generation, caption, captioning
+from zeroshot.captioning import Generation, caption, caption_benchmark, captioning, names_class_rate
 from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify, encode_texts
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
@@ -32,10 +32,10 @@ from zeroshot.results import ResultEntry, Results, read_results, update_results,
 from zeroshot.retrieve import retrieval
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry",
-    "Results", "adapt", "adapt_head", "build_classifier", "caption", "caption_metrics", "captioning",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry", "Results",
+    "adapt", "adapt_head", "build_classifier", "caption", "caption_benchmark", "caption_metrics", "captioning",
     "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
     "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
-    "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy", "update_results",
-    "write_results",
+    "names_class_rate", "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy",
+    "update_results", "write_results",
 ]

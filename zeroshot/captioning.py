@@ -5,6 +5,8 @@ of `zeroshot.caption_scorers`.
     texts = zeroshot.caption(model, ["a.jpg", "b.jpg"])                                   # beam search
     texts = zeroshot.caption(model, images, generation_type="top_p", top_p=0.9, seed=0)   # nucleus sampling
     metrics = zeroshot.captioning(model, "mscoco", "/data/mscoco")                        # BLEU-4, CIDEr, ...
+    found = zeroshot.caption_benchmark(model, "fashion-mnist", root, max_images=8)        # a classification set
+    found.captions, found.names_class, found.chance                                       # ... naming its classes?
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.caption_scorers import caption_metrics
 from zeroshot.classifier import default_tokenizer
-from zeroshot.datasets import CaptionSet, get_benchmark
+from zeroshot.datasets import CaptionSet, EvalSet, get_benchmark
 from zeroshot.datasets.common import open_rgb
 from zeroshot.evaluate import spread_subset
 from zeroshot.features import eval_mode, resolve_device
@@ -59,6 +62,9 @@ class Generation:
         if self.generation_type not in GENERATION_TYPES:
             raise ConfigError(f"generation_type: expected one of {', '.join(GENERATION_TYPES)}, "
                               f"got {self.generation_type!r}")
+        if self.generation_type == "beam_search" and self.num_beams < 2:
+            raise ConfigError(f"num_beams: beam search needs at least 2 beams, got {self.num_beams} (greedy decoding "
+                              "is generation_type top_k with top_k 1)")
         if self.num_beams < 1 or self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
             raise ConfigError(f"num_beams: {self.num_beams} beams cannot form {self.num_beam_groups} equal groups "
                               "(num_beams must be a positive multiple of num_beam_groups)")
@@ -228,3 +234,89 @@ def captioning(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=No
     return run_captioning(model, data, tokenizer=tokenizer, batch_size=batch_size, workers=workers, device=device,
                           max_images=max_images, progress=progress, desc=bench.name, seed=seed, generation=gen,
                           meteor=meteor)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, a hyphenated word kept whole: open_clip's decoder spells "t-shirt" as "t - shirt", which
+    must name a t-shirt and not a shirt."""
+    return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", re.sub(r"\s*-\s*", "-", text.lower()))
+
+
+def _names(words: list[str], phrase: list[str]) -> bool:
+    n = len(phrase)
+    return any(words[i:i + n] == phrase for i in range(len(words) - n + 1))
+
+
+def named_classes(text: str, classnames: Sequence[str]) -> list[int]:
+    """The classes a caption names: class i when the caption holds, as whole words (case and spacing around hyphens
+    ignored), its name or one of its "/"-separated alternatives ("T-shirt/top": "t-shirt" or "top"; "Ankle boot":
+    "ankle boot", not "boot"; "shirt" is not named by "t-shirt"). No plurals or synonyms: the names as the
+    benchmark writes them, which is how the demo's training captions write them (configs/captions)."""
+    words = _words(text)
+    return [i for i, name in enumerate(classnames)
+            if any(_names(words, _words(alt)) for alt in name.split("/") if _words(alt))]
+
+
+def names_class_rate(captions: Sequence[str], labels: Sequence[int], classnames: Sequence[str]) -> float:
+    """The fraction of captions that name their image's class and no other (see `named_classes`): a captioner
+    naming one class at random scores 1 / len(classnames), one naming every class scores 0."""
+    if len(captions) != len(labels) or not captions:
+        raise ConfigError(f"captions and labels: expected as many (at least one), got {len(captions)} and "
+                          f"{len(labels)}")
+    return sum(named_classes(c, classnames) == [int(y)] for c, y in zip(captions, labels, strict=True)) / len(captions)
+
+
+@dataclasses.dataclass
+class BenchmarkCaptions:
+    """Captions of a classification benchmark's images: `indices` into its split, each image's `labels` and
+    `captions`, the benchmark's `classnames`; `names_class` (see names_class_rate) against `chance`."""
+
+    benchmark: str
+    classnames: list[str]
+    indices: list[int]
+    labels: list[int]
+    captions: list[str]
+
+    @property
+    def names_class(self) -> float:
+        return names_class_rate(self.captions, self.labels, self.classnames)
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(self.classnames)
+
+
+def caption_benchmark(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=None,
+                      transform: Callable | None = None, batch_size: int = 32, workers: int = 0,
+                      device: str | torch.device | None = None, max_images: int | None = None,
+                      format: str | None = None, progress: bool = False, split: str = "test", seed: int | None = 0,
+                      **generation) -> BenchmarkCaptions:
+    """Captions of a (single-label) classification benchmark's `split` images read from `root`, with their labels,
+    to see whether a CoCa names what it sees; with `max_images`, an evenly spaced subset. Options as `captioning`'s.
+    """
+    check_captioner(model)
+    gen = Generation.of(generation)
+    bench = get_benchmark(dataset)
+    if bench.task != "classification":
+        raise ConfigError(f"benchmark: {bench.name} is a {bench.task} benchmark; captioning a benchmark's images "
+                          "with their class needs a classification set (e.g. fashion-mnist)")
+    if transform is None:
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    data = bench.load(root, split=split, transform=transform, format=format)
+    assert isinstance(data, EvalSet)
+    tokenizer = tokenizer or default_tokenizer(model)
+    device = resolve_device(device, model)
+    model.to(device)
+    subset = spread_subset(data.dataset, max_images)
+    indices = list(getattr(subset, "indices", range(len(subset))))  # type: ignore[arg-type]
+    labels: list[int] = []
+    texts: list[str] = []
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    with eval_mode(model), _seeded(seed, device), progress_bar(len(subset), bench.name, "img", enabled=progress) as bar:
+        for images, targets in loader:
+            texts += generate_captions(model, images.to(device), gen, tokenizer)
+            labels += torch.as_tensor(targets).tolist()
+            bar.update(len(targets))
+    return BenchmarkCaptions(bench.name, list(data.classnames), indices, labels, texts)

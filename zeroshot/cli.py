@@ -314,26 +314,37 @@ def _image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-@command("caption", "caption image files or folders with a CoCa model (beam search or top-k / top-p sampling)")
+@command("caption", "caption image files or folders, or a benchmark's test images, with a CoCa model")
 def _caption(p: argparse.ArgumentParser):
-    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("images", nargs="*", help="image files or folders of images (or --benchmark and --root)")
     p.add_argument("--model", required=True, help="exported CoCa checkpoint (.safetensors) or architecture name")
     p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
-    p.add_argument("--output", help="write {image: caption} as JSON here instead of printing `path<TAB>caption`")
+    p.add_argument("--benchmark", help="caption this classification benchmark's test images instead (with --root), "
+                                       "printing each one's class and how often the captions name it")
+    p.add_argument("--root", help="--benchmark: folder with the benchmark (or one sub-folder per benchmark)")
+    p.add_argument("--max-images", type=int, help="--benchmark: an evenly spaced subset of this many test images")
+    p.add_argument("--format", help="--benchmark: force a data layout (torchvision, imagefolder, wds)")
+    p.add_argument("--output", help="write the captions as JSON here instead of printing one line per image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     _generation_args(p)
 
     def run(a: argparse.Namespace) -> int:
         import dataclasses
-        import json
-        import os
-
-        from zeroshot.captioning import caption
 
         generation = _generation(a)
+        if bool(a.images) == bool(a.benchmark):
+            raise ConfigError("caption: give image files or folders, or --benchmark NAME --root FOLDER (not both)")
         if a.output:
             check_writable(a.output, "--output")
+        doc = {"model": a.model, "pretrained": a.pretrained, "generation": dataclasses.asdict(generation),
+               "seed": a.seed}
+        if a.benchmark:
+            return _caption_benchmark(a, generation, doc)
+        if a.root or a.max_images is not None or a.format:
+            raise ConfigError("--root, --max-images and --format go with --benchmark")
+        from zeroshot.captioning import caption
+
         files = _image_files(a.images)
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
         texts = caption(model, files, tokenizer=tokenizer, batch_size=a.batch_size, device=_device(a), seed=a.seed,
@@ -342,16 +353,60 @@ def _caption(p: argparse.ArgumentParser):
             for path, text in zip(files, texts, strict=True):
                 print(f"{path}\t{text}")
             return 0
-        doc = {"model": a.model, "pretrained": a.pretrained, "generation": dataclasses.asdict(generation),
-               "seed": a.seed, "captions": {str(path): text for path, text in zip(files, texts, strict=True)}}
-        out = Path(a.output)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # a crash never leaves a half file under the name
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
-        print(f"wrote {len(texts)} captions to {out}")
+        _write_json(a.output, {**doc, "captions": {str(path): text for path, text in zip(files, texts, strict=True)}})
+        print(f"wrote {len(texts)} captions to {a.output}")
         return 0
 
     return run
+
+
+def _caption_benchmark(a: argparse.Namespace, generation, doc: dict) -> int:
+    """`zeroshot caption --benchmark`: print `index<TAB>class<TAB>caption` per test image and the names-class rate
+    against chance, or write them all as JSON to --output."""
+    import dataclasses
+
+    from zeroshot.captioning import caption_benchmark
+    from zeroshot.datasets import get_benchmark
+
+    if not a.root:
+        raise ConfigError("--benchmark: give --root, the folder holding the benchmark")
+    if "," in a.benchmark:
+        raise ConfigError("--benchmark: caption one benchmark at a time")
+    bench = get_benchmark(a.benchmark.strip())
+    if bench.task != "classification":
+        raise ConfigError(f"--benchmark: {bench.name} is a {bench.task} benchmark; caption --benchmark needs a "
+                          "classification set (captioned sets: zeroshot caption-eval)")
+    (name,) = _checked_benchmarks(argparse.Namespace(benchmark=bench.name, root=a.root, format=a.format, out=None),
+                                  "test")
+    model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+    found = caption_benchmark(model, name, a.root, tokenizer=tokenizer, batch_size=a.batch_size, device=_device(a),
+                              max_images=a.max_images, format=a.format, seed=a.seed, **dataclasses.asdict(generation))
+    summary = (f"{found.benchmark}: captions name the image's class for {found.names_class:.1%} of "
+               f"{len(found.captions)} test images (chance {found.chance:.0%})")
+    if not a.output:
+        for i, label, text in zip(found.indices, found.labels, found.captions, strict=True):
+            print(f"{i}\t{found.classnames[label]}\t{text}")
+        print(summary)
+        return 0
+    _write_json(a.output, {**doc, "benchmark": found.benchmark, "root": str(a.root),
+                           "names_class": found.names_class, "chance": found.chance, "images": len(found.captions),
+                           "captions": [{"index": i, "class": found.classnames[label], "caption": text}
+                                        for i, label, text in zip(found.indices, found.labels, found.captions,
+                                                                  strict=True)]})
+    print(summary)
+    print(f"wrote {len(found.captions)} captions to {a.output}")
+    return 0
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """Write `doc` as JSON at `path`, atomically: a crash never leaves a half file under the name."""
+    import json
+    import os
+
+    out = Path(path)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
 
 
 @command("caption-eval", "captioning metrics of a CoCa model on captioned benchmarks (BLEU-4, ROUGE-L, CIDEr, METEOR)")

@@ -49,5 +49,6 @@ class CoCa(Objective):
 
     def sample_terms(self, out: Outputs) -> dict[str, Tensor]:
         logits, labels = out["logits"], out["labels"]
-        loss = F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.options.pad_id)
+        # over flattened tokens, not logits permuted to [B, V, T]: a softmax over a strided dim is ~5x slower on CPU
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=self.options.pad_id)
         return {"caption": self.options.caption_weight * loss}
