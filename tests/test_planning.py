@@ -88,7 +88,8 @@ class ToyTowers(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, images, texts):
-        return self.visual(images), self.text(self.embed(texts).flatten(1)), self.logit_scale.exp()
+        return {"image_features": self.visual(images), "text_features": self.text(self.embed(texts).flatten(1)),
+                "logit_scale": self.logit_scale.exp()}
 
 
 def test_flops_match_a_hand_count():
