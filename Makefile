@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install shards demo demo-moe demo-coca test test-fast lint clean
+.PHONY: install shards demo demo-moe demo-coca test test-long test-fast lint clean
 
 install: $(STAMPS)/install
 
@@ -78,6 +78,10 @@ lint: install
 
 test: install lint
 	$(VENV)/bin/pytest -q -x --timeout 900 --durations=15 tests
+
+# tests too long for `make test` (tens of minutes on 2 cores): the tiny CoCa that learns to name classes
+test-long: install
+	VLPRETRAIN_LONG_TESTS=1 $(VENV)/bin/pytest -q --timeout 3600 tests/test_coca_captions.py
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests
