@@ -207,6 +207,20 @@ def run_captioning(model: nn.Module, data: CaptionSet, *, tokenizer=None, batch_
     return {**metrics, "headline": metrics["cider"], "images": float(len(predictions))}
 
 
+def _benchmark_split(model: nn.Module, dataset: str, root: str | Path, task: str, needs: str,
+                     transform: Callable | None, split: str, format: str | None):
+    """The benchmark `dataset` (which must be a `task` benchmark, else `needs` says why) and its `split` from
+    `root`, with the model's evaluation preprocessing unless `transform` is given."""
+    bench = get_benchmark(dataset)
+    if bench.task != task:
+        raise ConfigError(f"benchmark: {bench.name} is a {bench.task} benchmark; {needs}")
+    if transform is None:
+        from vlpretrain.models import image_transform
+
+        transform = image_transform(model, train=False)
+    return bench, bench.load(root, split=split, transform=transform, format=format)
+
+
 def captioning(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=None,
                transform: Callable | None = None, batch_size: int = 32, workers: int = 0,
                device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
@@ -221,15 +235,8 @@ def captioning(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=No
     """
     check_captioner(model)
     gen = Generation.of(generation)
-    bench = get_benchmark(dataset)
-    if bench.task != "retrieval":
-        raise ConfigError(f"benchmark: {bench.name} is a {bench.task} benchmark; captioning needs a captioned set "
-                          "(flickr8k, flickr30k, mscoco or captions)")
-    if transform is None:
-        from vlpretrain.models import image_transform
-
-        transform = image_transform(model, train=False)
-    data = bench.load(root, split=split, transform=transform, format=format)
+    bench, data = _benchmark_split(model, dataset, root, "retrieval", "captioning needs a captioned set (flickr8k, "
+                                   "flickr30k, mscoco or captions)", transform, split, format)
     assert isinstance(data, CaptionSet)
     return run_captioning(model, data, tokenizer=tokenizer, batch_size=batch_size, workers=workers, device=device,
                           max_images=max_images, progress=progress, desc=bench.name, seed=seed, generation=gen,
@@ -296,15 +303,9 @@ def caption_benchmark(model: nn.Module, dataset: str, root: str | Path, *, token
     """
     check_captioner(model)
     gen = Generation.of(generation)
-    bench = get_benchmark(dataset)
-    if bench.task != "classification":
-        raise ConfigError(f"benchmark: {bench.name} is a {bench.task} benchmark; captioning a benchmark's images "
-                          "with their class needs a classification set (e.g. fashion-mnist)")
-    if transform is None:
-        from vlpretrain.models import image_transform
-
-        transform = image_transform(model, train=False)
-    data = bench.load(root, split=split, transform=transform, format=format)
+    bench, data = _benchmark_split(model, dataset, root, "classification", "captioning a benchmark's images with "
+                                   "their class needs a classification set (e.g. fashion-mnist)", transform, split,
+                                   format)
     assert isinstance(data, EvalSet)
     tokenizer = tokenizer or default_tokenizer(model)
     device = resolve_device(device, model)
