@@ -111,6 +111,20 @@ def coca_model():
     return build_model("tiny-coca").train()
 
 
+def test_coca_decoder_starts_initialised_whatever_memory_held():
+    """open_clip leaves the CoCa decoder's output projection as torch.empty: build_model initialises it, so two
+    builds under one seed are equal even when freed memory held huge values in between."""
+    torch.manual_seed(0)
+    first = build_model("tiny-coca").state_dict()
+    junk = [torch.full((1 << 20,), 1e30) for _ in range(16)]
+    del junk
+    torch.manual_seed(0)
+    second = build_model("tiny-coca").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    projection = second["text_decoder.text_projection"]
+    assert projection.std().item() == pytest.approx(128 ** -0.5, rel=0.05)  # width ** -0.5, open_clip's own rule
+
+
 def test_coca_exact_accumulation_equals_one_batch_with_mean_caption_term():
     images, texts = batch(K * B)
     obj = objective("coca")

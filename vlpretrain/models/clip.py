@@ -104,6 +104,12 @@ def build_model(cfg: ModelConfig | str, open_clip_options: dict[str, Any] | None
     arch = _arch_name(cfg.name)
     with _quiet_open_clip():
         model = open_clip.create_model(arch, device="cpu", precision="fp32", **(open_clip_options or {}))
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and getattr(decoder, "text_projection", None) is not None:
+        # open_clip leaves the CoCa decoder's output projection as torch.empty (its init_parameters, which would
+        # set it, is never called and fails if called): a CoCa trained from scratch would start from whatever the
+        # memory held (1e18 after other work). Its own rule: normal with std width ** -0.5
+        nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     if hasattr(model, "output_dict"):
         model.output_dict = True
     report_moe_outputs(model)
