@@ -24,7 +24,7 @@ from torch import nn
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models.lock import lock_towers
-from vlpretrain.models.moe import convert_to_moe, report_moe_outputs
+from vlpretrain.models.moe import convert_to_moe
 from vlpretrain.models.patch_dropout import enable_patch_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -112,7 +112,6 @@ def build_model(cfg: ModelConfig | str, open_clip_options: dict[str, Any] | None
         nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     if hasattr(model, "output_dict"):
         model.output_dict = True
-    report_moe_outputs(model)
     if cfg.patch_dropout > 0:
         enable_patch_dropout(model, cfg.patch_dropout)
     if cfg.moe.num_experts > 0:

@@ -326,6 +326,7 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
             if not isinstance(fc, nn.Linear):
                 raise ConfigError(f"model.moe: {tower} block {i} ({type(blocks[i]).__name__}) has no open_clip MLP")
             blocks[i].mlp = MoEMLP(mlp, fc.in_features, cfg, tower, i)
+    report_moe_outputs(model)  # dense models never pay for the hook
     return model
 
 
@@ -388,7 +389,8 @@ def _add_moe_outputs(model: nn.Module, inputs: tuple, output: object) -> object:
 
 
 def report_moe_outputs(model: nn.Module) -> None:
-    """Make `model`'s forward return its MoE terms with its other outputs (layers swapped in later count too)."""
+    """Make `model`'s forward return its MoE terms with its other outputs (layers swapped in later count too);
+    `convert_to_moe` does, so a dense model's forward carries no hook."""
     model.register_forward_hook(_add_moe_outputs)
 
 
