@@ -174,22 +174,29 @@ def test_distill_exact_accumulation_equals_one_batch(tmp_path):
     assert loss_indep.item() != pytest.approx(ref.item(), rel=1e-3)
 
 
-def test_objective_and_options_are_checked_before_training(tmp_path):
+def test_objective_and_options_are_checked_when_the_config_loads(tmp_path):
     # the old key still reads, as the new one
     assert load_config(None, ["data.train=x", "train.loss=siglip"]).train.objective == "siglip"
     with pytest.raises(ConfigError, match="renamed to train.objective"):
         load_config(None, ["data.train=x", "train.loss=siglip", "train.objective=clip"])
-    with pytest.raises(ConfigError, match=r"train.objective: unknown objective 'cocaa'; choose one of"):
-        check_objective(load_config(None, ["data.train=x", "train.objective=cocaa"]))
+    # load_config itself refuses a bad objective or option, naming where the value came from
+    with pytest.raises(ConfigError, match=r"^--set train.objective=cocaa: train.objective: unknown objective 'cocaa'; "
+                                          r"choose one of"):
+        load_config(None, ["data.train=x", "train.objective=cocaa"])
     with pytest.raises(ConfigError, match=r"train.objective_options.caption_weigth: unknown key \(did you mean "
                                           r"train.objective_options.caption_weight\?\)"):
-        check_objective(load_config(None, ["data.train=x", "train.objective=coca",
-                                           "train.objective_options.caption_weigth=1"]))
+        load_config(None, ["data.train=x", "train.objective=coca", "train.objective_options.caption_weigth=1"])
     with pytest.raises(ConfigError, match="train.objective_options.caption_weight: must be >= 0"):
-        check_objective(load_config(None, ["data.train=x", "train.objective=coca",
-                                           "train.objective_options.caption_weight=-1"]))
-    with pytest.raises(ConfigError, match="train.objective_options.teacher: required value missing"):
-        check_objective(load_config(None, ["data.train=x", "train.objective=distill"]))
+        load_config(None, ["data.train=x", "train.objective=coca", "train.objective_options.caption_weight=-1"])
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: x}\ntrain: {objective: distill}\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: train.objective_options.teacher: required value missing"):
+        load_config(config)
+    # and so does check_objective, which train() calls on configs built without load_config
+    cfg = load_config(None, ["data.train=x"])
+    cfg.train.objective = "cocaa"
+    with pytest.raises(ConfigError, match=r"unknown objective 'cocaa'"):
+        check_objective(cfg)
     with pytest.raises(ConfigError, match="coca needs a CoCa architecture"):
         objective("coca").check_model(build_model("tiny-vit"))
     # a teacher that reads other images than the student's

@@ -16,6 +16,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,7 +212,7 @@ class TrainConfig:
     objective: str = _f("clip", "training objective (vlpretrain.objectives): clip (InfoNCE), siglip (sigmoid), "
                         "coca (contrastive + captioning, a CoCa model), distill (CLIP + a frozen teacher's logits)")
     objective_options: dict[str, Any] = _f({}, "the objective's own options (e.g. coca: caption_weight; distill: "
-                                           "teacher), checked against it before anything starts")
+                                           "teacher), checked against it when the config loads")
     local_loss: bool = _f(True, "contrastive terms: each rank computes its rows against all columns")
     loss_chunk: int = _f(0, "contrastive terms: column chunk of the logit matrix; 0 computes it whole")
     unmasked_steps: int = _f(0, "last steps trained without patch dropout (FLIP's unmasked tuning)")
@@ -477,12 +478,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = _build(RunConfig, values, "")
         _check(cfg, "")
         cfg.validate()
+        for check in _section_checks():
+            check(cfg)
     except ConfigError as e:
         # name where the bad value came from: a --set override, or the file
         key = str(e).split(":", 1)[0].split("[", 1)[0]
         origin = f"--set {overridden[key]}" if key in overridden else src
         raise ConfigError(f"{origin}: {e}") from None
     return cfg
+
+
+# Options whose schema lives above this module (an objective's `train.objective_options`) are checked by functions
+# their packages name under this entry point group: the registry is read by name, so config imports none of them.
+CHECKS_ENTRY_POINT_GROUP = "vlpretrain.config_checks"
+
+
+def _section_checks() -> list[Any]:
+    """The installed checks of option sections defined elsewhere, each `check(cfg)` raising ConfigError."""
+    return [ep.load() for ep in sorted(entry_points(group=CHECKS_ENTRY_POINT_GROUP), key=lambda ep: ep.name)]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
