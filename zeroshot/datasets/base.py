@@ -135,7 +135,8 @@ class Benchmark:
     def languages(self) -> tuple[str, ...]:
         """The languages this benchmark can be evaluated in (class names and templates, or captions)."""
         if self.task == "retrieval":
-            return self.caption_languages or (DEFAULT_LANGUAGE,)
+            others = sorted(lang for lang in self.caption_languages if lang != DEFAULT_LANGUAGE)
+            return (DEFAULT_LANGUAGE, *others)
         return asset_languages(self.name)
 
     def in_language(self, language: str | None) -> Benchmark:
@@ -154,7 +155,8 @@ class Benchmark:
     def _all_layouts(self) -> tuple[Layout, ...]:
         generic = tuple(cls() for cls in GENERIC_LAYOUTS[self.task])
         if self.task == "retrieval":  # a benchmark's own annotation files are the most specific markers
-            return (*self.layouts, *generic)
+            # the generic caption layouts hold one set of captions with no language: English only
+            return (*self.layouts, *(generic if self.language == DEFAULT_LANGUAGE else ()))
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
         # shards) are specific, while a class-folder layout would take a shard folder for a class.
         return (*generic, *self.layouts)
