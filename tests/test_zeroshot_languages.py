@@ -335,3 +335,13 @@ def test_cli_list_by_language(capsys):
     assert {b.name for b in list_benchmarks(None) if "de" in b.languages} == {"fashion-mnist", "crossmodal3600",
                                                                              "xtd10", "multilingual-mscoco"}
     assert len(get_benchmark("crossmodal3600").languages) == 36
+
+
+def test_broken_annotation_files_are_named(tmp_path):
+    (tmp_path / "xtd10-de.json").write_text('{"image_paths": ["a.jpg"]}')
+    with pytest.raises(DataError, match=r"xtd10-de.json: not CLIP_benchmark's annotation file \(needs"):
+        get_benchmark("xtd10", "de").load(tmp_path)
+    (tmp_path / "xm3600").mkdir()
+    (tmp_path / "xm3600" / "captions.jsonl").write_text('{"image/key": "k0", "en": {"caption": ["a"]}}\n')
+    with pytest.raises(DataError, match=r"captions.jsonl:1: expected \"image/key\" and a 'fi' caption"):
+        get_benchmark("crossmodal3600", "fi").load(tmp_path)
