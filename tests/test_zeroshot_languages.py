@@ -274,6 +274,12 @@ def test_results_keep_one_entry_per_language():
     assert res.get("zeroshot", "fashion-mnist", "de").headline == 0.75
     ((name, doc),) = clip_benchmark_results(Results("m", results=[res.results[1]]))
     assert name.endswith("_de_zeroshot_classification.json") and doc["language"] == "de"
+    res.mark_interrupted([("zeroshot", "cifar10", "en"), ("zeroshot", "fashion-mnist", "ja")])
+    res.add(ResultEntry("zeroshot", "fashion-mnist", "top1", {"top1": 1.0}))  # English: not the one left out
+    assert res.interrupted["not_evaluated"] == [{"task": "zeroshot", "benchmark": "cifar10"},
+                                                {"task": "zeroshot", "benchmark": "fashion-mnist", "language": "ja"}]
+    res.add(ResultEntry("zeroshot", "fashion-mnist", "top1", {"top1": 1.0}, language="ja"))
+    assert res.interrupted["not_evaluated"] == [{"task": "zeroshot", "benchmark": "cifar10"}]
 
 
 @pytest.fixture(scope="module")

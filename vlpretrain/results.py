@@ -84,12 +84,14 @@ class Results:
         self.results.append(entry)
         if self.interrupted is not None:
             left = [t for t in self.interrupted["not_evaluated"]
-                    if (t["task"], t["benchmark"]) != (entry.task, entry.benchmark)]
+                    if (t["task"], t["benchmark"], t.get("language", "en")) != entry.key]
             self.interrupted = {**self.interrupted, "not_evaluated": left} if left else None
 
-    def mark_interrupted(self, not_evaluated: list[tuple[str, str]]) -> None:
-        """Record that a stop cut the evaluation short before these (task, benchmark) pairs were evaluated."""
-        self.interrupted = {"date": now(), "not_evaluated": [{"task": t, "benchmark": b} for t, b in not_evaluated]}
+    def mark_interrupted(self, not_evaluated: list[tuple[str, ...]]) -> None:
+        """Record that a stop cut the evaluation short before these (task, benchmark[, language]) were evaluated."""
+        left = [{"task": t[0], "benchmark": t[1], **({"language": t[2]} if len(t) > 2 and t[2] != "en" else {})}
+                for t in not_evaluated]
+        self.interrupted = {"date": now(), "not_evaluated": left}
 
     def get(self, task: str, benchmark: str, language: str = "en") -> ResultEntry | None:
         return next((r for r in self.results if r.key == (task, benchmark, language)), None)
@@ -155,7 +157,7 @@ def read_results(path: str | os.PathLike) -> Results:
 
 def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry],
                    training: dict[str, float] | None = None,
-                   not_evaluated: list[tuple[str, str]] | None = None) -> Results:
+                   not_evaluated: list[tuple[str, ...]] | None = None) -> Results:
     """Add `entries` (and the training totals, replacing earlier ones, when given) to the results file at `path`
     (created if absent); refuses a file of another model. `not_evaluated` (task, benchmark) pairs mark the file
     interrupted: an evaluation cut short by a stop lists what it did not reach."""

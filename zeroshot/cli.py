@@ -105,7 +105,7 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     return names
 
 
-def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, str]] | None = None) -> int:
+def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, ...]] | None = None) -> int:
     """Add the entries to the --out results file, when one is given (eval and probe write the same file shape), or
     with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder. `not_evaluated` marks
     our results file interrupted (CLIP_benchmark's files have no place for it)."""
@@ -173,7 +173,8 @@ def _eval(p: argparse.ArgumentParser):
                            cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,
                            language=a.language)
         except Interrupted:
-            left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in names[len(entries):]]
+            left = [(entry_task(b), b.name, b.language) for b in (get_benchmark(n, a.language)
+                                                                   for n in names[len(entries):])]
             print(f"interrupted: {len(entries)} of {len(names)} benchmarks evaluated"
                   + (f"; {a.out} lists the others as not evaluated" if a.out else ""), file=sys.stderr, flush=True)
             _save(a, entries, not_evaluated=left)
