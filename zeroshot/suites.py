@@ -27,7 +27,7 @@ from torch import nn
 from vlpretrain.errors import ConfigError, DataError
 from vlpretrain.results import ResultEntry
 from zeroshot.datasets import BENCHMARKS, get_benchmark
-from zeroshot.datasets.base import ASSETS
+from zeroshot.datasets.base import ASSETS, datacomp_folder, folder_names, resolve_root
 from zeroshot.evaluate import entry_task, evaluate_suite
 
 SUITES_DIR = ASSETS / "suites"
@@ -41,6 +41,7 @@ class SuiteTask:
     benchmark: str
     metric: str
     label: str
+    key: str = ""  # DataComp's task key, which names its folder wds_<key>_test
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def get_suite(name: str) -> Suite:
     tasks = []
     for t in doc["tasks"]:
         bench = get_benchmark(t["benchmark"])
-        tasks.append(SuiteTask(bench.name, t.get("metric", bench.metric), t.get("name", bench.name)))
+        tasks.append(SuiteTask(bench.name, t.get("metric", bench.metric), t.get("name", bench.name), t.get("key", "")))
     labels = {t.label for t in tasks}
     groups = {g: tuple(members) for g, members in doc.get("groups", {}).items()}
     assert all(m in labels for members in groups.values() for m in members), f"{path}: a group names no task"
@@ -141,13 +142,20 @@ class SuiteRun:
 
 def locate_suite(suite: Suite | str, root: str | os.PathLike, format: str | None = None) -> tuple[list[str],
                                                                                                    dict[str, str]]:
-    """The suite's benchmarks found under `root` (by their folder names, DataComp's included) and, for the others,
-    the one-line reason each is missing."""
+    """The suite's benchmarks found in their own folder under the collection `root` (by folder name, DataComp's
+    wds_<task>_test included) and, for the others, the one-line reason each is missing. A benchmark is never
+    looked for in `root` itself: its other tasks' folders would pass for class folders there."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
     found, not_found = [], {}
     for t in suite.tasks:
+        bench = get_benchmark(t.benchmark)
+        folder = resolve_root(bench, Path(root))
+        if folder == Path(root):
+            first = datacomp_folder(t.key) if t.key else folder_names(bench)[1]
+            not_found[t.benchmark] = f"no folder {first}/ or {bench.name}/ under {root}"
+            continue
         try:
-            get_benchmark(t.benchmark).locate(root, format=format)
+            bench.locate(folder, format=format)
             found.append(t.benchmark)
         except (DataError, ConfigError) as e:
             not_found[t.benchmark] = str(e).splitlines()[0]
