@@ -218,3 +218,28 @@ def test_eval_suite_end_to_end_then_report(tmp_path, capsys):
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Suite: datacomp" in md and "| GeoDE | geode | acc_wg |" in md and "`datacomp_score_3_of_38`" in md
+
+
+def test_broken_exports_are_one_line_user_errors(tmp_path, capsys):
+    geode = write_wds_grouped(tmp_path / "wds_geode_test", COLOURS, ["{c}"], [solid("red")] * 2, [0, 1], [[0], [1]])
+    wino = write_winogavil(tmp_path / "wds_winogavil_test", [("red", ["a", "b"], ["a"], [solid("red")])])
+    for bench, message in [("geode", f"{geode / 'test' / '0.tar'}: sample 's000000' has 1 metadata fields, geode needs "
+                                     "2 (region, country)"),
+                           ("winogavil", f"{wino / 'test' / '0.tar'}: sample 'w00000': candidate 1 ('b') has no image")]:
+        assert main(["eval", "--model", "tiny-vit", "--benchmark", bench, "--root", str(tmp_path),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert main(["eval", "--model", "tiny-vit", "--suite", "datacomp", "--root", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err == f"error: --root: {tmp_path / 'empty'} is not a folder\n"
+
+
+def test_run_suite_from_python(tmp_path):
+    write_wds_grouped(tmp_path / "wds_geode_test", COLOURS, ["a {c} thing."], [solid(c) for c, _, _ in TWELVE],
+                      [y for _, y, _ in TWELVE], [[r, 0] for *_, r in TWELVE])
+    run = zeroshot.run_suite(ColourClip(), "datacomp", tmp_path, tokenizer=ColourClip().tokenizer,
+                             transform=TF.to_tensor, progress=False)
+    assert [e.benchmark for e in run.entries] == ["geode"] and len(run.not_found) == 37
+    assert run.score.name == "datacomp_score_1_of_38" and run.score.value == 0.5  # GeoDE's worst region, by hand
+    assert run.score.groups["Fairness"] == {"value": 0.5, "tasks": 1.0, "of": 2.0}
+    assert math.isnan(run.score.groups["VTAB"]["value"])

@@ -20,7 +20,7 @@ trainer (which writes its `training` block even when it evaluates nothing, so th
     }
 
 `task` names the evaluation ("zeroshot", "retrieval", "linear_probe", ...); `metric` names the key of `metrics` that
-is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways). Writing an entry replaces the one with the same task and benchmark.
+is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways, or DataComp's "mean_recall@1"). Writing an entry replaces the one with the same task and benchmark.
 `training` holds the totals of the run that trained the model (written by the trainer at its end; see
 `vlpretrain.trainer`): optimizer steps, samples, model FLOPs (forward + backward) and, on GPUs, joules.
 `interrupted` says that a SIGINT/SIGTERM cut an evaluation short: the entries it finished are in `results`, those

@@ -86,9 +86,8 @@ def run_association(model: nn.Module, data: AssociationSet, *, headline: str = "
     """WinoGAViL's Jaccard metrics (zeroshot.group_metrics.association_metrics): each cue's prompt scored against
     its candidate images by cosine similarity; `max_images` keeps an evenly spaced subset of the instances."""
     device = resolve_device(device, model)
-    keep = range(len(data))
-    if max_images is not None and max_images < len(data):
-        keep = torch.linspace(0, len(data) - 1, max(1, max_images)).round().long().unique().tolist()
+    chosen = spread_subset(list(range(len(data))), max_images)
+    keep = chosen.indices if isinstance(chosen, Subset) else chosen
     wanted = set(keep)
     owners = [label for *_, label in data.images.samples]  # type: ignore[attr-defined]
     images = Subset(data.images, [i for i, owner in enumerate(owners) if owner in wanted])
@@ -104,15 +103,15 @@ def run_association(model: nn.Module, data: AssociationSet, *, headline: str = "
     return out
 
 
-def _runner(bench: Benchmark) -> tuple[str, Callable[..., dict[str, float]]]:
-    """The results-file task name and the run function of a benchmark's task."""
+def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
+    """The results-file task name and the run function of a benchmark task."""
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
-            "retrieval": ("retrieval", run_retrieval), "association": ("zeroshot", run_association)}[bench.task]
+            "retrieval": ("retrieval", run_retrieval), "association": ("zeroshot", run_association)}[task]
 
 
 def entry_task(bench: Benchmark) -> str:
     """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks, else "zeroshot"."""
-    return _runner(bench)[0]
+    return _runner(bench.task)[0]
 
 
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
@@ -123,10 +122,11 @@ def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=No
 
     Classification returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's
     headline metric, named by `get_benchmark(benchmark).metric`) and images; multi-label and retrieval benchmarks
-    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics). `transform` defaults to the model's evaluation
-    preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly
-    spaced subset; `format` forces a layout (default: detected from the files under `root`). The model is moved
-    to `device` (default: where it is) and left in the mode it was in.
+    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics); DataComp's WILDS and fairness sets add
+    their group metrics and WinoGAViL returns `association_metrics` (zeroshot.group_metrics). `transform` defaults
+    to the model's evaluation preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images`
+    evaluates an evenly spaced subset (of WinoGAViL's cues); `format` forces a layout (default: detected from the
+    files under `root`). The model is moved to `device` (default: where it is) and left in the mode it was in.
     """
     bench = get_benchmark(benchmark)
     if transform is None:
@@ -134,7 +134,7 @@ def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=No
 
         transform = image_transform(model, train=False)
     data = bench.load(root, split=split, transform=transform, format=format)
-    return _runner(bench)[1](model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
+    return _runner(bench.task)[1](model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                         workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
                         cache_dir=cache_dir)
 
@@ -161,7 +161,7 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
     for bench in benches:
         check_stop(should_stop)
         data = bench.load(root, transform=transform, format=format)
-        task, run = _runner(bench)
+        task, run = _runner(bench.task)
         metrics = run(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                       workers=workers, device=device, max_images=max_images, progress=progress,
                       desc=bench.name, cache_dir=cache_dir, should_stop=should_stop)

@@ -108,13 +108,24 @@ def index_shards(shards: list[Path], label_ext: str = "cls") -> list[tuple[Path,
             for shard in shards for key, image, files in shard_samples(shard)]
 
 
-def index_with_metadata(shards: list[Path]) -> tuple[list[tuple[Path, int, int, int]], list[tuple[int, ...]]]:
-    """(shard, byte offset, size, .cls label) of every sample's image and its .npy metadata row, in shard order."""
+def index_with_metadata(shards: list[Path], bench: Benchmark) -> tuple[list[tuple[Path, int, int, int]],
+                                                                       list[tuple[int, ...]]]:
+    """(shard, byte offset, size, .cls label) of every sample's image and the first fields of its .npy metadata
+    row that `bench`'s grouping names, in shard order."""
+    assert bench.grouping is not None
+    fields = bench.grouping.fields
     samples, rows = [], []
     for shard in shards:
         for key, image, files in shard_samples(shard):
+            if "npy" not in files:
+                raise DataError(f"{shard}: sample {key!r} has no .npy metadata row (the fields its group metrics "
+                                f"need), only {sorted(files)}")
+            row = _label(shard, key, files, "npy")
+            if len(row) < len(fields):  # type: ignore[arg-type]
+                raise DataError(f"{shard}: sample {key!r} has {len(row)} metadata fields, {bench.name} needs "  # type: ignore
+                                f"{len(fields)} ({', '.join(fields)})")
             samples.append((shard, image.offset_data, image.size, _label(shard, key, files, "cls")))
-            rows.append(_label(shard, key, files, "npy"))
+            rows.append(row[:len(fields)])  # type: ignore[index]
     return samples, rows  # type: ignore[return-value]
 
 
@@ -188,19 +199,13 @@ class WebDatasetLayout(Layout):
     def _grouped(self, bench: Benchmark, root: Path, split: str, shards: list[Path], classnames: list[str],
                  templates: list[str], transform: Callable | None) -> EvalSet:
         """Samples with a .cls label and a .npy metadata row of the grouping's fields."""
-        assert bench.grouping is not None
-        samples, rows = index_with_metadata(shards)
+        samples, rows = index_with_metadata(shards, bench)
         if not samples:
             raise DataError(f"{root / split}: the shards hold no samples")
-        need = len(bench.grouping.fields)
-        short = next((i for i, r in enumerate(rows) if len(r) < need), None)
-        if short is not None:
-            raise DataError(f"{samples[short][0]}: sample {short} has {len(rows[short])} metadata fields, {bench.name} "
-                            f"needs {need} ({', '.join(bench.grouping.fields)})")
         bad = next((s for s in samples if not 0 <= s[3] < len(classnames)), None)
         if bad is not None:
             raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
-        metadata = torch.tensor([r[:need] for r in rows], dtype=torch.long)
+        metadata = torch.tensor(rows, dtype=torch.long)
         return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root,  # type: ignore
                        metadata=metadata, grouping=bench.grouping)
 
