@@ -51,9 +51,9 @@ def check(data: CaptionSet, fmt: str, lossless: bool = False) -> None:
 def test_registry_knows_the_retrieval_sets_and_their_task():
     retrieval = [b.name for b in list_benchmarks(["retrieval"])]
     assert retrieval == ["flickr8k", "flickr30k", "mscoco", "captions", "crossmodal3600", "xtd10", "multilingual-mscoco"]
-    assert {b.task for b in list_benchmarks(None)} == {"classification", "multilabel", "retrieval"}
+    assert {b.task for b in list_benchmarks(None)} == {"classification", "multilabel", "retrieval", "association"}
     assert all(b.task != "retrieval" for b in list_benchmarks())
-    assert get_benchmark("mscoco_captions").name == "mscoco" and get_benchmark("flickr30k").metric == "mean_recall"
+    assert get_benchmark("mscoco_captions").name == "mscoco" and get_benchmark("flickr30k").metric == "mean_recall@1"
     assert get_benchmark("flickr30k").formats == ("karpathy", "wds", "shards", "coco")
     assert get_benchmark("flickr30k").classnames == [] and "flickr30k_test_karpathy" in get_benchmark(
         "flickr30k").sources["annotations"]
@@ -158,21 +158,23 @@ def test_cli_eval_picks_the_task_per_benchmark_and_reports_both(exported, tmp_pa
     assert main(["eval", "--model", str(exported), "--benchmark", "flickr30k,mscoco,cifar10", "--root", str(root),
                  "--out", str(out), "--batch-size", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "flickr30k: mean_recall=" in printed and "(karpathy at" in printed and "cifar10: top1=" in printed
+    assert "flickr30k: mean_recall@1=" in printed and "(karpathy at" in printed and "cifar10: top1=" in printed
     got = {r["benchmark"]: r for r in json.loads(out.read_text())["results"]}
     assert {b: (r["task"], r["metric"], r["format"]) for b, r in got.items()} == {
-        "flickr30k": ("retrieval", "mean_recall", "karpathy"), "mscoco": ("retrieval", "mean_recall", "wds"),
+        "flickr30k": ("retrieval", "mean_recall@1", "karpathy"), "mscoco": ("retrieval", "mean_recall@1", "wds"),
         "cifar10": ("zeroshot", "top1", "torchvision")}
     m = got["mscoco"]["metrics"]
     assert (m["images"], m["texts"]) == (6, 12)
     assert set(m) == {f"{d}_retrieval_{s}" for d in ("image", "text")
                       for s in ("recall@1", "recall@5", "recall@10", "mean_rank", "median_rank")} | {
-                          "mean_recall", "headline", "images", "texts"}
+                          "mean_recall", "mean_recall@1", "headline", "images", "texts"}
+    # DataComp's headline: the mean of the two recall@1 (eval_utils/retr_eval.py)
+    assert m["headline"] == m["mean_recall@1"] == (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
     assert 0 <= m["mean_recall"] <= 1 and m["text_retrieval_recall@10"] == 1  # 6 images: any caption is in a top 10
 
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| retrieval | flickr30k | mean_recall |" in md and "| zeroshot | cifar10 | top1 |" in md
+    assert "| retrieval | flickr30k | mean_recall@1 |" in md and "| zeroshot | cifar10 | top1 |" in md
 
     assert main(["export-results", str(out), "--out", str(tmp_path / "cb")]) == 0
     files = sorted(p.name for p in (tmp_path / "cb").iterdir())

@@ -238,3 +238,40 @@ class ColourClip(torch.nn.Module):
     def tokenizer(self, texts):
         """Token ids for the model's prompts (the index of each prompt)."""
         return torch.tensor([[self.prompts.index(t)] for t in texts])
+
+
+def write_wds_grouped(root: Path, classnames: list[str], templates: list[str], images: list[Image.Image],
+                      labels: list[int], metadata: list[list[int]], shards: int = 2) -> Path:
+    """DataComp's WILDS / fairness export: CLIP_benchmark's layout whose samples also carry <key>.npy, the row of
+    metadata fields (int64), beside <key>.png and <key>.cls."""
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    per = -(-len(labels) // shards)
+    for s in range(shards):
+        with tarfile.open(root / "test" / f"{s}.tar", "w") as tar:
+            for i in range(s * per, min(len(labels), (s + 1) * per)):
+                buf = io.BytesIO()
+                images[i].save(buf, format="PNG")
+                npy = io.BytesIO()
+                np.save(npy, np.asarray(metadata[i], dtype=np.int64))
+                _add(tar, f"s{i:06d}.png", buf.getvalue())
+                _add(tar, f"s{i:06d}.cls", str(labels[i]).encode())
+                _add(tar, f"s{i:06d}.npy", npy.getvalue())
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    return root
+
+
+def write_winogavil(root: Path, instances: list[tuple[str, list[str], list[str], list[Image.Image]]]) -> Path:
+    """The WinoGAViL export: per instance <key>.json (cue, candidates, associations) and <key>.<i>.png images."""
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for n, (cue, candidates, associations, images) in enumerate(instances):
+            _add(tar, f"w{n:05d}.json", json.dumps({"cue": cue, "candidates": candidates,
+                                                    "associations": associations}).encode())
+            for i, im in enumerate(images):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                _add(tar, f"w{n:05d}.{i}.png", buf.getvalue())
+    (root / "test" / "nshards.txt").write_text("1\n")
+    return root

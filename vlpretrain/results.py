@@ -13,17 +13,22 @@ trainer (which writes its `training` block even when it evaluates nothing, so th
       ],
       "training": {"steps": 1000, "samples": 256000, "flops": 5.1e15, "energy_j": 2.4e6},  # a run's totals, if any
       "interrupted": {"date": "2026-11-26T12:05:00+00:00",                  # only when a stop cut an evaluation
-                      "not_evaluated": [{"task": "linear_probe", "benchmark": "fashion-mnist"}]}
+                      "not_evaluated": [{"task": "linear_probe", "benchmark": "fashion-mnist"}]},
+      "suites": {"datacomp": {"score": "datacomp_score_32_of_38", "value": 0.41,   # only after a suite ran
+                              "evaluated": 32, "total": 38, "missing": ["winogavil", ...],
+                              "groups": {"VTAB": {"value": 0.38, "tasks": 13, "of": 13}, ...}}}
     }
 
 `task` names the evaluation ("zeroshot", "retrieval", "linear_probe", ...); `metric` names the key of `metrics` that
-is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways);
-`language` (ISO 639-1, "en" when absent) the language of the prompts or captions. Writing an entry replaces the one
-with the same task, benchmark and language.
+is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways, or
+DataComp's "mean_recall@1"); `language` (ISO 639-1, "en" when absent) the language of the prompts or captions.
+Writing an entry replaces the one with the same task, benchmark and language.
 `training` holds the totals of the run that trained the model (written by the trainer at its end; see
 `vlpretrain.trainer`): optimizer steps, samples, model FLOPs (forward + backward) and, on GPUs, joules.
 `interrupted` says that a SIGINT/SIGTERM cut an evaluation short: the entries it finished are in `results`, those
 it did not reach are listed; writing one of them later takes it off the list, and the block goes with the last.
+`suites` holds the score of each named suite run into this file (`zeroshot eval --suite`, see `zeroshot.suites`),
+as computed from the entries when it was written: the score's name says how many of the suite's tasks it covers.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class Results:
     date: str = field(default_factory=now)
     training: dict[str, float] | None = None  # totals of the training run, when the trainer wrote this file
     interrupted: dict[str, Any] | None = None  # {"date", "not_evaluated": [{"task", "benchmark"}]} after a stop
+    suites: dict[str, dict[str, Any]] | None = None  # suite name -> its score block, after a suite run
 
     def add(self, entry: ResultEntry) -> None:
         """Add `entry`, replacing an earlier one for the same task, benchmark and language."""
@@ -105,7 +111,8 @@ def write_results(path: str | os.PathLike, results: Results) -> Path:
     doc = {"schema": SCHEMA, "model": results.model, "pretrained": results.pretrained, "date": results.date,
            "results": [asdict(r) for r in results.results],
            **({"training": results.training} if results.training is not None else {}),
-           **({"interrupted": results.interrupted} if results.interrupted is not None else {})}
+           **({"interrupted": results.interrupted} if results.interrupted is not None else {}),
+           **({"suites": results.suites} if results.suites else {})}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
@@ -151,16 +158,21 @@ def read_results(path: str | os.PathLike) -> Results:
         if not isinstance(left, list) or not all(isinstance(t, dict) and isinstance(t.get("task"), str)
                                                  and isinstance(t.get("benchmark"), str) for t in left):
             raise DataError(f"{path}: malformed 'interrupted' (expected not_evaluated: [{{task, benchmark}}])")
+    suites = doc.get("suites")
+    if suites is not None and not (isinstance(suites, dict) and all(isinstance(v, dict) for v in suites.values())):
+        raise DataError(f"{path}: malformed 'suites' (expected {{suite name: score block}})")
     return Results(model=_need(doc, "model", str, str(path)), pretrained=doc.get("pretrained"), results=entries,
-                   date=doc.get("date") or "", training=training, interrupted=interrupted)
+                   date=doc.get("date") or "", training=training, interrupted=interrupted, suites=suites)
 
 
 def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry],
                    training: dict[str, float] | None = None,
-                   not_evaluated: list[tuple[str, ...]] | None = None) -> Results:
+                   not_evaluated: list[tuple[str, ...]] | None = None,
+                   suites: dict[str, dict[str, Any]] | None = None) -> Results:
     """Add `entries` (and the training totals, replacing earlier ones, when given) to the results file at `path`
     (created if absent); refuses a file of another model. `not_evaluated` (task, benchmark) pairs mark the file
-    interrupted: an evaluation cut short by a stop lists what it did not reach."""
+    interrupted: an evaluation cut short by a stop lists what it did not reach. `suites` replaces the score blocks
+    of the suites it names."""
     path = Path(path)
     results = read_results(path) if path.exists() else Results(model, pretrained)
     if (results.model, results.pretrained) != (model, pretrained):
@@ -172,5 +184,7 @@ def update_results(path: str | os.PathLike, model: str, pretrained: str | None, 
         results.training = dict(training)
     if not_evaluated is not None:
         results.mark_interrupted(not_evaluated)
+    if suites:
+        results.suites = {**(results.suites or {}), **suites}
     write_results(path, results)
     return results

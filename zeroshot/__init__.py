@@ -12,6 +12,7 @@
     tuned = zeroshot.adapt(model, "cifar10", "/data/cifar10", shots=4)          # few-shot learned prompts
     texts = zeroshot.caption(coca_model, ["a.jpg", "b.jpg"])                   # CoCa captions (beam search)
     scores = zeroshot.captioning(coca_model, "mscoco", "/data/mscoco")         # BLEU-4, ROUGE-L, CIDEr, METEOR
+    run = zeroshot.run_suite(model, "datacomp", "/data/datacomp")              # DataComp's 38 tasks and its score
 """
 
 from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
@@ -32,12 +33,13 @@ from zeroshot.metrics import (
 from zeroshot.probe import linear_probe
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
 from zeroshot.retrieve import retrieval
+from zeroshot.suites import SuiteScore, get_suite, run_suite, score_suite
 
 __all__ = [
     "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry", "Results",
-    "adapt", "adapt_head", "build_classifier", "caption", "caption_benchmark", "caption_metrics", "captioning",
-    "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
-    "get_benchmark", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
-    "names_class_rate", "read_results", "retrieval", "retrieval_metrics", "run_zeroshot", "top_k_accuracy",
-    "update_results", "write_results",
+    "SuiteScore", "adapt", "adapt_head", "build_classifier", "caption", "caption_benchmark", "caption_metrics",
+    "captioning", "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
+    "get_benchmark", "get_suite", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
+    "names_class_rate", "read_results", "retrieval", "retrieval_metrics", "run_suite", "run_zeroshot", "score_suite",
+    "top_k_accuracy", "update_results", "write_results",
 ]

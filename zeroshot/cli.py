@@ -68,11 +68,20 @@ def _model_and_tokenizer(model_arg: str, pretrained: str | None):
     return model, tokenizer
 
 
-def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
-    """The options `eval` and `probe` share: which model, which benchmarks where, and how to run."""
+def _model_and_data_args(p: argparse.ArgumentParser, out_help: str, suites: bool = False) -> None:
+    """The options `eval` and `probe` share: which model, which benchmarks where, and how to run (with `suites`,
+    a named suite may stand for the benchmarks)."""
     p.add_argument("--model", required=True, help="exported checkpoint (.safetensors) or open_clip architecture name")
     p.add_argument("--pretrained", help="local weights for an architecture name (open_clip or ours)")
-    p.add_argument("--benchmark", required=True, help="comma-separated benchmark names (see `zeroshot list`)")
+    which = p.add_mutually_exclusive_group(required=True) if suites else p
+    which.add_argument("--benchmark", required=not suites, help="comma-separated benchmark names (see `zeroshot list`)")
+    if suites:
+        from zeroshot.suites import suite_names
+
+        which.add_argument("--suite", choices=suite_names(),
+                           help="a named collection found under --root (DataComp's wds_<task>_test folders too): "
+                                "every task found is evaluated, the missing ones listed, the suite's score printed "
+                                "and written to --out")
     p.add_argument("--root", required=True,
                    help="folder with one sub-folder per benchmark, or the benchmark's own folder for one benchmark")
     p.add_argument("--out", help=out_help)
@@ -105,7 +114,8 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     return names
 
 
-def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, ...]] | None = None) -> int:
+def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, ...]] | None = None,
+          suites: dict | None = None) -> int:
     """Add the entries to the --out results file, when one is given (eval and probe write the same file shape), or
     with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder. `not_evaluated` marks
     our results file interrupted (CLIP_benchmark's files have no place for it)."""
@@ -115,7 +125,7 @@ def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, .
         paths = write_clip_benchmark(Results(a.model, a.pretrained, entries), a.out)
         print(f"wrote {len(paths)} CLIP_benchmark result files to {a.out}")
     elif a.out:
-        update_results(a.out, a.model, a.pretrained, entries, not_evaluated=not_evaluated)
+        update_results(a.out, a.model, a.pretrained, entries, not_evaluated=not_evaluated, suites=suites)
         print(f"wrote {a.out}")
     return 0
 
@@ -134,7 +144,8 @@ def _device(a: argparse.Namespace):
 
 @command("eval", "zero-shot evaluation of a model on benchmarks (classification or retrieval, by benchmark)")
 def _eval(p: argparse.ArgumentParser):
-    _model_and_data_args(p, "results JSON to write or update (a folder with --results-format clip_benchmark)")
+    _model_and_data_args(p, "results JSON to write or update (a folder with --results-format clip_benchmark)",
+                         suites=True)
     p.add_argument("--results-format", choices=("zeroshot", "clip_benchmark"), default="zeroshot",
                    help="zeroshot: one results file (default); clip_benchmark: its JSON per benchmark into --out")
     p.add_argument("--max-images", type=int, help="evaluate an evenly spaced subset of this many images")
@@ -147,15 +158,12 @@ def _eval(p: argparse.ArgumentParser):
         from zeroshot.evaluate import entry_task, evaluate_suite
         from zeroshot.results import ResultEntry
 
+        if a.suite:
+            if a.adapter:
+                raise ConfigError("--adapter: an adapter belongs to one benchmark; give --benchmark, not --suite")
+            return _eval_suite(a)
         names = _checked_benchmarks(a, "test")
-
-        def show(e: ResultEntry) -> None:
-            # the headline is printed first under its own name; `headline` itself is only a copy of it
-            others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items()
-                               if k not in ("headline", "images", e.metric))
-            print(f"{_label(e)}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
-                  f"({e.format} at {e.root})", flush=True)
-
+        show = _show_entry
         if a.adapter:
             show(entry := _eval_adapter(a, names))
             return _save(a, [entry])
@@ -184,6 +192,58 @@ def _eval(p: argparse.ArgumentParser):
         return _save(a, entries)
 
     return run
+
+
+def _show_entry(e) -> None:
+    """One line per evaluated benchmark: the headline first under its own name (`headline` is only a copy of it),
+    then the other metrics."""
+    others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items() if k not in ("headline", "images", e.metric))
+    print(f"{_label(e)}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
+          f"({e.format} at {e.root})", flush=True)
+
+
+def _eval_suite(a: argparse.Namespace) -> int:
+    """`zeroshot eval --suite NAME`: every task of the suite found under --root, the missing ones listed, then the
+    suite's score (DataComp's: the mean of its 38 main metrics, named for how many it covers) printed and written."""
+    from zeroshot.datasets import get_benchmark
+    from zeroshot.evaluate import entry_task, evaluate_suite
+    from zeroshot.results import ResultEntry
+    from zeroshot.suites import format_score, get_suite, locate_suite, score_suite
+
+    if a.out:
+        check_writable(a.out)
+    if not Path(a.root).is_dir():
+        raise ConfigError(f"--root: {a.root} is not a folder")
+    suite = get_suite(a.suite)
+    found, not_found = locate_suite(suite, a.root, a.format)
+    for name, why in not_found.items():
+        print(f"missing: {name} ({why})", flush=True)
+    if not found:
+        raise ConfigError(f"--root: none of the {len(suite.tasks)} {suite.name} tasks is under {a.root}")
+    print(f"{suite.name}: {len(found)} of {len(suite.tasks)} tasks found under {a.root}", flush=True)
+    entries: list[ResultEntry] = []
+
+    def keep(e: ResultEntry) -> None:
+        entries.append(e)
+        _show_entry(e)
+
+    model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
+    stop = StopRequest()  # Ctrl-C or SIGTERM: stop at the next batch and keep what finished
+    try:
+        evaluate_suite(model, found, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
+                       device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
+                       cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)
+    except Interrupted:
+        left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in found[len(entries):]]
+        print(f"interrupted: {len(entries)} of {len(found)} found tasks evaluated; no suite score",
+              file=sys.stderr, flush=True)
+        _save(a, entries, not_evaluated=left)
+        return 130
+    finally:
+        stop.restore()
+    score = score_suite(suite, entries)
+    print(format_score(score), flush=True)
+    return _save(a, entries, suites={suite.name: score.as_dict()})
 
 
 @command("probe", "linear-probe benchmarking on frozen image features (CLIP protocol)")

@@ -2,8 +2,9 @@
 
 Images are encoded by `zeroshot.features.encode_images` (the one feature pass, shared with the probe); `evaluate`
 is the whole task on one benchmark; `evaluate_suite` runs several and returns results-file entries (what
-`zeroshot eval` and the trainer write). The benchmark's task picks the runner: `run_zeroshot` (classification),
-`run_multilabel` (multi-label classification, average precision) or `zeroshot.retrieve.run_retrieval`.
+`zeroshot eval` and the trainer write). The benchmark's task picks the runner: `run_zeroshot` (classification;
+sets with group metadata add their group metrics), `run_multilabel` (multi-label classification, average
+precision), `zeroshot.retrieve.run_retrieval` or `run_association` (WinoGAViL's cue-to-images association).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
 from vlpretrain.stopping import StopCheck, check_stop
-from zeroshot.classifier import build_classifier
-from zeroshot.datasets import Benchmark, EvalSet, get_benchmark
+from zeroshot.classifier import build_classifier, encode_texts
+from zeroshot.datasets import AssociationSet, Benchmark, EvalSet, get_benchmark
 from zeroshot.features import encode_images, resolve_device, spread_subset
+from zeroshot.group_metrics import association_metrics
 from zeroshot.metrics import classification_metrics, multilabel_metrics
 from zeroshot.results import ResultEntry
 from zeroshot.retrieve import run_retrieval
@@ -41,11 +44,19 @@ def head_metrics(model: nn.Module, head: torch.Tensor, data: EvalSet, *, headlin
                  batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
                  max_images: int | None = None, progress: bool = False, desc: str = "images",
                  should_stop: StopCheck | None = None) -> dict[str, float]:
-    """Metrics of a classification head (embed_dim, classes), zero-shot or adapted, on `data`'s images."""
-    feats, labels = encode_images(model, spread_subset(data.dataset, max_images), batch_size=batch_size,
-                                  workers=workers, device=device, progress=progress, desc=desc,
-                                  should_stop=should_stop)
-    return classification_metrics(F.normalize(feats, dim=-1) @ head.float().cpu(), labels, headline=headline)
+    """Metrics of a classification head (embed_dim, classes), zero-shot or adapted, on `data`'s images; a set with
+    group metadata (`data.grouping`) adds its group metrics, and its headline may be one of them."""
+    subset = spread_subset(data.dataset, max_images)
+    feats, labels = encode_images(model, subset, batch_size=batch_size, workers=workers, device=device,
+                                  progress=progress, desc=desc, should_stop=should_stop)
+    logits = F.normalize(feats, dim=-1) @ head.float().cpu()
+    if data.grouping is None or data.metadata is None:
+        return classification_metrics(logits, labels, headline=headline)
+    out = classification_metrics(logits, labels)
+    rows = subset.indices if isinstance(subset, Subset) else range(len(labels))
+    out.update(data.grouping.metrics(logits, labels, data.metadata[list(rows)]))
+    out["headline"] = out[headline]
+    return out
 
 
 def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_average_precision", tokenizer=None,
@@ -62,10 +73,40 @@ def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_ave
     return multilabel_metrics(F.normalize(feats, dim=-1) @ head.cpu(), data.targets[index])
 
 
+def cue_prompt(cue: str) -> str:
+    """DataComp's WinoGAViL prompt: the cue lower-cased after "A", or "An" when it starts with a vowel."""
+    cue = cue.lower()
+    return f"{'An' if cue[:1] in ('a', 'e', 'i', 'o', 'u') else 'A'} {cue}"
+
+
+def run_association(model: nn.Module, data: AssociationSet, *, headline: str = "jaccard_score_10-12", tokenizer=None,
+                    batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
+                    max_images: int | None = None, progress: bool = False, desc: str = "association",
+                    should_stop: StopCheck | None = None, **_unused) -> dict[str, float]:
+    """WinoGAViL's Jaccard metrics (zeroshot.group_metrics.association_metrics): each cue's prompt scored against
+    its candidate images by cosine similarity; `max_images` keeps an evenly spaced subset of the instances."""
+    device = resolve_device(device, model)
+    chosen = spread_subset(list(range(len(data))), max_images)
+    keep = chosen.indices if isinstance(chosen, Subset) else chosen
+    wanted = set(keep)
+    owners = [label for *_, label in data.images.samples]  # type: ignore[attr-defined]
+    images = Subset(data.images, [i for i, owner in enumerate(owners) if owner in wanted])
+    feats, owner = encode_images(model, images, batch_size=batch_size, workers=workers, device=device,
+                                 progress=progress, desc=desc, should_stop=should_stop)
+    texts = encode_texts(model, tokenizer, [cue_prompt(data.cues[i]) for i in keep], batch_size=batch_size,
+                         device=device, should_stop=should_stop)
+    feats, texts = F.normalize(feats, dim=-1), F.normalize(texts, dim=-1)
+    scores = [feats[owner == i] @ texts[j] for j, i in enumerate(keep)]
+    out = association_metrics(scores, [data.truths[i] for i in keep])
+    out["headline"] = out[headline]
+    out["images"] = float(len(feats))
+    return out
+
+
 def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
     """The results-file task name and the run function of a benchmark task."""
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
-            "retrieval": ("retrieval", run_retrieval)}[task]
+            "retrieval": ("retrieval", run_retrieval), "association": ("zeroshot", run_association)}[task]
 
 
 def entry_task(bench: Benchmark) -> str:
@@ -82,11 +123,13 @@ def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=No
 
     Classification returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's
     headline metric, named by `get_benchmark(benchmark).metric`) and images; multi-label and retrieval benchmarks
-    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics). `transform` defaults to the model's evaluation
-    preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly
-    spaced subset; `format` forces a layout (default: detected from the files under `root`); `language` picks the
-    class names and templates (or a retrieval set's captions) of that language (default English; see
-    `zeroshot list --languages`). The model is moved to `device` (default: where it is) and left in the mode it was in.
+    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics); DataComp's WILDS and fairness sets add
+    their group metrics and WinoGAViL returns `association_metrics` (zeroshot.group_metrics). `transform` defaults
+    to the model's evaluation preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images`
+    evaluates an evenly spaced subset (of WinoGAViL's cues); `format` forces a layout (default: detected from the
+    files under `root`); `language` picks the class names and templates (or a retrieval set's captions) of that
+    language (default English; see `zeroshot list --languages`). The model is moved to `device` (default: where it
+    is) and left in the mode it was in.
     """
     bench = get_benchmark(benchmark, language)
     if transform is None:

@@ -15,7 +15,10 @@ __all__ = ["METRIC_NAMES", "average_precision", "classification_metrics", "eleve
            "mean_per_class_recall", "multilabel_metrics", "retrieval_metrics", "top_k_accuracy", "topk_metrics"]
 
 METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "mean_per_class_recall": "mean per-class recall",
-                "mean_average_precision": "mean average precision", "mean_recall": "mean of retrieval recalls"}
+                "mean_average_precision": "mean average precision", "mean_recall": "mean of retrieval recalls",
+                "mean_recall@1": "mean of image and text recall@1", "jaccard_score_10-12": "Jaccard index, 10-12 "
+                "candidates", "F1-macro_all": "macro F1", "acc_worst_region": "worst-region accuracy",
+                "acc_top5_wg": "worst-income-group top-5 accuracy", "acc_wg": "worst-group accuracy"}
 
 
 def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:

@@ -1,4 +1,5 @@
-"""Comparison reports of several results files: a markdown table and a grouped bar chart of headline metrics."""
+"""Comparison reports of several results files: a markdown table and a grouped bar chart of headline metrics, and a
+table per suite the files ran (its tasks, group means and score)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 from zeroshot.results import Results, read_results
+from zeroshot.suites import get_suite, score_suite
 
 
 def column_labels(results: list[Results], paths: list[Path]) -> list[str]:
@@ -75,6 +77,34 @@ def markdown_table(results: list[Results], paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def suite_table(suite: str, results: list[Results], paths: list[Path]) -> str:
+    """One suite's table: each task's metric in percent (— where missing), each group's mean, then the score under
+    its name per file (datacomp_score, or datacomp_score_32_of_38 when tasks are missing), recomputed from the
+    entries."""
+    spec = get_suite(suite)
+    scores = [score_suite(spec, r.results) for r in results]
+
+    def cell(v: float | None) -> str:
+        return "—" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+    labels = column_labels(results, paths)
+    lines = ["| task | benchmark | metric | " + " | ".join(labels) + " |", "|---|---|---|" + "---:|" * len(labels)]
+    for i, (label, bench, metric, _) in enumerate(scores[0].tasks):
+        lines.append(f"| {label} | {bench} | {metric} | " + " | ".join(cell(s.tasks[i][3]) for s in scores) + " |")
+    for group in spec.groups:
+        values = [f"{cell(s.groups[group]['value'])} ({int(s.groups[group]['tasks'])}/{int(s.groups[group]['of'])})"
+                  for s in scores]
+        lines.append(f"| *{group}* | (group mean) | | " + " | ".join(values) + " |")
+    lines.append("| **score** | | | " + " | ".join(f"{cell(s.value)} `{s.name}`" for s in scores) + " |")
+    missing = [f"- {label}: {', '.join(s.missing)}" for label, s in zip(labels, scores) if s.missing]
+    return "\n".join(lines) + "\n" + (("\nMissing tasks:\n" + "\n".join(missing) + "\n") if missing else "")
+
+
+def report_suites(results: list[Results]) -> list[str]:
+    """The suites any of the files ran (their `suites` block), in first-seen order."""
+    return list(dict.fromkeys(name for r in results for name in (r.suites or {})))
+
+
 def bar_chart(results: list[Results], paths: list[Path], out: Path) -> Path:
     """A grouped bar chart (one group per task/benchmark, one bar per file) saved as PNG."""
     import matplotlib
@@ -111,7 +141,9 @@ def write_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> 
     md = out / "report.md"
     sources = "\n".join(f"- `{p}`: model `{r.model}`" + (f", pretrained `{r.pretrained}`" if r.pretrained else "")
                         + f", written {r.date}" for p, r in zip(files, results))
+    suites = "".join(f"## Suite: {name}\n\n" + suite_table(name, results, files) + "\n"
+                     for name in report_suites(results))
     md.write_text("# Evaluation report\n\nHeadline metric of each benchmark, in percent.\n\n"
-                  + markdown_table(results, files) + "\n![headline metrics](report.png)\n\n## Sources\n\n"
-                  + sources + "\n")
+                  + markdown_table(results, files) + "\n![headline metrics](report.png)\n\n" + suites
+                  + "## Sources\n\n" + sources + "\n")
     return md, bar_chart(results, files, out / "report.png")

@@ -44,6 +44,8 @@ def clip_benchmark_results(results: Results) -> list[tuple[str, dict[str, Any]]]
         if task is None:
             continue
         bench = BENCHMARKS.get(entry.benchmark)
+        if bench is not None and bench.task == "association":
+            continue  # CLIP_benchmark has no association task (WinoGAViL is DataComp's)
         dataset = bench.result_name if bench is not None else entry.benchmark
         pretrained = results.pretrained or ""
         doc = {"dataset": dataset, "model": results.model, "pretrained": pretrained, "task": task,

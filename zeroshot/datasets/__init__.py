@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from zeroshot.datasets import captions, catalog, wds  # noqa: F401  (register their layouts and every benchmark)
+from zeroshot.datasets import captions, catalog, datacomp, wds  # noqa: F401  (register layouts and every benchmark)
 from zeroshot.datasets.base import (
     BENCHMARKS,
     CLASSIFICATION_TASKS,
@@ -10,6 +10,7 @@ from zeroshot.datasets.base import (
     Benchmark,
     CaptionSet,
     EvalSet,
+    Grouping,
     Layout,
     get_benchmark,
     register,
@@ -28,5 +29,8 @@ def class_names(benchmark: str, language: str | None = None) -> list[str]:
     return list(get_benchmark(benchmark, language).classnames)
 
 
-__all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "Benchmark", "CaptionSet", "EvalSet", "Layout",
+from zeroshot.datasets.datacomp import AssociationSet  # noqa: E402
+
+__all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "AssociationSet", "Benchmark", "CaptionSet", "EvalSet",
+           "Grouping", "Layout",
            "class_names", "get_benchmark", "list_benchmarks", "register"]

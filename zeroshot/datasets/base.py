@@ -29,10 +29,11 @@ DEFAULT_LANGUAGE = "en"  # English prompts are zeroshot/assets/<benchmark>.json 
 # Languages are ISO 639-1 codes; CLIP_benchmark's own codes for two of them are accepted as well.
 LANGUAGE_ALIASES = {"jp": "ja", "cn": "zh"}
 SPLITS = ("test", "train")
-TASKS = ("classification", "multilabel", "retrieval")
+TASKS = ("classification", "multilabel", "retrieval", "association")
 CLASSIFICATION_TASKS = ("classification", "multilabel")
+# the headline metrics each task can have (a benchmark with group metadata adds its grouping's metrics)
 METRICS = {"classification": ("top1", "mean_per_class_recall"), "multilabel": ("mean_average_precision",),
-           "retrieval": ("mean_recall",)}
+           "retrieval": ("mean_recall", "mean_recall@1"), "association": ("jaccard_score_10-12", "avg_jaccard_score")}
 
 
 @dataclass
@@ -45,6 +46,8 @@ class EvalSet:
     format: str
     root: Path
     targets: torch.Tensor | None = None  # multi-label: 0/1 [N, classes]; the dataset's labels are then 0..N-1
+    metadata: torch.Tensor | None = None  # grouped sets: one int64 row of metadata fields per sample [N, fields]
+    grouping: Grouping | None = None  # grouped sets: the metrics computed from `metadata`
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -86,6 +89,19 @@ class Layout:
         return EvalSet(dataset, bench.classnames, bench.templates, self.name, root, targets)
 
 
+@dataclass(frozen=True)
+class Grouping:
+    """How a benchmark's per-sample metadata turns predictions into its own metrics (WILDS-style group breakdowns).
+
+    `metrics(logits, labels, metadata)` returns the extra metrics from logits [N, classes], labels [N] and the
+    metadata rows [N, fields] of the same samples; `names` lists the metric names a headline may be.
+    """
+
+    fields: tuple[str, ...]
+    metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]]
+    names: tuple[str, ...]
+
+
 def asset_path(name: str, language: str = DEFAULT_LANGUAGE) -> Path:
     """Where the prompts of benchmark `name` in `language` live: assets/<name>.json for English, else
     assets/languages/<language>/<name>.json."""
@@ -94,13 +110,17 @@ def asset_path(name: str, language: str = DEFAULT_LANGUAGE) -> Path:
 
 @functools.cache
 def load_asset(name: str, language: str = DEFAULT_LANGUAGE) -> dict[str, Any]:
-    """The class names, templates and optional folder names of a benchmark in `language`, from its asset file."""
+    """The class names, templates and optional folder names of a benchmark in `language`, from its asset file.
+
+    An asset with "from_export": true has no lists: its benchmark is read only from an export that carries its
+    class names and templates (DataComp's webdataset exports, as DataComp itself reads them)."""
     path = asset_path(name, language)
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["classnames"] and data["templates"], f"{path}: empty class names or templates"
+    assert data.get("from_export") or (data["classnames"] and data["templates"]), \
+        f"{path}: empty class names or templates"
     if language != DEFAULT_LANGUAGE:
         english = load_asset(name)
-        assert len(data["classnames"]) == len(english["classnames"]), \
+        assert len(data["classnames"]) == len(english.get("classnames", data["classnames"])), \
             f"{path}: {len(data['classnames'])} class names, the English file has {len(english['classnames'])}"
     return data
 
@@ -126,10 +146,18 @@ class Benchmark:
     clip_benchmark: str = ""  # its dataset name in CLIP_benchmark's result files (default: the first alias or name)
     caption_languages: tuple[str, ...] = ()  # retrieval: the languages its captions come in (default: English)
     language: str = DEFAULT_LANGUAGE  # of the prompts (classification) or captions (retrieval); see in_language
+    datacomp: str = ""  # its task key in DataComp's tasklist.yml (e.g. wilds/fmow): names its wds_<key>_test folder
+    grouping: Grouping | None = None  # per-sample metadata read from the export and the metrics computed from it
 
     def __post_init__(self) -> None:
         assert self.task in TASKS, f"{self.name}: unknown task {self.task}"
-        assert self.metric in METRICS[self.task], f"{self.name}: metric {self.metric} is not one of {self.task}'s"
+        allowed = METRICS[self.task] + (self.grouping.names if self.grouping else ())
+        assert self.metric in allowed, f"{self.name}: metric {self.metric} is not one of {self.task}'s"
+
+    @property
+    def from_export(self) -> bool:
+        """Whether class names and templates come only from the export on disk (no lists in our assets)."""
+        return self.task in CLASSIFICATION_TASKS and bool(load_asset(self.name).get("from_export"))
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -163,22 +191,24 @@ class Benchmark:
 
     @property
     def classnames(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name, self.language)["classnames"])
+        return list(load_asset(self.name, self.language).get("classnames", [])) if self.task in CLASSIFICATION_TASKS \
+            else []
 
     @property
     def templates(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name, self.language)["templates"])
+        return list(load_asset(self.name, self.language).get("templates", [])) if self.task in CLASSIFICATION_TASKS \
+            else []
 
     @property
     def folders(self) -> list[str] | None:
         """On-disk folder name of each class, in class order, where the dataset's folders are not sorted names."""
-        return None if self.task == "retrieval" else load_asset(self.name).get("folders")
+        return load_asset(self.name).get("folders") if self.task in CLASSIFICATION_TASKS else None
 
     @property
     def sources(self) -> dict[str, str]:
-        if self.task == "retrieval":
-            return {"annotations": self.notes}
-        return dict(load_asset(self.name, self.language)["sources"])
+        if self.task in CLASSIFICATION_TASKS:
+            return dict(load_asset(self.name, self.language)["sources"])
+        return {"annotations": self.notes}
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -244,7 +274,7 @@ BENCHMARKS: dict[str, Benchmark] = {}
 def register(bench: Benchmark) -> Benchmark:
     """Add a benchmark to the registry under its name (names are unique)."""
     assert bench.name not in BENCHMARKS, f"benchmark {bench.name} registered twice"
-    if bench.task != "retrieval":
+    if bench.task in CLASSIFICATION_TASKS:
         load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
     BENCHMARKS[bench.name] = bench
     return bench
@@ -269,13 +299,31 @@ def get_benchmark(name: str, language: str | None = None) -> Benchmark:
 def resolve_root(bench: Benchmark, root: Path) -> Path:
     """`root/<name>` (or an alias sub-folder) when `root` is a collection of benchmarks, else `root` itself.
 
-    CLIP_benchmark's webdataset collection names its folders wds_<name> and wds_vtab-<name>; those work too.
+    CLIP_benchmark's webdataset collection names its folders wds_<name> and wds_vtab-<name>; those work too, and
+    so do DataComp's (`download_evalsets.py`: wds_<task key>_test, the key's "/" made "-", its fairness/,
+    retrieval/ and misc/ prefixes dropped, e.g. wds_vtab-cifar100_test, wds_wilds-fmow_test, wds_geode_test).
     """
-    names = (bench.name, *bench.aliases)
-    for sub in (*names, *(f"wds_{n}" for n in names), *(f"wds_vtab-{n}" for n in names)):
+    for sub in folder_names(bench):
         if (root / sub).is_dir():
             return root / sub
     return root
+
+
+def datacomp_folder(key: str) -> str:
+    """The folder DataComp's download script writes for a tasklist key (wilds/fmow -> wds_wilds-fmow_test)."""
+    prefix, _, rest = key.partition("/")
+    if rest and prefix in ("fairness", "retrieval", "misc"):
+        key = rest
+    return f"wds_{key.replace('/', '-')}_test"
+
+
+def folder_names(bench: Benchmark) -> list[str]:
+    """The sub-folder names a collection root may hold `bench` under, most specific first."""
+    names = (bench.name, *bench.aliases)
+    found = [datacomp_folder(bench.datacomp)] if bench.datacomp else []
+    found += [*names, *(f"wds_{n}" for n in names), *(f"wds_vtab-{n}" for n in names),
+              *(f"wds_{n}_test" for n in names), *(f"wds_vtab-{n}_test" for n in names)]
+    return list(dict.fromkeys(found))
 
 
 def first_existing(root: Path, candidates: Sequence[str]) -> Path | None:

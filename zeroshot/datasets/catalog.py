@@ -4,7 +4,8 @@ Headline metrics follow the CLIP paper (appendix, table of datasets): mean per-c
 Oxford-IIIT Pets, Caltech-101 and Flowers-102; top-1 accuracy elsewhere. The paper scores VOC2007 by 11-point mAP
 over whole images (multi-label): that is voc2007-multilabel (headline: CLIP_benchmark's mean average precision, the
 11-point form reported beside it); voc2007 scores CLIP_benchmark's single-label crops of each annotated object by
-mean per-class recall, which is less sensitive to VOC's many `person` crops. Every benchmark also reads
+top-1 accuracy, as CLIP_benchmark and DataComp report it (mean per-class recall, less sensitive to VOC's many
+`person` crops, is reported beside it). Every benchmark also reads
 CLIP_benchmark's webdataset export (see wds.py); aliases are CLIP_benchmark's dataset names.
 """
 
@@ -110,7 +111,7 @@ register(Benchmark("birdsnap", (FolderLayout(test=("test", "")),)))
 register(Benchmark("kitti-distance", (KittiLayout(),), aliases=("kitti_closest_vehicle_distance",)))
 register(Benchmark("clevr-count", (ClevrLayout(clevr_count_label),), aliases=("clevr_count_all",)))
 register(Benchmark("clevr-distance", (ClevrLayout(clevr_distance_label),), aliases=("clevr_closest_object_distance",)))
-register(Benchmark("voc2007", (VocCropsLayout(),), metric=MPCR))
+register(Benchmark("voc2007", (VocCropsLayout(),)))  # top-1, as CLIP_benchmark and DataComp score it
 register(Benchmark("voc2007-multilabel", (VocMultilabelLayout(),), metric="mean_average_precision", task="multilabel",
                    aliases=("voc2007_multilabel",)))
 register(Benchmark("imagenet-o", (FolderLayout(test=("imagenet-o", ""), naming="asset"),)))
@@ -129,15 +130,18 @@ for name, alias in [("dmlab", "dmlab"), ("dsprites-orientation", "dsprites_label
                     ("diabetic-retinopathy", "diabetic_retinopathy")]:
     register(Benchmark(name, (BY_LABEL,), aliases=(alias,), clip_benchmark=f"vtab/{alias}"))
 
-# Image-text retrieval (the Karpathy test splits CLIP_benchmark evaluates), headline: the mean of the six recalls.
+# Image-text retrieval (the Karpathy test splits CLIP_benchmark evaluates). Headline: DataComp's mean_recall@1 (the
+# mean of image and text recall@1) for Flickr30k and MSCOCO, the mean of the six recalls for Flickr8k.
 # Each also reads CLIP_benchmark's webdataset export, our own shards and a COCO captions json (captions.py).
 KARPATHY = "CLIP_benchmark's Karpathy-split annotations (github.com/mehdidc/retrieval_annotations, release 1.0.0)"
 register(Benchmark("flickr8k", (FlickrLayout("flickr8k"),), metric="mean_recall", task="retrieval",
                    notes=f"{KARPATHY}: flickr8k_test_karpathy.txt, 1000 images x 5 captions"))
-register(Benchmark("flickr30k", (FlickrLayout("flickr30k"),), metric="mean_recall", task="retrieval",
+register(Benchmark("flickr30k", (FlickrLayout("flickr30k"),), metric="mean_recall@1", task="retrieval",
+                   datacomp="retrieval/flickr_1k_test_image_text_retrieval",
                    notes=f"{KARPATHY}: flickr30k_test_karpathy.txt, 1000 images x 5 captions"))
-register(Benchmark("mscoco", (CocoKarpathyLayout(),), metric="mean_recall", task="retrieval",
-                   aliases=("mscoco_captions",), notes=f"{KARPATHY}: coco_test_karpathy.json, 5000 val2014 images"))
+register(Benchmark("mscoco", (CocoKarpathyLayout(),), metric="mean_recall@1", task="retrieval",
+                   aliases=("mscoco_captions",), datacomp="retrieval/mscoco_2014_5k_test_image_text_retrieval",
+                   notes=f"{KARPATHY}: coco_test_karpathy.json, 5000 val2014 images"))
 register(Benchmark("captions", metric="mean_recall", task="retrieval",
                    notes="your own captioned images: make-shards output, a COCO captions json or a CLIP_benchmark export"))
 

@@ -6,6 +6,9 @@
     <root>/test/nshards.txt                        optional: shards 0..n-1.tar, as CLIP_benchmark reads them
     <root>/dataset_type.txt                        "multilabel": labels are <key>.npy 0/1 vectors, not .cls
 
+A benchmark with a grouping (DataComp's WILDS and fairness sets) also reads each sample's <key>.npy as its row of
+metadata fields (WILDS' metadata array: e.g. FMoW's region, year, y), beside the .cls label.
+
 The shards are indexed once (tar headers only) into a map-style dataset that reads each image by offset, so it
 works with DataLoader workers, subsets and progress bars like the other layouts. Class names and templates found
 beside the shards win over the registry's English ones, as in CLIP_benchmark, so scores match on the same files;
@@ -113,6 +116,27 @@ def index_shards(shards: list[Path], label_ext: str = "cls") -> list[tuple[Path,
             for shard in shards for key, image, files in shard_samples(shard)]
 
 
+def index_with_metadata(shards: list[Path], bench: Benchmark) -> tuple[list[tuple[Path, int, int, int]],
+                                                                       list[tuple[int, ...]]]:
+    """(shard, byte offset, size, .cls label) of every sample's image and the first fields of its .npy metadata
+    row that `bench`'s grouping names, in shard order."""
+    assert bench.grouping is not None
+    fields = bench.grouping.fields
+    samples, rows = [], []
+    for shard in shards:
+        for key, image, files in shard_samples(shard):
+            if "npy" not in files:
+                raise DataError(f"{shard}: sample {key!r} has no .npy metadata row (the fields its group metrics "
+                                f"need), only {sorted(files)}")
+            row = _label(shard, key, files, "npy")
+            if len(row) < len(fields):  # type: ignore[arg-type]
+                raise DataError(f"{shard}: sample {key!r} has {len(row)} metadata fields, {bench.name} needs "  # type: ignore
+                                f"{len(fields)} ({', '.join(fields)})")
+            samples.append((shard, image.offset_data, image.size, _label(shard, key, files, "cls")))
+            rows.append(row[:len(fields)])  # type: ignore[index]
+    return samples, rows  # type: ignore[return-value]
+
+
 class ShardSamples(Dataset):
     """Images read straight from tar shards by byte offset (each read opens the shard, so workers share nothing)."""
 
@@ -155,12 +179,19 @@ class WebDatasetLayout(Layout):
         if missing:
             raise DataError(f"{root}: incomplete CLIP_benchmark webdataset for {bench.name}; missing {', '.join(missing)}")
         classnames = _read_lines(root / CLASSNAMES)
-        templates = _read_lines(root / TEMPLATES) if (root / TEMPLATES).is_file() else bench.templates
+        if (root / TEMPLATES).is_file():
+            templates = _read_lines(root / TEMPLATES)
+        elif bench.from_export:
+            raise DataError(f"{root}: {bench.name} takes its prompts from the export; missing {root / TEMPLATES}")
+        else:
+            templates = bench.templates
         if bench.language != DEFAULT_LANGUAGE:  # the export's files are English: the language's own prompts win
             if len(classnames) != len(bench.classnames):
                 raise DataError(f"{root / CLASSNAMES}: {len(classnames)} classes, {bench.name}'s {bench.language} "
                                 f"class names {len(bench.classnames)}")
             classnames, templates = bench.classnames, bench.templates
+        if bench.grouping is not None:
+            return self._grouped(bench, root, split, shards, classnames, templates, transform)
         multilabel = bench.task == "multilabel"
         samples = index_shards(shards, "npy" if multilabel else "cls")
         if not samples:
@@ -177,6 +208,19 @@ class WebDatasetLayout(Layout):
         if bad is not None:
             raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
         return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root)  # type: ignore
+
+    def _grouped(self, bench: Benchmark, root: Path, split: str, shards: list[Path], classnames: list[str],
+                 templates: list[str], transform: Callable | None) -> EvalSet:
+        """Samples with a .cls label and a .npy metadata row of the grouping's fields."""
+        samples, rows = index_with_metadata(shards, bench)
+        if not samples:
+            raise DataError(f"{root / split}: the shards hold no samples")
+        bad = next((s for s in samples if not 0 <= s[3] < len(classnames)), None)
+        if bad is not None:
+            raise DataError(f"{bad[0]}: label {bad[3]} is outside the {len(classnames)} classes of {root / CLASSNAMES}")
+        metadata = torch.tensor(rows, dtype=torch.long)
+        return EvalSet(ShardSamples(samples, transform), classnames, templates, self.name, root,  # type: ignore
+                       metadata=metadata, grouping=bench.grouping)
 
 
 add_generic_layouts(CLASSIFICATION_TASKS, WebDatasetLayout)
