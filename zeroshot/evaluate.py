@@ -3,7 +3,8 @@
 Images are encoded by `zeroshot.features.encode_images` (the one feature pass, shared with the probe); `evaluate`
 is the whole task on one benchmark; `evaluate_suite` runs several and returns results-file entries (what
 `zeroshot eval` and the trainer write). The benchmark's task picks the runner: `run_zeroshot` (classification),
-`run_multilabel` (multi-label classification, average precision) or `zeroshot.retrieve.run_retrieval`.
+`run_multilabel` (multi-label classification, average precision), `zeroshot.retrieve.run_retrieval` or
+`zeroshot.selection.run_caption_selection` (SugarCrepe, Winoground).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from zeroshot.features import encode_images, resolve_device, spread_subset
 from zeroshot.metrics import classification_metrics, multilabel_metrics
 from zeroshot.results import ResultEntry
 from zeroshot.retrieve import run_retrieval
+from zeroshot.selection import run_caption_selection
 
 
 def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
@@ -65,11 +67,13 @@ def run_multilabel(model: nn.Module, data: EvalSet, *, headline: str = "mean_ave
 def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
     """The results-file task name and the run function of a benchmark task."""
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
-            "retrieval": ("retrieval", run_retrieval)}[task]
+            "retrieval": ("retrieval", run_retrieval),
+            "caption_selection": ("image_caption_selection", run_caption_selection)}[task]
 
 
 def entry_task(bench: Benchmark) -> str:
-    """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks, else "zeroshot"."""
+    """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks,
+    "image_caption_selection" for SugarCrepe and Winoground, else "zeroshot"."""
     return _runner(bench.task)[0]
 
 

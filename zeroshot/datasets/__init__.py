@@ -11,6 +11,7 @@ from zeroshot.datasets.base import (
     CaptionSet,
     EvalSet,
     Layout,
+    SelectionSet,
     get_benchmark,
     register,
 )
@@ -29,4 +30,4 @@ def class_names(benchmark: str) -> list[str]:
 
 
 __all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "Benchmark", "CaptionSet", "EvalSet", "Layout",
-           "class_names", "get_benchmark", "list_benchmarks", "register"]
+           "SelectionSet", "class_names", "get_benchmark", "list_benchmarks", "register"]

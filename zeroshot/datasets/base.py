@@ -1,7 +1,7 @@
 """The benchmark registry: what a benchmark is, the on-disk layouts it can be read from, and lookup by name.
 
-A benchmark has a task (classification, multilabel classification or image-text retrieval), a headline metric and
-the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
+A benchmark has a task (classification, multilabel classification, image-text retrieval or image-caption selection),
+a headline metric and the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
 `zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
 webdataset export; for retrieval also our own shards and a COCO captions file), which are added to its own layouts
 here, so a new entry only names the layouts that are particular to it. The modules defining layouts import this one
@@ -24,10 +24,10 @@ from vlpretrain.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPLITS = ("test", "train")
-TASKS = ("classification", "multilabel", "retrieval")
+TASKS = ("classification", "multilabel", "retrieval", "caption_selection")
 CLASSIFICATION_TASKS = ("classification", "multilabel")
 METRICS = {"classification": ("top1", "mean_per_class_recall"), "multilabel": ("mean_average_precision",),
-           "retrieval": ("mean_recall",)}
+           "retrieval": ("mean_recall",), "caption_selection": ("acc",)}
 
 
 @dataclass
@@ -60,6 +60,25 @@ class CaptionSet:
         return len(self.images)  # type: ignore[arg-type]
 
 
+@dataclass
+class SelectionSet:
+    """An image-caption selection split (SugarCrepe, Winoground): instances of the same number of images and
+    captions, image i of an instance belonging with its caption i (captions past the images are negatives).
+
+    `images` yields (image, its index) over every image, instance by instance; instance n holds images
+    n*images_per_instance ... and captions n*captions_per_instance ... of `captions`."""
+
+    images: Dataset
+    captions: list[str]
+    images_per_instance: int
+    captions_per_instance: int
+    format: str
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.captions) // self.captions_per_instance
+
+
 class Layout:
     """One way a benchmark can sit on disk (torchvision's files, class folders, webdataset shards)."""
 
@@ -73,7 +92,8 @@ class Layout:
         """Whether the files marking this layout are under `root` (the rest is checked by `open`)."""
         raise NotImplementedError
 
-    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet | CaptionSet:
+    def open(self, bench: Benchmark, root: Path, split: str,
+             transform: Callable | None) -> EvalSet | CaptionSet | SelectionSet:
         """Index the split; raise DataError naming the missing or broken file."""
         raise NotImplementedError
 
@@ -109,28 +129,33 @@ class Benchmark:
     @property
     def _all_layouts(self) -> tuple[Layout, ...]:
         generic = tuple(cls() for cls in GENERIC_LAYOUTS[self.task])
-        if self.task == "retrieval":  # a benchmark's own annotation files are the most specific markers
+        if not self.has_prompts:  # a benchmark's own annotation files are the most specific markers
             return (*self.layouts, *generic)
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
         # shards) are specific, while a class-folder layout would take a shard folder for a class.
         return (*generic, *self.layouts)
 
     @property
+    def has_prompts(self) -> bool:
+        """Whether the benchmark classifies with class names and templates (its asset file has them)."""
+        return self.task in CLASSIFICATION_TASKS
+
+    @property
     def classnames(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name)["classnames"])
+        return list(load_asset(self.name)["classnames"]) if self.has_prompts else []
 
     @property
     def templates(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name)["templates"])
+        return list(load_asset(self.name)["templates"]) if self.has_prompts else []
 
     @property
     def folders(self) -> list[str] | None:
         """On-disk folder name of each class, in class order, where the dataset's folders are not sorted names."""
-        return None if self.task == "retrieval" else load_asset(self.name).get("folders")
+        return load_asset(self.name).get("folders") if self.has_prompts else None
 
     @property
     def sources(self) -> dict[str, str]:
-        return {"annotations": self.notes} if self.task == "retrieval" else dict(load_asset(self.name)["sources"])
+        return dict(load_asset(self.name)["sources"]) if self.has_prompts else {"annotations": self.notes}
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -173,7 +198,7 @@ class Benchmark:
             raise
 
     def load(self, root: str | Path, split: str = "test", transform: Callable | None = None,
-             format: str | None = None) -> EvalSet | CaptionSet:
+             format: str | None = None) -> EvalSet | CaptionSet | SelectionSet:
         """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
         resolved, layout = self.locate(root, split, format)
         return layout.open(self, resolved, split, transform)
@@ -196,7 +221,7 @@ BENCHMARKS: dict[str, Benchmark] = {}
 def register(bench: Benchmark) -> Benchmark:
     """Add a benchmark to the registry under its name (names are unique)."""
     assert bench.name not in BENCHMARKS, f"benchmark {bench.name} registered twice"
-    if bench.task != "retrieval":
+    if bench.has_prompts:
         load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
     BENCHMARKS[bench.name] = bench
     return bench

@@ -13,6 +13,7 @@ from __future__ import annotations
 from zeroshot.datasets.arrays import CifarLayout, IdxLayout
 from zeroshot.datasets.base import Benchmark, register
 from zeroshot.datasets.captions import CocoKarpathyLayout, FlickrLayout
+from zeroshot.datasets.compositional import SUGAR_CREPE_SUBSETS, SugarCrepeLayout, WinogroundLayout
 from zeroshot.datasets.folder import FolderLayout
 from zeroshot.datasets.scenes import (
     ClevrLayout,
@@ -132,3 +133,14 @@ register(Benchmark("mscoco", (CocoKarpathyLayout(),), metric="mean_recall", task
                    aliases=("mscoco_captions",), notes=f"{KARPATHY}: coco_test_karpathy.json, 5000 val2014 images"))
 register(Benchmark("captions", metric="mean_recall", task="retrieval",
                    notes="your own captioned images: make-shards output, a COCO captions json or a CLIP_benchmark export"))
+
+# Compositionality (CLIP_benchmark's image_caption_selection task): pick the right caption against a hard negative
+# (SugarCrepe's seven subsets), or match two images to two captions made of the same words (Winoground).
+for subset in SUGAR_CREPE_SUBSETS:
+    register(Benchmark(f"sugar-crepe-{subset.replace('_', '-')}", (SugarCrepeLayout(subset),), metric="acc",
+                       task="caption_selection", aliases=(f"sugar_crepe/{subset}",),
+                       notes=f"RAIVNLab/sugar-crepe data/{subset}.json with COCO val2017 images; acc: the caption "
+                             "scores above its negative"))
+register(Benchmark("winoground", (WinogroundLayout(),), metric="acc", task="caption_selection",
+                   notes="facebook/winoground examples.jsonl + images; text_acc, image_acc, acc: Winoground's text, "
+                         "image and group scores"))
