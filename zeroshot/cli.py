@@ -82,6 +82,10 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
     if not names:
         raise ConfigError("--benchmark: give at least one benchmark name")
+    if getattr(a, "classnames", None) or getattr(a, "templates", None):
+        from zeroshot.prompts import read_prompts
+
+        read_prompts(names, a.classnames, a.templates)  # a bad prompts file fails before any data is scanned
     if not Path(a.root).is_dir():
         raise ConfigError(f"--root: {a.root} is not a folder")
     for name in names:
@@ -119,13 +123,29 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--adapter", help="adapter file from `zeroshot adapt`: classify with the adapted head instead of "
                                      "the prompt ensemble (one benchmark, the adapter's)")
+    p.add_argument("--classnames", metavar="FILE",
+                   help="class names replacing the benchmarks' own: JSON keyed by benchmark, or one name a line")
+    p.add_argument("--templates", metavar="FILE",
+                   help="templates with {c} (or class-specific prompts) replacing the benchmarks' own: JSON keyed by "
+                        "benchmark, or one template a line; `cupl`: CuPL's ImageNet prompts as CLIP_benchmark ships")
+    p.add_argument("--recall-k", type=int, nargs="+", metavar="K",
+                   help="retrieval: the k of recall@k, e.g. --recall-k 1 5 10 50 (default: 1 5 10)")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
         from zeroshot.evaluate import entry_task, evaluate_suite
+        from zeroshot.prompts import read_prompts
         from zeroshot.results import ResultEntry
+        from zeroshot.retrieve import check_ks
 
         names = _checked_benchmarks(a, "test")
+        if a.recall_k is not None:
+            check_ks(a.recall_k)
+        if a.adapter and (a.classnames or a.templates):
+            raise ConfigError("--adapter: an adapted head keeps the prompts it was fitted with; drop --classnames "
+                              "and --templates")
+        for name, origin in read_prompts(names, a.classnames, a.templates).origin.items():
+            print(f"{name}: {origin}", flush=True)  # read again (cheap) to say which benchmarks take the files
 
         def show(e: ResultEntry) -> None:
             # the headline is printed first under its own name; `headline` itself is only a copy of it
@@ -148,7 +168,8 @@ def _eval(p: argparse.ArgumentParser):
         try:
             evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                            device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
-                           cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)
+                           cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,
+                           classnames=a.classnames, templates=a.templates, recall_ks=a.recall_k)
         except Interrupted:
             left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in names[len(entries):]]
             print(f"interrupted: {len(entries)} of {len(names)} benchmarks evaluated"

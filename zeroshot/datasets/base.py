@@ -36,7 +36,7 @@ class EvalSet:
 
     dataset: Dataset
     classnames: list[str]
-    templates: list[str]
+    templates: list[str] | dict[str, list[str]]  # shared, with {c}; or each class name's own prompts (CuPL)
     format: str
     root: Path
     targets: torch.Tensor | None = None  # multi-label: 0/1 [N, classes]; the dataset's labels are then 0..N-1
