@@ -51,7 +51,7 @@ def check(data: CaptionSet, fmt: str, lossless: bool = False) -> None:
 def test_registry_knows_the_retrieval_sets_and_their_task():
     retrieval = [b.name for b in list_benchmarks(["retrieval"])]
     assert retrieval == ["flickr8k", "flickr30k", "mscoco", "captions"]
-    assert {b.task for b in list_benchmarks(None)} == {"classification", "multilabel", "retrieval"}
+    assert {b.task for b in list_benchmarks(None)} == {"classification", "multilabel", "retrieval", "caption_selection"}
     assert all(b.task != "retrieval" for b in list_benchmarks())
     assert get_benchmark("mscoco_captions").name == "mscoco" and get_benchmark("flickr30k").metric == "mean_recall"
     assert get_benchmark("flickr30k").formats == ("karpathy", "wds", "shards", "coco")
