@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpretrain.errors import ConfigError, DataError
-from zeroshot.datasets import Benchmark, EvalSet, get_benchmark
+from zeroshot.datasets import CLASSIFICATION_TASKS, Benchmark, EvalSet, get_benchmark
 from zeroshot.datasets.base import ASSETS
 
 BUILTIN = {"cupl": ASSETS / "prompts" / "cupl.json.gz"}
@@ -91,7 +91,7 @@ def _read(source: Source, what: str) -> tuple[Any, str]:
 
 def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str) -> dict[str, Any]:
     """The entry of each evaluated benchmark: a keyed document's own (or its imagenet1k fallback, for templates), a
-    plain list's for the one benchmark evaluated."""
+    plain list's for the one classification benchmark evaluated."""
     if doc is None:
         return {}
     if isinstance(doc, Mapping):
@@ -105,7 +105,7 @@ def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str) ->
         if what == "templates" and FALLBACK in keyed:
             fallback = keyed[FALLBACK]
             for b in benches:
-                if b.name not in out and b.has_prompts and (
+                if b.name not in out and b.task in CLASSIFICATION_TASKS and (
                         not isinstance(fallback, Mapping) or all(n in fallback for n in _names(b.classnames))):
                     out[b.name] = fallback
         if not out:
@@ -113,10 +113,11 @@ def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str) ->
                               f"(its keys: {', '.join(list(keyed)[:5])}{', ...' if len(keyed) > 5 else ''})")
         return out
     if isinstance(doc, Sequence) and not isinstance(doc, str):
-        if len(benches) != 1:
-            raise ConfigError(f"{where}: a plain list is for one benchmark, not {len(benches)} "
+        classifying = [b for b in benches if b.task in CLASSIFICATION_TASKS] or benches  # retrieval and selection take no prompts
+        if len(classifying) != 1:
+            raise ConfigError(f"{where}: a plain list is for one benchmark, not {len(classifying)} "
                               "(give JSON keyed by benchmark name)")
-        return {benches[0].name: doc}
+        return {classifying[0].name: doc}
     raise ConfigError(f"{where}: expected a JSON object keyed by benchmark, or a list")
 
 
@@ -157,7 +158,7 @@ def read_prompts(benchmarks: Sequence[str], classnames: Source = None, templates
     for bench in benches:
         if bench.name not in names and bench.name not in temps:
             continue
-        if not bench.has_prompts:
+        if bench.task not in CLASSIFICATION_TASKS:
             where = where_names if bench.name in names else where_templates
             raise ConfigError(f"{where}: {bench.name} is a {bench.task} benchmark; it has no class names or templates")
         origin = []

@@ -1,8 +1,8 @@
 """The benchmark registry: what a benchmark is, the on-disk layouts it can be read from, and lookup by name.
 
 A benchmark has a task (classification, multilabel classification, image-text retrieval or image-caption selection),
-a headline metric and the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
-`zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
+a headline metric and the layouts it can be read from; a classification benchmark also has data (class names,
+templates, folder names in `zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
 webdataset export; for retrieval also our own shards and a COCO captions file), which are added to its own layouts
 here, so a new entry only names the layouts that are particular to it. The modules defining layouts import this one
 and add their generic layouts with `add_generic_layouts`; this module imports none of them.
@@ -129,33 +129,30 @@ class Benchmark:
     @property
     def _all_layouts(self) -> tuple[Layout, ...]:
         generic = tuple(cls() for cls in GENERIC_LAYOUTS[self.task])
-        if not self.has_prompts:  # a benchmark's own annotation files are the most specific markers
+        if self.task == "retrieval":  # a benchmark's own annotation files are the most specific markers
             return (*self.layouts, *generic)
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
         # shards) are specific, while a class-folder layout would take a shard folder for a class.
         return (*generic, *self.layouts)
 
     @property
-    def has_prompts(self) -> bool:
-        """Whether the benchmark classifies with class names and templates (its asset file has them)."""
-        return self.task in CLASSIFICATION_TASKS
-
-    @property
     def classnames(self) -> list[str]:
-        return list(load_asset(self.name)["classnames"]) if self.has_prompts else []
+        return list(load_asset(self.name).get("classnames", [])) if self.task in CLASSIFICATION_TASKS else []
 
     @property
     def templates(self) -> list[str]:
-        return list(load_asset(self.name)["templates"]) if self.has_prompts else []
+        return list(load_asset(self.name).get("templates", [])) if self.task in CLASSIFICATION_TASKS else []
 
     @property
     def folders(self) -> list[str] | None:
         """On-disk folder name of each class, in class order, where the dataset's folders are not sorted names."""
-        return load_asset(self.name).get("folders") if self.has_prompts else None
+        return load_asset(self.name).get("folders") if self.task in CLASSIFICATION_TASKS else None
 
     @property
     def sources(self) -> dict[str, str]:
-        return dict(load_asset(self.name)["sources"]) if self.has_prompts else {"annotations": self.notes}
+        if self.task in CLASSIFICATION_TASKS:
+            return dict(load_asset(self.name)["sources"])
+        return {"annotations": self.notes}
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -221,7 +218,7 @@ BENCHMARKS: dict[str, Benchmark] = {}
 def register(bench: Benchmark) -> Benchmark:
     """Add a benchmark to the registry under its name (names are unique)."""
     assert bench.name not in BENCHMARKS, f"benchmark {bench.name} registered twice"
-    if bench.has_prompts:
+    if bench.task in CLASSIFICATION_TASKS:
         load_asset(bench.name)  # fail at import time, not mid-evaluation, when an asset file is missing
     BENCHMARKS[bench.name] = bench
     return bench
