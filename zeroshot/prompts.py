@@ -89,9 +89,11 @@ def _read(source: Source, what: str) -> tuple[Any, str]:
     return [line.strip() for line in text.splitlines() if line.strip()], where
 
 
-def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str) -> dict[str, Any]:
-    """The entry of each evaluated benchmark: a keyed document's own (or its imagenet1k fallback, for templates), a
-    plain list's for the one classification benchmark evaluated."""
+def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str,
+                   names: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The entry of each evaluated benchmark: a keyed document's own (or its imagenet1k fallback, for templates:
+    class-specific prompts only for a benchmark whose class names, `names` or its own, they all cover), a plain
+    list's for the one classification benchmark evaluated."""
     if doc is None:
         return {}
     if isinstance(doc, Mapping):
@@ -105,15 +107,16 @@ def _per_benchmark(doc: Any, where: str, benches: list[Benchmark], what: str) ->
         if what == "templates" and FALLBACK in keyed:
             fallback = keyed[FALLBACK]
             for b in benches:
+                own = (names or {}).get(b.name, b.classnames)
                 if b.name not in out and b.task in CLASSIFICATION_TASKS and (
-                        not isinstance(fallback, Mapping) or all(n in fallback for n in _names(b.classnames))):
+                        not isinstance(fallback, Mapping) or all(n in fallback for n in _names(own))):
                     out[b.name] = fallback
         if not out:
             raise ConfigError(f"{where}: has no entry for {', '.join(b.name for b in benches)} "
                               f"(its keys: {', '.join(list(keyed)[:5])}{', ...' if len(keyed) > 5 else ''})")
         return out
     if isinstance(doc, Sequence) and not isinstance(doc, str):
-        classifying = [b for b in benches if b.task in CLASSIFICATION_TASKS] or benches  # retrieval and selection take no prompts
+        classifying = [b for b in benches if b.task in CLASSIFICATION_TASKS] or benches  # the others take none
         if len(classifying) != 1:
             raise ConfigError(f"{where}: a plain list is for one benchmark, not {len(classifying)} "
                               "(give JSON keyed by benchmark name)")
@@ -150,24 +153,24 @@ def read_prompts(benchmarks: Sequence[str], classnames: Source = None, templates
     """Class names and templates for `benchmarks` from files (a path; for templates also "cupl"), or from Python
     values of the same shapes; every error is a ConfigError naming the file and what is wrong with it."""
     benches = [get_benchmark(n) for n in benchmarks]
-    doc, where_names = _read(classnames, "classnames")
-    names = _per_benchmark(doc, where_names, benches, "classnames")
-    doc, where_templates = _read(templates, "templates")
-    temps = _per_benchmark(doc, where_templates, benches, "templates")
     out = CustomPrompts()
-    for bench in benches:
-        if bench.name not in names and bench.name not in temps:
-            continue
-        if bench.task not in CLASSIFICATION_TASKS:
-            where = where_names if bench.name in names else where_templates
-            raise ConfigError(f"{where}: {bench.name} is a {bench.task} benchmark; it has no class names or templates")
-        origin = []
-        if bench.name in names:
-            out.classnames[bench.name] = _check_classnames(names[bench.name], bench, where_names)
-            origin.append(f"class names from {where_names}")
-        if bench.name in temps:
-            own = out.classnames.get(bench.name, bench.classnames)
-            out.templates[bench.name] = _check_templates(temps[bench.name], bench, own, where_templates)
-            origin.append(f"templates from {where_templates}")
-        out.origin[bench.name] = ", ".join(origin)
+    doc, where_names = _read(classnames, "classnames")
+    for name, value in _per_benchmark(doc, where_names, benches, "classnames").items():
+        bench = get_benchmark(name)
+        _check_task(bench, where_names)
+        out.classnames[name] = _check_classnames(value, bench, where_names)
+        out.origin[name] = f"class names from {where_names}"
+    doc, where_templates = _read(templates, "templates")
+    for name, value in _per_benchmark(doc, where_templates, benches, "templates", out.classnames).items():
+        bench = get_benchmark(name)
+        _check_task(bench, where_templates)
+        own = out.classnames.get(name, bench.classnames)
+        out.templates[name] = _check_templates(value, bench, own, where_templates)
+        origin = f"templates from {where_templates}"
+        out.origin[name] = f"{out.origin[name]}, {origin}" if name in out.origin else origin
     return out
+
+
+def _check_task(bench: Benchmark, where: str) -> None:
+    if bench.task not in CLASSIFICATION_TASKS:
+        raise ConfigError(f"{where}: {bench.name} is a {bench.task} benchmark; it has no class names or templates")
