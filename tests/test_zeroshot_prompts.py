@@ -200,3 +200,28 @@ def test_cli_recall_k_and_classnames_end_to_end(mnist, tmp_path, capsys):
     assert main(["eval", "--model", "tiny-vit", "--benchmark", "flickr30k", "--root", str(root),
                  "--recall-k", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: recall_k: expected whole numbers of at least 1, got 0"
+
+
+def test_adapt_fits_with_your_class_names_and_its_adapter_needs_them_again(tmp_path):
+    from vlpretrain.errors import CheckpointError
+    from vlpretrain.models import build_model, image_transform
+    from zeroshot.adapt import AdaptConfig, adapt, adapt_head
+    from zeroshot.evaluate import run_zeroshot
+
+    torch.manual_seed(0)
+    model = build_model("tiny-vit").eval()
+    root = tmp_path / "mnist"
+    write_wds(root, DIGITS, [i % 10 for i in range(20)], shards=1, ext="png", split="train")
+    write_wds(root, DIGITS, [i % 10 for i in range(10)], shards=1, ext="png", split="test")
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    result = adapt(model, "mnist", root, shots=1, method="ia3", config=AdaptConfig(steps=0), cache_dir=tmp_path,
+                   classnames=names)
+    bench = get_benchmark("mnist")
+    data = read_prompts(["mnist"], names).apply(bench, bench.load(root, transform=image_transform(model, train=False)))
+    assert result.metrics["top1"] == run_zeroshot(model, data)["top1"]  # zero steps: the head of your class names
+    torch.testing.assert_close(adapt_head(model, result.adapter, classnames=names),
+                               build_classifier(model, None, names, bench.templates), atol=1e-6, rtol=0)
+    with pytest.raises(CheckpointError, match="adapter was fitted on other prompts for mnist"):
+        adapt_head(model, result.adapter)  # the benchmark's own names are other prompts
+    with pytest.raises(ConfigError, match="class-specific prompts have no templates shared by every class"):
+        adapt(model, "mnist", root, shots=1, method="ia3", templates={"mnist": {d: ["x"] for d in DIGITS}})

@@ -70,6 +70,15 @@ def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="no progress output (default: a bar on a terminal, one line per step in a log)")
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    """--classnames and --templates (eval, adapt): your own prompts instead of the benchmarks' (zeroshot.prompts)."""
+    p.add_argument("--classnames", metavar="FILE",
+                   help="class names replacing the benchmarks' own: JSON keyed by benchmark, or one name a line")
+    p.add_argument("--templates", metavar="FILE",
+                   help="templates with {c} (or class-specific prompts) replacing the benchmarks' own: JSON keyed by "
+                        "benchmark, or one template a line; `cupl`: CuPL's ImageNet prompts as CLIP_benchmark ships")
+
+
 def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     """The --benchmark names, each found under --root (and --out writable), so that unknown names, missing data
     and an unwritable output fail before the model loads."""
@@ -123,11 +132,7 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--adapter", help="adapter file from `zeroshot adapt`: classify with the adapted head instead of "
                                      "the prompt ensemble (one benchmark, the adapter's)")
-    p.add_argument("--classnames", metavar="FILE",
-                   help="class names replacing the benchmarks' own: JSON keyed by benchmark, or one name a line")
-    p.add_argument("--templates", metavar="FILE",
-                   help="templates with {c} (or class-specific prompts) replacing the benchmarks' own: JSON keyed by "
-                        "benchmark, or one template a line; `cupl`: CuPL's ImageNet prompts as CLIP_benchmark ships")
+    _prompt_args(p)
     p.add_argument("--recall-k", type=int, nargs="+", metavar="K",
                    help="retrieval: the k of recall@k, e.g. --recall-k 1 5 10 50 (default: 1 5 10)")
 
@@ -141,9 +146,6 @@ def _eval(p: argparse.ArgumentParser):
         names = _checked_benchmarks(a, "test")
         if a.recall_k is not None:
             check_ks(a.recall_k)
-        if a.adapter and (a.classnames or a.templates):
-            raise ConfigError("--adapter: an adapted head keeps the prompts it was fitted with; drop --classnames "
-                              "and --templates")
         for name, origin in read_prompts(names, a.classnames, a.templates).origin.items():
             print(f"{name}: {origin}", flush=True)  # read again (cheap) to say which benchmarks take the files
 
@@ -230,7 +232,8 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
     device = _device(a)
     model.to(device)
-    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter)
+    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter, classnames=a.classnames,
+                      templates=a.templates)
     data = bench.load(a.root, split="test", transform=image_transform(model, train=False), format=a.format)
     metrics = head_metrics(model, head, data, headline=bench.metric, batch_size=a.batch_size, workers=a.workers,
                            device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
@@ -264,6 +267,7 @@ def _adapt(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="seed of the shots, the held-out part and the batches")
     p.add_argument("--max-images", type=int, help="cap each split at this many evenly spaced images")
     p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/vlpretrain/features)")
+    _prompt_args(p)
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.adapt import adapt
@@ -279,7 +283,8 @@ def _adapt(p: argparse.ArgumentParser):
         bench = get_benchmark(names[0])
         result = adapt(model, bench.name, a.root, shots=a.shots, method=a.method, config=cfg, tokenizer=tokenizer,
                        seed=a.seed, batch_size=a.batch_size, workers=a.workers, device=_device(a),
-                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir)
+                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir, classnames=a.classnames,
+                       templates=a.templates)
         m = result.metrics
         print(f"{bench.name}: {result.task} {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
               f"shots={int(m['shots'])}  steps={int(m['steps'])}  test={int(m['images'])}", flush=True)

@@ -174,3 +174,16 @@ def read_prompts(benchmarks: Sequence[str], classnames: Source = None, templates
 def _check_task(bench: Benchmark, where: str) -> None:
     if bench.task not in CLASSIFICATION_TASKS:
         raise ConfigError(f"{where}: {bench.name} is a {bench.task} benchmark; it has no class names or templates")
+
+
+def benchmark_prompts(bench: Benchmark, classnames: Source = None, templates: Source = None,
+                      shared: bool = False) -> tuple[list[str], Prompts]:
+    """The class names and templates `bench` is classified with: the files' (see read_prompts), else its own;
+    `shared` refuses class-specific prompts, for heads that learn one context per template (zeroshot adapt)."""
+    custom = read_prompts([bench.name], classnames, templates)
+    names = custom.classnames.get(bench.name, bench.classnames)
+    temps = custom.templates.get(bench.name, bench.templates)
+    if shared and isinstance(temps, dict):
+        raise ConfigError(f"templates: {bench.name}'s class-specific prompts have no templates shared by every "
+                          "class, which adapt learns from; give templates with {c}")
+    return names, temps
