@@ -80,8 +80,8 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
-    """The --benchmark names, each found under --root (and --out writable), so that unknown names, missing data
-    and an unwritable output fail before the model loads."""
+    """The --benchmark names, each found under --root (and --out writable, --classnames / --templates / --recall-k
+    valid), so that unknown names, bad files, missing data and an unwritable output fail before the model loads."""
     from zeroshot.datasets import get_benchmark
 
     if a.out:
@@ -91,10 +91,16 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
     if not names:
         raise ConfigError("--benchmark: give at least one benchmark name")
+    if getattr(a, "recall_k", None) is not None:
+        from zeroshot.retrieve import check_ks
+
+        check_ks(a.recall_k)
     if getattr(a, "classnames", None) or getattr(a, "templates", None):
         from zeroshot.prompts import read_prompts
 
-        read_prompts(names, a.classnames, a.templates)  # a bad prompts file fails before any data is scanned
+        # a bad prompts file fails before any data is scanned; say which benchmarks take the files
+        for name, origin in read_prompts(names, a.classnames, a.templates).origin.items():
+            print(f"{name}: {origin}", flush=True)
     if not Path(a.root).is_dir():
         raise ConfigError(f"--root: {a.root} is not a folder")
     for name in names:
@@ -139,15 +145,9 @@ def _eval(p: argparse.ArgumentParser):
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
         from zeroshot.evaluate import entry_task, evaluate_suite
-        from zeroshot.prompts import read_prompts
         from zeroshot.results import ResultEntry
-        from zeroshot.retrieve import check_ks
 
         names = _checked_benchmarks(a, "test")
-        if a.recall_k is not None:
-            check_ks(a.recall_k)
-        for name, origin in read_prompts(names, a.classnames, a.templates).origin.items():
-            print(f"{name}: {origin}", flush=True)  # read again (cheap) to say which benchmarks take the files
 
         def show(e: ResultEntry) -> None:
             # the headline is printed first under its own name; `headline` itself is only a copy of it
