@@ -129,7 +129,7 @@ def _device(a: argparse.Namespace):
     return resolve_device(a.device)
 
 
-@command("eval", "zero-shot evaluation of a model on benchmarks (classification or retrieval, by benchmark)")
+@command("eval", "zero-shot evaluation of a model on benchmarks (classification, retrieval or caption selection)")
 def _eval(p: argparse.ArgumentParser):
     _model_and_data_args(p, "results JSON to write or update (a folder with --results-format clip_benchmark)")
     p.add_argument("--results-format", choices=("zeroshot", "clip_benchmark"), default="zeroshot",
