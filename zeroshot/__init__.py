@@ -9,6 +9,8 @@
     zeroshot.update_results("results.json", "ViT-B-32", None, entries)          # see zeroshot/results.py
     probe = zeroshot.linear_probe(model, "cifar10", "/data/cifar10")            # CLIP-protocol linear probe
     recall = zeroshot.retrieval(model, "flickr30k", "/data/flickr30k")          # image-text recall@1/5/10
+    wino = zeroshot.evaluate(model, "winoground", "/data/winoground")           # text, image, group scores
+    mine = zeroshot.evaluate(model, "cifar10", "/data", classnames="names.txt") # your prompts (zeroshot.prompts)
     tuned = zeroshot.adapt(model, "cifar10", "/data/cifar10", shots=4)          # few-shot learned prompts
     texts = zeroshot.caption(coca_model, ["a.jpg", "b.jpg"])                   # CoCa captions (beam search)
     scores = zeroshot.captioning(coca_model, "mscoco", "/data/mscoco")         # BLEU-4, ROUGE-L, CIDEr, METEOR
@@ -24,6 +26,7 @@ from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
 from zeroshot.features import encode_images
 from zeroshot.metrics import (
+    caption_selection_metrics,
     classification_metrics,
     mean_per_class_recall,
     multilabel_metrics,
@@ -31,15 +34,17 @@ from zeroshot.metrics import (
     top_k_accuracy,
 )
 from zeroshot.probe import linear_probe
+from zeroshot.prompts import CustomPrompts, read_prompts
 from zeroshot.results import ResultEntry, Results, read_results, update_results, write_results
 from zeroshot.retrieve import retrieval
 from zeroshot.suites import SuiteScore, get_suite, run_suite, score_suite
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "Generation", "ResultEntry", "Results",
-    "SuiteScore", "adapt", "adapt_head", "build_classifier", "caption", "caption_benchmark", "caption_metrics",
-    "captioning", "classification_metrics", "classify", "encode_images", "encode_texts", "evaluate", "evaluate_suite",
-    "get_benchmark", "get_suite", "linear_probe", "list_benchmarks", "mean_per_class_recall", "multilabel_metrics",
-    "names_class_rate", "read_results", "retrieval", "retrieval_metrics", "run_suite", "run_zeroshot", "score_suite",
-    "top_k_accuracy", "update_results", "write_results",
+    "DEFAULT_TEMPLATES", "AdaptConfig", "AdaptResult", "Adapter", "Benchmark", "CustomPrompts", "Generation",
+    "ResultEntry", "Results", "SuiteScore", "adapt", "adapt_head", "build_classifier", "caption", "caption_benchmark",
+    "caption_metrics", "caption_selection_metrics", "captioning", "classification_metrics", "classify",
+    "encode_images", "encode_texts", "evaluate", "evaluate_suite", "get_benchmark", "get_suite", "linear_probe",
+    "list_benchmarks", "mean_per_class_recall", "multilabel_metrics", "names_class_rate", "read_prompts",
+    "read_results", "retrieval", "retrieval_metrics", "run_suite", "run_zeroshot", "score_suite", "top_k_accuracy",
+    "update_results", "write_results",
 ]

@@ -27,6 +27,7 @@ from zeroshot.features import resolve_device, weights_digest
 from zeroshot.logistic import few_shot_indices, stratified_split
 from zeroshot.metrics import classification_metrics
 from zeroshot.probe import split_features
+from zeroshot.prompts import Source, benchmark_prompts
 
 # Adam step sizes that suit each parametrisation: prompt offsets live on the scale of token embeddings, (IA)^3
 # scales around 1.
@@ -192,7 +193,8 @@ def fit_adapter(model: nn.Module, method: str, prompts: PromptSet, train_x: torc
 def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int = 16, method: str = "prompt",
           config: AdaptConfig | None = None, tokenizer=None, seed: int = 0, batch_size: int = 256, workers: int = 0,
           device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
-          cache_dir: str | os.PathLike | None = None, language: str | None = None) -> AdaptResult:
+          cache_dir: str | os.PathLike | None = None, language: str | None = None, classnames: Source = None,
+          templates: Source = None) -> AdaptResult:
     """Adapt the zero-shot head of `benchmark` to `shots` training images per class and score it on its test split.
 
     `method` is "prompt" (learned context offsets) or "ia3" (learned (IA)^3 scales); `config` holds the
@@ -200,12 +202,14 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
     zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps and, with
     early stopping, val_top1. `language` picks the class names and templates the head starts from (default
-    English); the adapter records it. The model's weights are left as they were.
+    English); the adapter records it. `classnames` and `templates` replace the benchmark's own (see
+    zeroshot.prompts; templates with {c}), and are needed again by `adapt_head`. The model's weights are left as
+    they were.
     """
     cfg = config or AdaptConfig()
     bench = get_benchmark(benchmark, language)
     check_text_tower(model, method)
-    prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
+    prompts = prompt_set(model, tokenizer, *benchmark_prompts(bench, classnames, templates, shared=True))
     initial_tensors(model, method, prompts, n_ctx=cfg.n_ctx)  # a bad n_ctx fails before any image is read
     device = resolve_device(device, model)
     features = split_features(model, bench, root, ("train", "test"), batch_size=batch_size, workers=workers,
@@ -236,12 +240,13 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     return AdaptResult(adapter, metrics)
 
 
-def adapt_head(model: nn.Module, adapter: Adapter, *, tokenizer=None,
-                   source: str | os.PathLike = "adapter") -> torch.Tensor:
+def adapt_head(model: nn.Module, adapter: Adapter, *, tokenizer=None, source: str | os.PathLike = "adapter",
+               classnames: Source = None, templates: Source = None) -> torch.Tensor:
     """The adapted (embed_dim, classes) head of the adapter's benchmark (in the language it was fitted in), once
-    `adapter.check` has accepted `model`."""
+    `adapter.check` has accepted `model` and the prompts (the benchmark's own, or the `classnames` / `templates` the
+    adapter was fitted with)."""
     bench = get_benchmark(adapter.benchmark, adapter.language)
-    prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
+    prompts = prompt_set(model, tokenizer, *benchmark_prompts(bench, classnames, templates, shared=True))
     adapter.check(model, bench.name, prompts, source=source)
     with frozen(model):
         return adapter.head(model, prompts)

@@ -1,7 +1,8 @@
 """Zero-shot heads from prompt ensembles, and ad hoc classification of a user's own images.
 
 The head of a class is the mean of its L2-normalised prompt embeddings (every template filled with the class name,
-or with each of its synonyms), normalised again: the CLIP paper's ensembling in embedding space. Heads can be
+or with each of its synonyms, or the class's own prompts where templates are class-specific, as CuPL's), normalised
+again: the CLIP paper's ensembling in embedding space. Heads can be
 cached on disk, keyed by a digest of the model weights, the tokenizer, the class names and the templates.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import open_clip
@@ -25,6 +26,7 @@ from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
 
 Template = str | Callable[[str], str]
+Templates = Sequence[Template] | Mapping[str, Sequence[str]]  # shared templates, or each class name's own prompts
 ClassName = str | Sequence[str]  # a name, or synonyms whose prompts are averaged together (CLIP's FER2013 list)
 
 _DEFAULTS = Path(__file__).resolve().parent / "assets" / "default_templates.json"
@@ -51,14 +53,23 @@ def default_tokenizer(model: nn.Module):
 
 
 def expand_prompts(classnames: Sequence[ClassName],
-                   templates: Sequence[Template]) -> tuple[list[str], list[int], list[int]]:
-    """Every prompt of the ensemble with its class and template index, class by class (synonyms share both)."""
+                   templates: Templates) -> tuple[list[str], list[int], list[int]]:
+    """Every prompt of the ensemble with its class and template index, class by class (synonyms share both).
+
+    Class-specific prompts (a mapping from class name to its prompts, CuPL's form) are used as they are, numbered
+    in their own list."""
     prompts, class_ids, template_ids = [], [], []
     for i, c in enumerate(classnames):
         for name in ([c] if isinstance(c, str) else c):
-            prompts += [fill(t, name) for t in templates]
-            class_ids += [i] * len(templates)
-            template_ids += list(range(len(templates)))
+            if isinstance(templates, Mapping):
+                if name not in templates:
+                    raise ConfigError(f"templates: no class-specific prompts for class {name!r}")
+                filled = list(templates[name])
+            else:
+                filled = [fill(t, name) for t in templates]
+            prompts += filled
+            class_ids += [i] * len(filled)
+            template_ids += list(range(len(filled)))
     return prompts, class_ids, template_ids
 
 
@@ -68,10 +79,11 @@ def ensemble_head(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_file(cache_dir: str | os.PathLike, model: nn.Module, tokenizer, classnames: Sequence[ClassName],
-                templates: Sequence[Template]) -> Path:
+                templates: Templates) -> Path:
+    listed = ({k: list(v) for k, v in templates.items()} if isinstance(templates, Mapping) else list(templates))
     key = {"weights": weights_digest(model, scope="model"), "tokenizer": [type(tokenizer).__name__,
                                                            getattr(tokenizer, "context_length", None)],
-           "classnames": [c if isinstance(c, str) else list(c) for c in classnames], "templates": list(templates)}
+           "classnames": [c if isinstance(c, str) else list(c) for c in classnames], "templates": listed}
     digest = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
     return Path(cache_dir) / f"head-{digest}.pt"
 
@@ -107,12 +119,13 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_siz
     return torch.cat(feats)
 
 
-def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName], templates: Sequence[Template], *,
+def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName], templates: Templates, *,
                      batch_size: int = 256, device: str | torch.device | None = None,
                      cache_dir: str | os.PathLike | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
     """The zero-shot head, a float32 (embed_dim, classes) tensor on `device` (default: the model's).
 
-    Prompts are embedded `batch_size` at a time. With `cache_dir`, a head built before for the same weights,
+    `templates` are shared templates with `{c}`, or a mapping from each class name to its own prompts (CuPL's
+    form). Prompts are embedded `batch_size` at a time. With `cache_dir`, a head built before for the same weights,
     tokenizer, class names and templates is read back instead (not when a template is a callable, which has no
     stable identity). The model is moved to `device` and left in the mode it was in.
     """
@@ -121,7 +134,7 @@ def build_classifier(model: nn.Module, tokenizer, classnames: Sequence[ClassName
     device = resolve_device(device, model)
     tokenizer = tokenizer or default_tokenizer(model)
     cache = None
-    if cache_dir is not None and all(isinstance(t, str) for t in templates):
+    if cache_dir is not None and (isinstance(templates, Mapping) or all(isinstance(t, str) for t in templates)):
         cache = _cache_file(cache_dir, model, tokenizer, classnames, templates)
         if cache.is_file():
             return torch.load(cache, map_location=device, weights_only=True)["head"]

@@ -95,9 +95,18 @@ def _model_and_data_args(p: argparse.ArgumentParser, out_help: str, suites: bool
                    help="no progress output (default: a bar on a terminal, one line per step in a log)")
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    """--classnames and --templates (eval, adapt): your own prompts instead of the benchmarks' (zeroshot.prompts)."""
+    p.add_argument("--classnames", metavar="FILE",
+                   help="class names replacing the benchmarks' own: JSON keyed by benchmark, or one name a line")
+    p.add_argument("--templates", metavar="FILE",
+                   help="templates with {c} (or class-specific prompts) replacing the benchmarks' own: JSON keyed by "
+                        "benchmark, or one template a line; `cupl`: CuPL's ImageNet prompts as CLIP_benchmark ships")
+
+
 def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
-    """The --benchmark names, each found under --root (and --out writable), so that unknown names, missing data
-    and an unwritable output fail before the model loads."""
+    """The --benchmark names, each found under --root (and --out writable, --classnames / --templates / --recall-k
+    valid), so that unknown names, bad files, missing data and an unwritable output fail before the model loads."""
     from zeroshot.datasets import get_benchmark
 
     if a.out:
@@ -107,6 +116,16 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     names = [n.strip() for n in a.benchmark.split(",") if n.strip()]
     if not names:
         raise ConfigError("--benchmark: give at least one benchmark name")
+    if getattr(a, "recall_k", None) is not None:
+        from zeroshot.retrieve import check_ks
+
+        check_ks(a.recall_k)
+    if getattr(a, "classnames", None) or getattr(a, "templates", None):
+        from zeroshot.prompts import read_prompts
+
+        # a bad prompts file fails before any data is scanned; say which benchmarks take the files
+        for name, origin in read_prompts(names, a.classnames, a.templates).origin.items():
+            print(f"{name}: {origin}", flush=True)
     if not Path(a.root).is_dir():
         raise ConfigError(f"--root: {a.root} is not a folder")
     for name in names:
@@ -142,7 +161,7 @@ def _device(a: argparse.Namespace):
     return resolve_device(a.device)
 
 
-@command("eval", "zero-shot evaluation of a model on benchmarks (classification or retrieval, by benchmark)")
+@command("eval", "zero-shot evaluation of a model on benchmarks (classification, retrieval or caption selection)")
 def _eval(p: argparse.ArgumentParser):
     _model_and_data_args(p, "results JSON to write or update (a folder with --results-format clip_benchmark)",
                          suites=True)
@@ -152,6 +171,9 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--adapter", help="adapter file from `zeroshot adapt`: classify with the adapted head instead of "
                                      "the prompt ensemble (one benchmark, the adapter's)")
+    _prompt_args(p)
+    p.add_argument("--recall-k", type=int, nargs="+", metavar="K",
+                   help="retrieval: the k of recall@k, e.g. --recall-k 1 5 10 50 (default: 1 5 10)")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
@@ -179,7 +201,8 @@ def _eval(p: argparse.ArgumentParser):
             evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                            device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
                            cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,
-                           language=a.language)
+                           language=a.language, classnames=a.classnames, templates=a.templates,
+                           recall_ks=a.recall_k)
         except Interrupted:
             left = [(entry_task(b), b.name, b.language) for b in (get_benchmark(n, a.language)
                                                                    for n in names[len(entries):])]
@@ -232,7 +255,8 @@ def _eval_suite(a: argparse.Namespace) -> int:
     try:
         evaluate_suite(model, found, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                        device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
-                       cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)
+                       cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,
+                       classnames=a.classnames, templates=a.templates, recall_ks=a.recall_k)
     except Interrupted:
         left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in found[len(entries):]]
         print(f"interrupted: {len(entries)} of {len(found)} found tasks evaluated; no suite score",
@@ -297,7 +321,8 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
     device = _device(a)
     model.to(device)
-    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter)
+    head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter, classnames=a.classnames,
+                      templates=a.templates)
     data = bench.load(a.root, split="test", transform=image_transform(model, train=False), format=a.format)
     metrics = head_metrics(model, head, data, headline=bench.metric, batch_size=a.batch_size, workers=a.workers,
                            device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
@@ -332,6 +357,7 @@ def _adapt(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="seed of the shots, the held-out part and the batches")
     p.add_argument("--max-images", type=int, help="cap each split at this many evenly spaced images")
     p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/vlpretrain/features)")
+    _prompt_args(p)
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.adapt import adapt
@@ -347,7 +373,8 @@ def _adapt(p: argparse.ArgumentParser):
         bench = get_benchmark(names[0], a.language)
         result = adapt(model, bench.name, a.root, shots=a.shots, method=a.method, config=cfg, tokenizer=tokenizer,
                        seed=a.seed, batch_size=a.batch_size, workers=a.workers, device=_device(a),
-                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir, language=bench.language)
+                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir, language=bench.language,
+                       classnames=a.classnames, templates=a.templates)
         m = result.metrics
         print(f"{_label(bench)}: {result.task} {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
               f"shots={int(m['shots'])}  steps={int(m['steps'])}  test={int(m['images'])}", flush=True)

@@ -4,7 +4,8 @@ Images are encoded by `zeroshot.features.encode_images` (the one feature pass, s
 is the whole task on one benchmark; `evaluate_suite` runs several and returns results-file entries (what
 `zeroshot eval` and the trainer write). The benchmark's task picks the runner: `run_zeroshot` (classification;
 sets with group metadata add their group metrics), `run_multilabel` (multi-label classification, average
-precision), `zeroshot.retrieve.run_retrieval` or `run_association` (WinoGAViL's cue-to-images association).
+precision), `zeroshot.retrieve.run_retrieval`, `run_association` (WinoGAViL's cue-to-images association) or
+`zeroshot.selection.run_caption_selection` (SugarCrepe, Winoground).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from zeroshot.datasets import AssociationSet, Benchmark, EvalSet, get_benchmark
 from zeroshot.features import encode_images, resolve_device, spread_subset
 from zeroshot.group_metrics import association_metrics
 from zeroshot.metrics import classification_metrics, multilabel_metrics
+from zeroshot.prompts import Source, read_prompts
 from zeroshot.results import ResultEntry
-from zeroshot.retrieve import run_retrieval
+from zeroshot.retrieve import check_ks, run_retrieval
+from zeroshot.selection import run_caption_selection
 
 
 def run_zeroshot(model: nn.Module, data: EvalSet, *, headline: str = "top1", tokenizer=None, batch_size: int = 256,
@@ -106,56 +109,74 @@ def run_association(model: nn.Module, data: AssociationSet, *, headline: str = "
 def _runner(task: str) -> tuple[str, Callable[..., dict[str, float]]]:
     """The results-file task name and the run function of a benchmark task."""
     return {"classification": ("zeroshot", run_zeroshot), "multilabel": ("zeroshot", run_multilabel),
-            "retrieval": ("retrieval", run_retrieval), "association": ("zeroshot", run_association)}[task]
+            "retrieval": ("retrieval", run_retrieval), "association": ("zeroshot", run_association),
+            "caption_selection": ("image_caption_selection", run_caption_selection)}[task]
 
 
 def entry_task(bench: Benchmark) -> str:
-    """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks, else "zeroshot"."""
+    """The results-file task of `bench`'s zero-shot entry: "retrieval" for retrieval benchmarks,
+    "image_caption_selection" for SugarCrepe and Winoground, else "zeroshot"."""
     return _runner(bench.task)[0]
+
+
+def _task_options(bench: Benchmark, recall_ks: Sequence[int] | None) -> dict:
+    """Options only one task's runner takes: the recall@k cut-offs of retrieval."""
+    return {"ks": check_ks(recall_ks)} if bench.task == "retrieval" and recall_ks is not None else {}
 
 
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
              batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
              max_images: int | None = None, format: str | None = None, progress: bool = True,
-             split: str = "test", cache_dir: str | os.PathLike | None = None,
-             language: str | None = None) -> dict[str, float]:
+             split: str = "test", cache_dir: str | os.PathLike | None = None, language: str | None = None,
+             classnames: Source = None, templates: Source = None,
+             recall_ks: Sequence[int] | None = None) -> dict[str, float]:
     """Zero-shot metrics of `model` on a registered benchmark read from `root`, for the benchmark's task.
 
     Classification returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's
     headline metric, named by `get_benchmark(benchmark).metric`) and images; multi-label and retrieval benchmarks
-    return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics); DataComp's WILDS and fairness sets add
-    their group metrics and WinoGAViL returns `association_metrics` (zeroshot.group_metrics). `transform` defaults
-    to the model's evaluation preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images`
-    evaluates an evenly spaced subset (of WinoGAViL's cues); `format` forces a layout (default: detected from the
-    files under `root`); `language` picks the class names and templates (or a retrieval set's captions) of that
-    language (default English; see `zeroshot list --languages`). The model is moved to `device` (default: where it
-    is) and left in the mode it was in.
+    return `multilabel_metrics` and `retrieval_metrics`, SugarCrepe and Winoground `caption_selection_metrics`
+    (zeroshot.metrics); DataComp's WILDS and fairness sets add their group metrics and WinoGAViL returns
+    `association_metrics` (zeroshot.group_metrics). `transform` defaults to the model's evaluation preprocessing,
+    `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly spaced subset (of
+    WinoGAViL's cues); `format` forces a layout (default: detected from the files under `root`); `language` picks
+    the class names and templates (or a retrieval set's captions) of that language (default English; see `zeroshot
+    list --languages`). `classnames` and `templates` replace the benchmark's own (a file, "cupl" or values; see
+    zeroshot.prompts); `recall_ks` are retrieval's recall@k cut-offs (default 1, 5, 10). The model is moved to
+    `device` (default: where it is) and left in the mode it was in.
     """
     bench = get_benchmark(benchmark, language)
+    custom = read_prompts([bench.name], classnames, templates)
+    options = _task_options(bench, recall_ks)
     if transform is None:
         from vlpretrain.models import image_transform
 
         transform = image_transform(model, train=False)
     data = bench.load(root, split=split, transform=transform, format=format)
+    if isinstance(data, EvalSet):
+        data = custom.apply(bench, data)
     return _runner(bench.task)[1](model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                         workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
-                        cache_dir=cache_dir)
+                        cache_dir=cache_dir, **options)
 
 
 def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path, *, tokenizer=None,
                    transform: Callable | None = None, batch_size: int = 256, workers: int = 0,
                    device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
                    progress: bool = True, cache_dir: str | os.PathLike | None = None,
-                   on_result: Callable[[ResultEntry], None] | None = None,
-                   should_stop: StopCheck | None = None, language: str | None = None) -> list[ResultEntry]:
+                   on_result: Callable[[ResultEntry], None] | None = None, should_stop: StopCheck | None = None,
+                   language: str | None = None, classnames: Source = None, templates: Source = None,
+                   recall_ks: Sequence[int] | None = None) -> list[ResultEntry]:
     """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
 
-    Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
-    is done. Entries of retrieval benchmarks have task "retrieval", the others "zeroshot". `should_stop` is asked
+    Every name, and the `classnames` / `templates` files, are checked before any data is read, so a typo fails at
+    once; `on_result` sees each entry as it is done. Entries have the task of `entry_task`. `should_stop` is asked
     between benchmarks and batches: a stop raises `vlpretrain.stopping.Interrupted`, the finished entries having
-    reached `on_result`. `language` applies to every benchmark (each must have it); entries record it.
+    reached `on_result`. `language` applies to every benchmark (each must have it); entries record it. The other
+    options are `evaluate`'s.
     """
     benches = [get_benchmark(name, language) for name in benchmarks]
+    custom = read_prompts([b.name for b in benches], classnames, templates)
+    options = {b.name: _task_options(b, recall_ks) for b in benches}
     if transform is None:
         from vlpretrain.models import image_transform
 
@@ -164,10 +185,12 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
     for bench in benches:
         check_stop(should_stop)
         data = bench.load(root, transform=transform, format=format)
+        if isinstance(data, EvalSet):
+            data = custom.apply(bench, data)
         task, run = _runner(bench.task)
         metrics = run(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                       workers=workers, device=device, max_images=max_images, progress=progress,
-                      desc=bench.name, cache_dir=cache_dir, should_stop=should_stop)
+                      desc=bench.name, cache_dir=cache_dir, should_stop=should_stop, **options[bench.name])
         entries.append(ResultEntry(task, bench.name, bench.metric, metrics, str(data.root), data.format,
                                    language=bench.language))
         if on_result is not None:

@@ -1,5 +1,6 @@
 """Metrics as pure functions: classification (zero-shot heads, probes, adapted heads), multi-label average
-precision and image-text retrieval recall (`vlpretrain.retrieval`, shared with the trainer's validation).
+precision, image-text retrieval recall (`vlpretrain.retrieval`, shared with the trainer's validation) and
+image-caption selection (SugarCrepe, Winoground).
 
 Classification derives from each sample's classes ranked by score (`topk_metrics`), so a caller that keeps only the
 top 5 of each row (the probe, at ImageNet scale) and one that has the whole logit matrix report the same numbers.
@@ -11,14 +12,16 @@ import torch
 
 from vlpretrain.retrieval import retrieval_metrics
 
-__all__ = ["METRIC_NAMES", "average_precision", "classification_metrics", "eleven_point_average_precision",
+__all__ = ["METRIC_NAMES", "average_precision", "caption_selection_metrics", "classification_metrics",
+           "eleven_point_average_precision",
            "mean_per_class_recall", "multilabel_metrics", "retrieval_metrics", "top_k_accuracy", "topk_metrics"]
 
 METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "mean_per_class_recall": "mean per-class recall",
                 "mean_average_precision": "mean average precision", "mean_recall": "mean of retrieval recalls",
                 "mean_recall@1": "mean of image and text recall@1", "jaccard_score_10-12": "Jaccard index, 10-12 "
                 "candidates", "F1-macro_all": "macro F1", "acc_worst_region": "worst-region accuracy",
-                "acc_top5_wg": "worst-income-group top-5 accuracy", "acc_wg": "worst-group accuracy"}
+                "acc_top5_wg": "worst-income-group top-5 accuracy", "acc_wg": "worst-group accuracy",
+                "acc": "instances matched entirely"}
 
 
 def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
@@ -113,4 +116,31 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str,
            "mean_average_precision_11point": float(ap11[present].mean()) if present.any() else float("nan")}
     out["headline"] = out["mean_average_precision"]
     out["images"] = float(len(targets))
+    return out
+
+
+def caption_selection_metrics(scores: torch.Tensor) -> dict[str, float]:
+    """CLIP_benchmark's image_caption_selection metrics from image-caption scores [instances, I, T], where image i of
+    an instance belongs with caption i and captions past the I-th are negatives (SugarCrepe: I=1, T=2; Winoground:
+    I=T=2). With m = min(I, T), over instances:
+
+    text_acc   each of the first m images scores its own caption highest (Winoground's text score)
+    image_acc  each of the first m captions scores its own image highest (Winoground's image score; always 1 with
+               one image, as for SugarCrepe)
+    acc        both (Winoground's group score; SugarCrepe's accuracy); also `headline`
+    plus instances and images (the counts). Ties go to the lower index, as torch's argmax does, so an equal score
+    counts for image/caption 0 and against the others: CLIP_benchmark's rule, not Winoground's strict inequality.
+    """
+    assert scores.ndim == 3, f"scores must be [instances, images, captions], got {tuple(scores.shape)}"
+    n, n_images, n_captions = scores.shape
+    m = min(n_images, n_captions)
+    right = torch.arange(m)
+    scores = scores.detach().float().cpu()
+    text_ok = (scores.argmax(dim=2)[:, :m] == right).all(dim=1)
+    image_ok = (scores.argmax(dim=1)[:, :m] == right).all(dim=1)
+    out = {"acc": float((text_ok & image_ok).float().mean()) if n else float("nan"),
+           "text_acc": float(text_ok.float().mean()) if n else float("nan"),
+           "image_acc": float(image_ok.float().mean()) if n else float("nan")}
+    out["headline"] = out["acc"]
+    out["instances"], out["images"] = float(n), float(n * n_images)
     return out

@@ -18,7 +18,7 @@ __all__ = ["CLIP_BENCHMARK_KEYS", "SCHEMA", "ResultEntry", "Results", "clip_benc
 # CLIP_benchmark's result files (clip_benchmark/cli.py: one JSON per model x dataset x task, exactly these keys).
 CLIP_BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 _CLIP_BENCHMARK_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-                         "linear_probe": "linear_probe"}
+                         "linear_probe": "linear_probe", "image_caption_selection": "image_caption_selection"}
 
 
 def _clip_benchmark_metrics(entry: ResultEntry, task: str) -> dict[str, float]:
@@ -26,6 +26,8 @@ def _clip_benchmark_metrics(entry: ResultEntry, task: str) -> dict[str, float]:
     m = entry.metrics
     if task == "zeroshot_retrieval":
         return {k: v for k, v in m.items() if "_retrieval_recall@" in k}
+    if task == "image_caption_selection":
+        return {k: m[k] for k in ("image_acc", "text_acc", "acc")}
     if "mean_average_precision" in m:
         return {"mean_average_precision": m["mean_average_precision"]}
     prefix = "lp_" if task == "linear_probe" else ""

@@ -23,6 +23,13 @@ from zeroshot.features import encode_images, resolve_device, spread_subset
 RECALL_KS = (1, 5, 10)
 
 
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The recall@k cut-offs, distinct and in increasing order; each a whole number of at least 1."""
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ConfigError(f"recall_k: expected whole numbers of at least 1, got {' '.join(map(str, ks)) or 'none'}")
+    return tuple(sorted(set(ks)))
+
+
 def run_retrieval(model: nn.Module, data: CaptionSet, *, headline: str = "mean_recall", tokenizer=None,
                   batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
                   max_images: int | None = None, progress: bool = False, desc: str = "retrieval",
@@ -54,9 +61,9 @@ def retrieval(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=Non
               max_images: int | None = None, format: str | None = None, progress: bool = True,
               split: str = "test", ks: Sequence[int] = RECALL_KS, language: str | None = None) -> dict[str, float]:
     """Zero-shot retrieval metrics of `model` on a registered retrieval benchmark (flickr8k, flickr30k, mscoco,
-    captions) read from `root`: image_retrieval_recall@k (text -> image), text_retrieval_recall@k (image -> text),
-    their mean and median ranks, mean_recall (their mean), mean_recall@1 (DataComp's: the mean of the two recall@1),
-    headline (the benchmark's headline metric of those two), images and texts.
+    captions) read from `root`: image_retrieval_recall@k (text -> image), text_retrieval_recall@k (image -> text)
+    for each k of `ks`, their mean and median ranks, mean_recall (their mean), mean_recall@1 (DataComp's: the mean
+    of the two recall@1), headline (the benchmark's headline metric of those two), images and texts.
 
     `transform` defaults to the model's evaluation preprocessing, `tokenizer` to open_clip's at the model's context
     length; `format` forces a layout (default: detected); `language` picks the captions of a multilingual set
@@ -73,5 +80,5 @@ def retrieval(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=Non
     data = bench.load(root, split=split, transform=transform, format=format)
     assert isinstance(data, CaptionSet)
     return run_retrieval(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
-                         workers=workers, device=device,
-                         max_images=max_images, progress=progress, desc=bench.name, ks=ks)
+                         workers=workers, device=device, max_images=max_images, progress=progress, desc=bench.name,
+                         ks=check_ks(ks))

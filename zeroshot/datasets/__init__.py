@@ -12,6 +12,7 @@ from zeroshot.datasets.base import (
     EvalSet,
     Grouping,
     Layout,
+    SelectionSet,
     get_benchmark,
     register,
 )
@@ -32,5 +33,4 @@ def class_names(benchmark: str, language: str | None = None) -> list[str]:
 from zeroshot.datasets.datacomp import AssociationSet  # noqa: E402
 
 __all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "AssociationSet", "Benchmark", "CaptionSet", "EvalSet",
-           "Grouping", "Layout",
-           "class_names", "get_benchmark", "list_benchmarks", "register"]
+           "Grouping", "Layout", "SelectionSet", "class_names", "get_benchmark", "list_benchmarks", "register"]

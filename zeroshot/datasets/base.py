@@ -1,8 +1,8 @@
 """The benchmark registry: what a benchmark is, the on-disk layouts it can be read from, and lookup by name.
 
-A benchmark has a task (classification, multilabel classification or image-text retrieval), a headline metric and
-the layouts it can be read from; a classification benchmark also has data (class names, templates, folder names in
-`zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
+A benchmark has a task (classification, multilabel classification, image-text retrieval or image-caption selection),
+a headline metric and the layouts it can be read from; a classification benchmark also has data (class names,
+templates, folder names in `zeroshot/assets/<name>.json`). Every benchmark can also be read from the generic layouts of its task (CLIP_benchmark's
 webdataset export; for retrieval also our own shards and a COCO captions file), which are added to its own layouts
 here, so a new entry only names the layouts that are particular to it. The modules defining layouts import this one
 and add their generic layouts with `add_generic_layouts`; this module imports none of them.
@@ -29,11 +29,12 @@ DEFAULT_LANGUAGE = "en"  # English prompts are zeroshot/assets/<benchmark>.json 
 # Languages are ISO 639-1 codes; CLIP_benchmark's own codes for two of them are accepted as well.
 LANGUAGE_ALIASES = {"jp": "ja", "cn": "zh"}
 SPLITS = ("test", "train")
-TASKS = ("classification", "multilabel", "retrieval", "association")
+TASKS = ("classification", "multilabel", "retrieval", "association", "caption_selection")
 CLASSIFICATION_TASKS = ("classification", "multilabel")
 # the headline metrics each task can have (a benchmark with group metadata adds its grouping's metrics)
 METRICS = {"classification": ("top1", "mean_per_class_recall"), "multilabel": ("mean_average_precision",),
-           "retrieval": ("mean_recall", "mean_recall@1"), "association": ("jaccard_score_10-12", "avg_jaccard_score")}
+           "retrieval": ("mean_recall", "mean_recall@1"), "association": ("jaccard_score_10-12", "avg_jaccard_score"),
+           "caption_selection": ("acc",)}
 
 
 @dataclass
@@ -42,7 +43,7 @@ class EvalSet:
 
     dataset: Dataset
     classnames: list[str]
-    templates: list[str]
+    templates: list[str] | dict[str, list[str]]  # shared, with {c}; or each class name's own prompts (CuPL)
     format: str
     root: Path
     targets: torch.Tensor | None = None  # multi-label: 0/1 [N, classes]; the dataset's labels are then 0..N-1
@@ -68,6 +69,25 @@ class CaptionSet:
         return len(self.images)  # type: ignore[arg-type]
 
 
+@dataclass
+class SelectionSet:
+    """An image-caption selection split (SugarCrepe, Winoground): instances of the same number of images and
+    captions, image i of an instance belonging with its caption i (captions past the images are negatives).
+
+    `images` yields (image, its index) over every image, instance by instance; instance n holds images
+    n*images_per_instance ... and captions n*captions_per_instance ... of `captions`."""
+
+    images: Dataset
+    captions: list[str]
+    images_per_instance: int
+    captions_per_instance: int
+    format: str
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.captions) // self.captions_per_instance
+
+
 class Layout:
     """One way a benchmark can sit on disk (torchvision's files, class folders, webdataset shards)."""
 
@@ -81,7 +101,8 @@ class Layout:
         """Whether the files marking this layout are under `root` (the rest is checked by `open`)."""
         raise NotImplementedError
 
-    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> EvalSet | CaptionSet:
+    def open(self, bench: Benchmark, root: Path, split: str,
+             transform: Callable | None) -> EvalSet | CaptionSet | SelectionSet:
         """Index the split; raise DataError naming the missing or broken file."""
         raise NotImplementedError
 
@@ -251,7 +272,7 @@ class Benchmark:
             raise
 
     def load(self, root: str | Path, split: str = "test", transform: Callable | None = None,
-             format: str | None = None) -> EvalSet | CaptionSet:
+             format: str | None = None) -> EvalSet | CaptionSet | SelectionSet:
         """Open `split` of this benchmark from `root` (a collection folder or the benchmark's own folder)."""
         resolved, layout = self.locate(root, split, format)
         return layout.open(self, resolved, split, transform)

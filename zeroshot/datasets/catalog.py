@@ -14,6 +14,7 @@ from __future__ import annotations
 from zeroshot.datasets.arrays import CifarLayout, IdxLayout
 from zeroshot.datasets.base import Benchmark, register
 from zeroshot.datasets.captions import CocoKarpathyLayout, FlickrLayout
+from zeroshot.datasets.compositional import SUGAR_CREPE_SUBSETS, SugarCrepeLayout, WinogroundLayout
 from zeroshot.datasets.folder import FolderLayout
 from zeroshot.datasets.multilingual import (
     XM3600_LANGUAGES,
@@ -161,3 +162,13 @@ register(Benchmark("multilingual-mscoco", (AnnotationsLayout("multilingual_mscoc
                    aliases=("multilingual_mscoco_captions",),
                    notes="CLIP_benchmark's multilingual_mscoco_captions: XTD10's 1000 COCO images and captions under "
                          "another name (its multilingual_mscoco.py)"))
+# Compositionality (CLIP_benchmark's image_caption_selection task): pick the right caption against a hard negative
+# (SugarCrepe's seven subsets), or match two images to two captions made of the same words (Winoground).
+for subset in SUGAR_CREPE_SUBSETS:
+    register(Benchmark(f"sugar-crepe-{subset.replace('_', '-')}", (SugarCrepeLayout(subset),), metric="acc",
+                       task="caption_selection", aliases=(f"sugar_crepe/{subset}",),
+                       notes=f"RAIVNLab/sugar-crepe data/{subset}.json with COCO val2017 images; acc: the caption "
+                             "scores above its negative"))
+register(Benchmark("winoground", (WinogroundLayout(),), metric="acc", task="caption_selection",
+                   notes="facebook/winoground examples.jsonl + images; text_acc, image_acc, acc: Winoground's text, "
+                         "image and group scores"))
