@@ -1,5 +1,5 @@
-"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3) on the real tiny open_clip model: exact zero-step
-heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
+"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter) on the real tiny open_clip model:
+exact zero-step heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
 
 import json
 
