@@ -1,5 +1,5 @@
-"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3) on the real tiny open_clip model: exact zero-step
-heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
+"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter) on the real tiny open_clip model:
+exact zero-step heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
 
 import json
 
@@ -12,8 +12,8 @@ import zeroshot
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models import build_model, export_model, image_transform
-from zeroshot.adapt import AdaptConfig, adapt, fit_adapter
-from zeroshot.adapters import Adapter, adapted_head, initial_tensors, prompt_set
+from zeroshot.adapt import AdaptConfig, adapt, fit_adapter, fit_tip
+from zeroshot.adapters import Adapter, adapted_head, initial_tensors, prompt_set, tip_logits
 from zeroshot.classifier import build_classifier, default_tokenizer
 from zeroshot.cli import main
 from zeroshot.evaluate import run_zeroshot
@@ -157,7 +157,7 @@ def test_bad_settings_and_files_are_user_errors(model, tmp_path):
     prompts = prompt_set(model, None, ["a", "b"], ["a photo of a {c}."])
     with pytest.raises(ConfigError, match=r"n_ctx: expected 1\.\.14"):
         initial_tensors(model, "prompt", prompts, n_ctx=15)
-    with pytest.raises(ConfigError, match="method: expected one of prompt, ia3"):
+    with pytest.raises(ConfigError, match="method: expected one of prompt, ia3, tip"):
         initial_tensors(model, "lora", prompts)
     (tmp_path / "x.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="x.safetensors: not a safetensors adapter file"):
@@ -225,3 +225,97 @@ def test_a_mismatched_adapter_is_refused_with_one_line(exported, mnist_root, tmp
                 "model": f"error: {adapter}: adapter was fitted on other model weights",
                 "not an adapter": f"error: {adapter}: not a safetensors adapter file"}[case]
     assert err.startswith(expected) and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---- Tip-Adapter and early stopping --------------------------------------------------------------------------------
+
+def test_tip_logits_equal_the_formula_on_a_hand_worked_case():
+    """3 classes x 2 shots in 2-D, alpha 2, beta 3: logit_scale * f.w_c + alpha * sum over class-c keys of
+    exp(-beta * (1 - f.key)), computed number by number."""
+    import math
+
+    angles = [0.0, 0.3, 2.0, 2.4, 4.0, 4.5]  # two keys per class, classes 0, 0, 1, 1, 2, 2
+    keys = torch.tensor([[math.cos(t), math.sin(t)] for t in angles])
+    values = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
+    head = torch.tensor([[0.6, -0.2, 0.1], [0.8, 0.9, -1.0]])
+    f = torch.tensor([[3.0, 4.0]])  # normalised to (0.6, 0.8) inside
+    got = tip_logits(f, head, 10.0, {"keys": keys, "values": values, "alpha": torch.tensor([2.0]),
+                                     "beta": torch.tensor([3.0])})
+    fx, fy = 0.6, 0.8
+    expected = []
+    for c in range(3):
+        zs = 10.0 * (fx * head[0, c].item() + fy * head[1, c].item())
+        cache = sum(math.exp(-3.0 * (1 - (fx * math.cos(t) + fy * math.sin(t)))) for t in angles[2 * c:2 * c + 2])
+        expected.append(zs + 2.0 * cache)
+    torch.testing.assert_close(got, torch.tensor([expected]), atol=1e-5, rtol=0)
+
+
+def test_a_cache_of_exact_one_hot_shots_classifies_those_shots():
+    """A zero-shot head that calls everything class 0; the cache of the shots themselves (one per class, the
+    configured alpha and beta) puts every shot in its own class."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 16, generator=g), torch.arange(5)
+    head = torch.zeros(16, 5)
+    head[:, 0] = F.normalize(x.mean(0), dim=0)
+    assert (tip_logits(x, head, 10.0, {**initial_tensors_tip(5, 16)}).argmax(1) == 0).all()  # alpha 0: zero-shot
+    fit = fit_tip(x, y, head, 10.0, 5, config=AdaptConfig(tip_alpha=50.0, tip_beta=20.0))
+    assert torch.equal(fit.tensors["values"], torch.eye(5)) and fit.val_top1 is None
+    assert torch.equal(tip_logits(x, head, 10.0, fit.tensors).argmax(1), y)
+
+
+def initial_tensors_tip(classes: int, dim: int) -> dict[str, torch.Tensor]:
+    return {"keys": torch.zeros(0, dim), "values": torch.zeros(0, classes), "alpha": torch.zeros(1),
+            "beta": torch.ones(1)}
+
+
+def test_tip_alpha_and_beta_are_the_best_leave_one_out_pair():
+    """With two or more shots per class, the chosen (alpha, beta) scores the shots, each against the cache of the
+    others, at least as well as every pair of the grid (brute force over the grid here)."""
+    from zeroshot.adapt import TIP_ALPHAS, TIP_BETAS
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(3, 8, generator=g)
+    y = torch.arange(12) % 3
+    x = centres[y] + 0.8 * torch.randn(12, 8, generator=g)
+    head = torch.randn(8, 3, generator=g)
+    fit = fit_tip(x, y, head, 5.0, 3)
+
+    def loo_top1(alpha: float, beta: float) -> float:
+        hits = 0
+        for i in range(12):
+            rest = [j for j in range(12) if j != i]
+            t = {"keys": F.normalize(x[rest], dim=-1), "values": F.one_hot(y[rest], 3).float(),
+                 "alpha": torch.tensor([alpha]), "beta": torch.tensor([beta])}
+            hits += int(tip_logits(x[i:i + 1], head, 5.0, t).argmax(1).item() == y[i].item())
+        return hits / 12
+
+    best = max(loo_top1(a, b) for a in TIP_ALPHAS.tolist()[::5] for b in TIP_BETAS.tolist()[::4])
+    assert fit.val_top1 == pytest.approx(loo_top1(fit.tensors["alpha"].item(), fit.tensors["beta"].item()))
+    assert fit.val_top1 >= best
+
+
+def test_tip_adapter_round_trips_through_eval_adapter(exported, mnist_root, tmp_path, capsys):
+    out, adapter = tmp_path / "results.json", tmp_path / "tip.safetensors"
+    common = ["--model", str(exported[0]), "--benchmark", "mnist", "--root", str(mnist_root), "--out", str(out)]
+    assert main(["adapt", *common, "--shots", "4", "--method", "tip", "--save", str(adapter),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["task"] == "adapt_tip" and entry["metrics"]["num_train"] == 40 and entry["metrics"]["steps"] == 0
+    saved = Adapter.load(adapter)
+    assert saved.method == "tip" and tuple(saved.tensors["keys"].shape) == (40, 128)
+    assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
+    (again,) = json.loads(out.read_text())["results"]
+    for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):
+        assert again["metrics"][key] == entry["metrics"][key]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(exported[1]), "--benchmark", "mnist", "--root", str(mnist_root),
+                 "--adapter", str(adapter), "--no-progress"]) == 2
+    assert "adapter was fitted on other model weights" in capsys.readouterr().err
+
+
+def test_early_stopping_is_off_with_one_held_out_shot_per_class(model, mnist_root, tmp_path):
+    """At 4 shots a quarter held out is one image per class: too coarse to choose a step (the (IA)^3 run of issue 26
+    stopped at step 10 so), so every step runs and no validation score is reported."""
+    cfg = AdaptConfig(steps=3, eval_every=1, patience=1)
+    result = adapt(model, "mnist", mnist_root, shots=4, method="ia3", config=cfg, cache_dir=tmp_path)
+    assert result.metrics["steps"] == 3 and "val_top1" not in result.metrics

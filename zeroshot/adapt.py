@@ -1,4 +1,4 @@
-"""Few-shot adaptation of zero-shot heads: learned prompts or (IA)^3 vectors, both towers frozen.
+"""Few-shot adaptation of zero-shot heads: learned prompts, (IA)^3 vectors or a Tip-Adapter cache, towers frozen.
 
 `adapt` takes k labelled training images per class of a benchmark (seeded, as the few-shot probe draws them), their
 frozen image features (from the probe's feature cache), and fits an adapter (`zeroshot.adapters`) by cross-entropy of
@@ -6,6 +6,12 @@ the model's scaled cosine logits between those features and the adapted prompt-e
 the zero-shot head (zero steps give it exactly); AdamW's decoupled weight decay pulls the learned change back towards
 it. With two or more shots, a stratified part of the shots is held out to pick the number of steps (early stopping),
 then the adapter is fitted again on all shots for that many steps, as the probe refits on train + validation.
+Early stopping needs `min_val_per_class` held-out shots of every class: on fewer (one image per class at 4 shots)
+the validation top-1 is too coarse to choose a step, and the fit runs `steps` steps.
+
+"tip" (Tip-Adapter) trains nothing: its cache is the shots' features and labels, and its alpha and beta are picked
+on a grid by leave-one-out accuracy over the shots (each shot scored by the cache of the others); with one shot
+per class nothing can be held out and `tip_alpha` / `tip_beta` are used.
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ class AdaptConfig:
     eval_every: int = 10  # steps between validation checks
     patience: int = 5  # checks without a better validation score before stopping
     refit: bool = True  # after early stopping, fit again on all shots for the chosen number of steps
+    min_val_per_class: int = 2  # held-out shots per class needed for early stopping; fewer: run all steps
+    tip_alpha: float = 1.0  # tip, one shot: weight of the cache logits (Tip-Adapter's default)
+    tip_beta: float = 5.5  # tip, one shot: sharpness of the cache affinity (Tip-Adapter's default)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "n_ctx", "batch_size", "eval_every", "patience"):
+        for name in ("steps", "n_ctx", "batch_size", "eval_every", "patience", "min_val_per_class"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "steps" else 1):
                 raise ConfigError(f"{name}: expected an integer >= {0 if name == 'steps' else 1}, got {value!r}")
@@ -58,12 +67,15 @@ class AdaptConfig:
             raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        for name in ("tip_alpha", "tip_beta"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
 
     def lr_for(self, method: str) -> float:
         """The learning rate used for `method`."""
-        return self.lr if self.lr is not None else DEFAULT_LR[method]
+        return self.lr if self.lr is not None else DEFAULT_LR.get(method, 0.0)
 
     def as_info(self, method: str) -> dict[str, str]:
         """The settings as adapter-file metadata strings."""
@@ -91,7 +103,7 @@ class AdaptResult:
 
     @property
     def task(self) -> str:
-        """The results-file task name: adapt_prompt or adapt_ia3."""
+        """The results-file task name: adapt_prompt, adapt_ia3 or adapt_tip."""
         return task_name(self.adapter.method)
 
 
@@ -190,6 +202,48 @@ def fit_adapter(model: nn.Module, method: str, prompts: PromptSet, train_x: torc
     return Fit(best_tensors, best_step, best[0], history)
 
 
+def held_out_per_class(shots: int, val_fraction: float) -> int:
+    """Shots per class that `stratified_split` holds out for early stopping."""
+    return min(max(round(val_fraction * shots), 1), shots - 1)
+
+
+# Tip-Adapter's search grid: alpha spans a cache far weaker to far stronger than the zero-shot logits (a weak
+# zero-shot head wants a large alpha), beta sharp to flat affinities.
+TIP_ALPHAS = torch.logspace(-2, 4, 31)
+TIP_BETAS = torch.logspace(-0.5, 2.5, 25)  # 0.3 .. 316: features of a weak model sit close together
+
+
+def fit_tip(train_x: torch.Tensor, train_y: torch.Tensor, zero_shot: torch.Tensor, logit_scale: torch.Tensor | float,
+            num_classes: int, *, config: AdaptConfig | None = None) -> Fit:
+    """The Tip-Adapter cache of the shots (`train_x` features, `train_y` labels) with alpha and beta picked by
+    leave-one-out top-1 on the shots (lower cross-entropy breaks ties); `zero_shot` is the (embed_dim, classes)
+    head. With fewer than two shots of some class, `config.tip_alpha` / `tip_beta` are used."""
+    cfg = config or AdaptConfig()
+    f = F.normalize(train_x.float(), dim=-1).cpu()
+    y = train_y.long().cpu()
+    values = F.one_hot(y, num_classes).float()
+    tensors = {"keys": f, "values": values, "alpha": torch.tensor([cfg.tip_alpha]),
+               "beta": torch.tensor([cfg.tip_beta])}
+    if int(torch.bincount(y, minlength=num_classes).min()) < 2:
+        return Fit(tensors, 0)
+    base = logit_scale * f @ zero_shot.float().cpu()
+    distance = 1 - f @ f.T
+    best, history = None, []
+    for beta in TIP_BETAS.tolist():
+        affinity = torch.exp(-beta * distance)
+        affinity.fill_diagonal_(0)  # each shot is scored by the cache of the others
+        cache = affinity @ values
+        for alpha in TIP_ALPHAS.tolist():
+            logits = base + alpha * cache
+            acc, loss = float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+            history.append((0, acc, loss))
+            if best is None or (acc, -loss) > best[0]:
+                best = ((acc, -loss), alpha, beta)
+    assert best is not None
+    tensors.update(alpha=torch.tensor([best[1]]), beta=torch.tensor([best[2]]))
+    return Fit(tensors, 0, best[0][0], history)
+
+
 def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int = 16, method: str = "prompt",
           config: AdaptConfig | None = None, tokenizer=None, seed: int = 0, batch_size: int = 256, workers: int = 0,
           device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
@@ -197,7 +251,8 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
           templates: Source = None) -> AdaptResult:
     """Adapt the zero-shot head of `benchmark` to `shots` training images per class and score it on its test split.
 
-    `method` is "prompt" (learned context offsets) or "ia3" (learned (IA)^3 scales); `config` holds the
+    `method` is "prompt" (learned context offsets), "ia3" (learned (IA)^3 scales) or "tip" (a Tip-Adapter cache
+    of the shots' features, nothing trained); `config` holds the
     hyperparameters (AdaptConfig's defaults otherwise). Image features come from the probe's cache (`cache_dir`,
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
     zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps and, with
@@ -219,7 +274,12 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     x, y = train_x[keep], train_y[keep]
     model.to(device)
     val_top1 = None
-    if shots >= 2 and cfg.val_fraction > 0:
+    if method == "tip":
+        with frozen(model):
+            zero_shot = adapted_head(model, method, {}, prompts, batch_size=256).detach()
+        fit = fit_tip(x, y, zero_shot, _logit_scale(model), len(bench.classnames), config=cfg)
+        val_top1 = fit.val_top1
+    elif shots >= 2 and cfg.val_fraction > 0 and held_out_per_class(shots, cfg.val_fraction) >= cfg.min_val_per_class:
         tr, va = stratified_split(y, cfg.val_fraction, seed)
         fit = fit_adapter(model, method, prompts, x[tr], y[tr], config=cfg, val=(x[va], y[va]), seed=seed)
         val_top1 = fit.val_top1
@@ -232,7 +292,7 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
                                          "trained_steps": str(fit.steps), "language": bench.language})
     with frozen(model):
         head = adapter.head(model, prompts).cpu()
-    logits = _logit_scale(model).cpu() * F.normalize(test_x.float(), dim=-1) @ head
+    logits = adapter.logits(test_x, head, _logit_scale(model).cpu())
     metrics = classification_metrics(logits, test_y, headline=bench.metric)
     metrics.update(shots=float(shots), num_train=float(len(y)), steps=float(fit.steps))
     if val_top1 is not None:
@@ -244,7 +304,7 @@ def adapt_head(model: nn.Module, adapter: Adapter, *, tokenizer=None, source: st
                classnames: Source = None, templates: Source = None) -> torch.Tensor:
     """The adapted (embed_dim, classes) head of the adapter's benchmark (in the language it was fitted in), once
     `adapter.check` has accepted `model` and the prompts (the benchmark's own, or the `classnames` / `templates` the
-    adapter was fitted with)."""
+    adapter was fitted with); for "tip", the zero-shot head its cache adds to: classify with `adapter.logits`."""
     bench = get_benchmark(adapter.benchmark, adapter.language)
     prompts = prompt_set(model, tokenizer, *benchmark_prompts(bench, classnames, templates, shared=True))
     adapter.check(model, bench.name, prompts, source=source)

@@ -12,6 +12,10 @@ tensors are at their initial values gives exactly the zero-shot head.
   activations of every text block, starting at one. They are applied by scaling the rows of `in_proj_weight` and
   the columns of `mlp.c_proj.weight` through `torch.func.functional_call`: the same function as scaling the
   activations, while the model's own parameters are never written.
+- "tip" (Tip-Adapter, Zhang et al. 2022): training-free. A cache whose keys are the shots' normalised image
+  features and whose values are their one-hot labels; an image feature f scores
+  `logit_scale * f W + alpha * exp(-beta * (1 - f keys^T)) values`, W the zero-shot head. alpha and beta are
+  tensors of the adapter; the text tower runs as it is.
 
 Adapter files are safetensors (no pickle) whose metadata names the method, benchmark, class count and the digests
 of the model weights and of the prompts' token ids; `Adapter.check` refuses a file made for anything else.
@@ -38,8 +42,8 @@ from vlpretrain.errors import CheckpointError, ConfigError
 from zeroshot.classifier import ClassName, Template, default_tokenizer, ensemble_head, expand_prompts
 from zeroshot.features import weights_digest
 
-Method = Literal["prompt", "ia3"]
-METHODS: tuple[str, ...] = ("prompt", "ia3")
+Method = Literal["prompt", "ia3", "tip"]
+METHODS: tuple[str, ...] = ("prompt", "ia3", "tip")
 ADAPTER_FORMAT = "vlpretrain-adapter-v1"
 _TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
 
@@ -95,8 +99,13 @@ def prompt_set(model: nn.Module, tokenizer, classnames: Sequence[ClassName],
 
 def initial_tensors(model: nn.Module, method: str, prompts: PromptSet, *, n_ctx: int = 4,
                     class_specific: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter tensors that reproduce the zero-shot head: zero prompt offsets, or (IA)^3 scales of one."""
+    """The adapter tensors that reproduce the zero-shot head: zero prompt offsets, (IA)^3 scales of one, or an
+    empty Tip-Adapter cache (alpha 0)."""
     check_text_tower(model, method)
+    if method == "tip":
+        dim = image_embed_dim(model)
+        return {"keys": torch.zeros(0, dim), "values": torch.zeros(0, prompts.num_classes),
+                "alpha": torch.zeros(1), "beta": torch.ones(1)}
     if method == "prompt":
         length = prompts.tokens.shape[1]
         if not 1 <= n_ctx <= length - 2:
@@ -110,6 +119,23 @@ def initial_tensors(model: nn.Module, method: str, prompts: PromptSet, *, n_ctx:
         out[f"v.{i}"] = torch.ones(block.attn.embed_dim)
         out[f"mlp.{i}"] = torch.ones(block.mlp.c_proj.weight.shape[1])
     return out
+
+
+def image_embed_dim(model: nn.Module) -> int:
+    """The width of the model's image features (the text projection's output)."""
+    projection = model.text_projection
+    return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+
+
+def tip_logits(features: torch.Tensor, head: torch.Tensor, logit_scale: torch.Tensor | float,
+               tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tip-Adapter logits [N, classes]: `logit_scale * f head + alpha * exp(-beta * (1 - f keys^T)) values`, f the
+    normalised `features`, `head` the zero-shot (embed_dim, classes) head."""
+    f = F.normalize(features.float(), dim=-1)
+    keys, values = tensors["keys"].to(f), tensors["values"].to(f)
+    alpha, beta = tensors["alpha"].to(f).reshape(()), tensors["beta"].to(f).reshape(())
+    affinity = torch.exp(-beta * (1 - f @ keys.T))
+    return logit_scale * f @ head.to(f) + alpha * affinity @ values
 
 
 def _end_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -177,6 +203,8 @@ def adapted_head(model: nn.Module, method: str, tensors: dict[str, torch.Tensor]
     device; differentiable in `tensors`. `batch_size` embeds that many prompts at a time (all at once if None)."""
     device = model.token_embedding.weight.device
     tensors = {k: v.to(device) for k, v in tensors.items()}
+    if method == "tip":  # the cache acts on image features; the head is the zero-shot ensemble
+        tensors = {}
     overrides = _ia3_overrides(model, tensors) if method == "ia3" else None
     n = len(prompts.tokens)
     step = batch_size or n
@@ -216,6 +244,12 @@ class Adapter:
         """The adapted (embed_dim, classes) head, computed without gradients."""
         with torch.no_grad():
             return adapted_head(model, self.method, self.tensors, prompts, batch_size=batch_size)
+
+    def logits(self, features: torch.Tensor, head: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+        """Logits [N, classes] of image `features` under this adapter, `head` being `self.head(...)`."""
+        if self.method == "tip":
+            return tip_logits(features, head, logit_scale, self.tensors)
+        return logit_scale * F.normalize(features.float(), dim=-1) @ head.float().to(features.device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tensors and metadata as safetensors, atomically (temporary name, then rename)."""
@@ -272,6 +306,11 @@ class Adapter:
             wanted = {"ctx": (ctx[0] if ctx and ctx[0] == prompts.num_templates * prompts.num_classes
                               else prompts.num_templates, n_ctx, model.token_embedding.weight.shape[1])}
             fits = 1 <= n_ctx <= prompts.tokens.shape[1] - 2
+        elif self.method == "tip":
+            n = shapes.get("keys", (0,))[0]
+            wanted = {"keys": (n, image_embed_dim(model)), "values": (n, prompts.num_classes), "alpha": (1,),
+                      "beta": (1,)}
+            fits = True
         else:
             wanted = {k: tuple(v.shape) for k, v in initial_tensors(model, "ia3", prompts).items()}
             fits = True

@@ -308,7 +308,8 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     from zeroshot.adapt import adapt_head, task_name
     from zeroshot.adapters import Adapter
     from zeroshot.datasets import get_benchmark
-    from zeroshot.evaluate import head_metrics
+    from zeroshot.features import encode_images, spread_subset
+    from zeroshot.metrics import classification_metrics
     from zeroshot.results import ResultEntry
 
     adapter = Adapter.load(a.adapter)
@@ -324,22 +325,26 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     head = adapt_head(model, adapter, tokenizer=tokenizer, source=a.adapter, classnames=a.classnames,
                       templates=a.templates)
     data = bench.load(a.root, split="test", transform=image_transform(model, train=False), format=a.format)
-    metrics = head_metrics(model, head, data, headline=bench.metric, batch_size=a.batch_size, workers=a.workers,
-                           device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
+    feats, labels = encode_images(model, spread_subset(data.dataset, a.max_images), batch_size=a.batch_size,
+                                  workers=a.workers, device=device, progress=not a.no_progress, desc=bench.name)
+    scale = model.logit_scale.detach().exp().float().reshape(()).cpu()
+    metrics = classification_metrics(adapter.logits(feats, head.cpu(), scale), labels, headline=bench.metric)
     if "shots" in adapter.info:
         metrics["shots"] = float(adapter.info["shots"])
     return ResultEntry(task_name(adapter.method), bench.name, bench.metric, metrics, str(data.root), data.format,
                        language=bench.language)
 
 
-@command("adapt", "few-shot adaptation of a zero-shot head: learned prompts or (IA)^3 vectors, towers frozen")
+@command("adapt", "few-shot adaptation of a zero-shot head: learned prompts, (IA)^3 vectors or a Tip-Adapter "
+                  "cache, towers frozen")
 def _adapt(p: argparse.ArgumentParser):
     from zeroshot.adapt import DEFAULT_LR, AdaptConfig
 
     d = AdaptConfig()
-    _model_and_data_args(p, "results JSON to write or update (task adapt_prompt or adapt_ia3)")
-    p.add_argument("--method", choices=("prompt", "ia3"), default="prompt",
-                   help="prompt: learned context offsets; ia3: learned key/value/MLP scales (default: prompt)")
+    _model_and_data_args(p, "results JSON to write or update (task adapt_prompt, adapt_ia3 or adapt_tip)")
+    p.add_argument("--method", choices=("prompt", "ia3", "tip"), default="prompt",
+                   help="prompt: learned context offsets; ia3: learned key/value/MLP scales; tip: Tip-Adapter cache "
+                        "of the shots' features, alpha and beta by leave-one-out (default: prompt)")
     p.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
     p.add_argument("--save", help="write the learned vectors here (safetensors), for `zeroshot eval --adapter`")
     p.add_argument("--steps", type=int, default=d.steps, help=f"most training steps (default: {d.steps})")
