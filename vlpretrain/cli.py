@@ -267,13 +267,13 @@ def _curate(p: argparse.ArgumentParser):
     p.add_argument("--near-dedup", type=float, metavar="COSINE",
                    help="keep one sample per group of images this similar or more (e.g. 0.95)")
     p.add_argument("--near-space", choices=("pixels", "model"), default="pixels",
-                   help="near duplicates and decontamination compare 16x16 grey thumbnails (pixels, default) or the "
-                        "model's image embeddings")
+                   help="near duplicates and decontamination compare the differences of 16x16 grey thumbnails "
+                        "(pixels, default) or the model's image embeddings")
     p.add_argument("--decontaminate", metavar="BENCHMARKS",
                    help="comma-separated benchmarks (see `zeroshot list`) whose test images are looked for")
     p.add_argument("--benchmark-root", help="folder with the benchmarks' data (as `zeroshot eval --root`)")
-    p.add_argument("--decontam-threshold", type=float, default=0.9, metavar="COSINE",
-                   help="cosine at or above which a training image counts as a test image (default 0.9)")
+    p.add_argument("--decontam-threshold", type=float, default=0.985, metavar="COSINE",
+                   help="cosine at or above which a training image counts as a test image (default 0.985)")
     p.add_argument("--remove-contaminated", action="store_true",
                    help="drop the samples decontamination finds (default: report them only)")
     p.add_argument("--cache-dir", help="embedding cache (default: OUTDIR/.curate-cache)")

@@ -119,6 +119,13 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", help="folder caching zero-shot heads between runs")
     p.add_argument("--adapter", help="adapter file from `zeroshot adapt`: classify with the adapted head instead of "
                                      "the prompt ensemble (one benchmark, the adapter's)")
+    p.add_argument("--overlap-with", metavar="SHARDS",
+                   help="also report accuracy on the test images that have a near duplicate in these training "
+                        "shards (a folder or pattern) and on the clean rest (CLIP paper, section 5)")
+    p.add_argument("--overlap-threshold", type=float, default=0.985,
+                   help="thumbnail cosine at or above which a training image duplicates a test image "
+                        "(default 0.985)")
+    p.add_argument("--overlap-cache", help="cache of the shards' thumbnails (default: ~/.cache/vlpretrain/curation)")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
@@ -126,6 +133,8 @@ def _eval(p: argparse.ArgumentParser):
         from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "test")
+        if a.overlap_with and a.adapter:
+            raise ConfigError("--overlap-with and --adapter: give one of them")
 
         def show(e: ResultEntry) -> None:
             # the headline is printed first under its own name; `headline` itself is only a copy of it
@@ -133,6 +142,11 @@ def _eval(p: argparse.ArgumentParser):
                                if k not in ("headline", "images", e.metric))
             print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
                   f"({e.format} at {e.root})", flush=True)
+            if "overlap_top1" in e.metrics:
+                m = e.metrics
+                print(f"{e.benchmark}: overlap with {a.overlap_with}: {int(m['overlap_images'])} test images "
+                      f"({100 * m['overlap_fraction']:.2f}%) top1={m['overlap_top1']:.4f}; clean "
+                      f"{int(m['clean_images'])} top1={m['clean_top1']:.4f}", flush=True)
 
         if a.adapter:
             show(entry := _eval_adapter(a, names))
@@ -146,6 +160,16 @@ def _eval(p: argparse.ArgumentParser):
 
         stop = StopRequest()  # Ctrl-C or SIGTERM: stop at the next batch and keep what finished
         try:
+            if a.overlap_with:
+                from zeroshot.overlap import evaluate_overlap
+
+                for name in names:
+                    keep(evaluate_overlap(model, name, a.root, a.overlap_with, tokenizer=tokenizer,
+                                          threshold=a.overlap_threshold, batch_size=a.batch_size, workers=a.workers,
+                                          device=_device(a), max_images=a.max_images, format=a.format,
+                                          progress=not a.no_progress, cache_dir=a.cache_dir,
+                                          overlap_cache=a.overlap_cache, should_stop=lambda: stop.requested))
+                return _save(a, entries)
             evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                            device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
                            cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)

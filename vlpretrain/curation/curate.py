@@ -61,7 +61,7 @@ class CurationOptions:
     near_space: str = "pixels"  # "pixels" (thumbnails: resizes, re-encodings) or "model" (image embeddings)
     decontaminate: tuple[str, ...] = ()  # benchmark names of the registry
     benchmark_root: str | None = None
-    decontam_threshold: float = 0.9
+    decontam_threshold: float = 0.985
     remove_contaminated: bool = False
     shard_size: int = 10000
     prefix: str = "curated"
