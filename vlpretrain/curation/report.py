@@ -7,15 +7,13 @@ import json
 import os
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from vlpretrain.curation.decide import Decision
 from vlpretrain.curation.embed import Embeddings, decode
-
-if TYPE_CHECKING:
-    from vlpretrain.curation.curate import Decision
 
 SHOWN = 8  # thumbnails of kept pairs, and of dropped ones
 
