@@ -105,7 +105,7 @@ def write_report(stem: Path, summary: dict[str, Any], emb: Embeddings, decision:
             reason = "" if title == "kept" else f"\n[{decision.reasons[i]}]"
             ax.set_title(textwrap.fill(emb.captions[i][:80], 22) + f"\n{score}{reason}", fontsize=7)
     fig.suptitle("vlpretrain curate")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.93, bottom=0.03, hspace=0.6, wspace=0.3)
     png = stem.with_suffix(".png")
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
