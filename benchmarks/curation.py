@@ -204,12 +204,12 @@ def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, l
     res["clean_samples"] = write_folder(clean, demo_samples(shards, limit), "clean")
     res["noisy_samples"] = write_folder(noisy, noisy_samples(shards, 0.4, limit), "noisy")
     slice_ = work / "clean-slice"
-    write_folder(slice_, demo_samples(shards, 5000), "slice")
+    write_folder(slice_, demo_samples(shards, 5000), "slice", shard_size=1000)  # 2 ranks need 2+ shards
     res["brief_model_top1"] = train(f"{slice_}/*.tar", work / "run-brief", brief_steps, log)
     out = work / "filtered"
     t = time.perf_counter()
     r = curate(str(noisy), out, str(work / "run-brief" / "model.safetensors"), fraction=keep, progress=False,
-               replace=True)
+               replace=True, shard_size=2500)
     res["filter_s"] = round(time.perf_counter() - t, 1)
     kept_noisy = 0
     for tar in sorted(out.glob("*.tar")):
@@ -238,11 +238,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps of each noise run (demo: 300)")
     p.add_argument("--brief-steps", type=int, default=60, help="training steps of the filtering model")
     p.add_argument("--keep", type=float, default=0.5, help="top fraction the filter keeps")
+    p.add_argument("--limit", type=int, help="use only the first N demo samples in the noise experiment")
     p.add_argument("--quick", action="store_true", help="100 steps, 30 brief steps, 20,000 samples")
     p.add_argument("--only", choices=("contamination", "speed", "noise"), action="append",
                    help="run only these parts (repeatable)")
     a = p.parse_args()
-    limit = None
+    limit = a.limit
     if a.quick:
         a.steps, a.brief_steps, limit = 100, 30, 20000
     work = Path(a.work)

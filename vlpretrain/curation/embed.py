@@ -169,12 +169,18 @@ class Embeddings:
         """The rows of several shards' embeddings, one after another, with each row's shard index."""
         offsets = np.cumsum([0] + [len(p) for p in parts])
         with_model = all(p.image is not None for p in parts) and bool(parts)
+
+        def stacked(blocks: list[np.ndarray]) -> np.ndarray:
+            width = max(b.shape[1] for b in blocks)  # a shard of only unreadable samples has width 0
+            return np.concatenate([b if b.shape[1] == width else np.zeros((len(b), width), np.float32)
+                                   for b in blocks])
+
         return Embeddings(
             [k for p in parts for k in p.keys], [c for p in parts for c in p.captions],
             np.concatenate([p.hashes for p in parts]) if parts else np.zeros((0, 16), np.uint8),
             np.concatenate([p.thumbs for p in parts]) if parts else np.zeros((0, THUMB_DIM), np.float32),
-            np.concatenate([p.image for p in parts]) if with_model else None,  # type: ignore[misc]
-            np.concatenate([p.text for p in parts]) if with_model else None,  # type: ignore[misc]
+            stacked([p.image for p in parts]) if with_model else None,  # type: ignore[misc]
+            stacked([p.text for p in parts]) if with_model else None,  # type: ignore[misc]
             {int(o) + i: b for p, o in zip(parts, offsets) for i, b in p.bad.items()},
             np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]) if parts
             else np.zeros(0, np.int32))
