@@ -295,3 +295,15 @@ def test_zeroshot_eval_overlap_with_shards(scorer, tmp_path, capsys):
     assert "overlap with" in capsys.readouterr().out
     m = json.loads((tmp_path / "r.json").read_text())["results"][0]["metrics"]
     assert m["overlap_images"] == 3 and m["clean_images"] == 9 and m["images"] == 12
+
+
+def test_ranks_split_the_embedding_and_rank_0_writes(dataset, tmp_path):
+    folder, keys, _ = dataset
+    cache = tmp_path / "cache"
+    r1 = curate(str(folder), tmp_path / "out", exact_dedup=True, cache_dir=cache, rank=1, world_size=2,
+                progress=False)
+    assert r1 == {"rank": 1, "embedded_shards": 1} and not (tmp_path / "out" / MANIFEST).exists()
+    assert [p.name.split("-")[1] for p in sorted((cache / "pixels").iterdir())] == ["000001"]  # shards 1::2
+    r0 = curate(str(folder), tmp_path / "out", exact_dedup=True, cache_dir=cache, rank=0, world_size=2,
+                progress=False, report=False)
+    assert r0["embedded_shards"] == 2 and set(read_output(tmp_path / "out")) == set(keys)
