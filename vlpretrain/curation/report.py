@@ -86,8 +86,9 @@ def write_report(stem: Path, summary: dict[str, Any], emb: Embeddings, decision:
     counts = [decision.removed.get(n, 0) for n in names]
     flagged = [decision.flagged.get(n, 0) for n in names]
     y = np.arange(len(names))
-    ax.barh(y - 0.2, counts, height=0.4, label="removed (first step to reject)")
-    ax.barh(y + 0.2, flagged, height=0.4, label="flagged (rule on its own)")
+    for bars in (ax.barh(y - 0.2, counts, height=0.4, label="removed (first step to reject)"),
+                 ax.barh(y + 0.2, flagged, height=0.4, label="flagged (rule on its own)")):
+        ax.bar_label(bars, fontsize=7, padding=2)  # small counts beside large ones stay readable
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_title(f"{summary['samples_in']} samples in, {summary['samples_out']} kept")
