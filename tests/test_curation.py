@@ -298,6 +298,9 @@ def test_zeroshot_eval_overlap_with_shards(scorer, tmp_path, capsys):
 
 
 def test_ranks_split_the_embedding_and_rank_0_writes(dataset, tmp_path):
+    import vlpretrain
+
+    assert vlpretrain.curate is curate  # the public API
     folder, keys, _ = dataset
     cache = tmp_path / "cache"
     r1 = curate(str(folder), tmp_path / "out", exact_dedup=True, cache_dir=cache, rank=1, world_size=2,
