@@ -265,7 +265,7 @@ def _curate(p: argparse.ArgumentParser):
                    help="drop captions where more than this fraction of the words repeat an earlier one")
     p.add_argument("--exact-dedup", action="store_true", help="keep one sample per decoded image (pixel hash)")
     p.add_argument("--near-dedup", type=float, metavar="COSINE",
-                   help="keep one sample per group of images this similar or more (e.g. 0.95)")
+                   help="keep one sample per group of images this similar or more (e.g. 0.985)")
     p.add_argument("--near-space", choices=("pixels", "model"), default="pixels",
                    help="near duplicates and decontamination compare the differences of 16x16 grey thumbnails "
                         "(pixels, default) or the model's image embeddings")
