@@ -1,8 +1,8 @@
 """vlpretrain: contrastive vision-language pretraining on open_clip towers with DeepSpeed ZeRO and sparse MoE.
 
-Public API: `build_model`, `load_model`, `train`, `upcycle`, `load_config`, `write_shards`, `build_loader`. Each is
-imported on first use, so that `import vlpretrain.errors` (as `zeroshot` does) loads neither the trainer nor the
-data stack; DeepSpeed itself is imported only when an engine is built.
+Public API: `build_model`, `load_model`, `train`, `upcycle`, `load_config`, `write_shards`, `build_loader`,
+`curate`. Each is imported on first use, so that `import vlpretrain.errors` (as `zeroshot` does) loads neither the
+trainer nor the data stack; DeepSpeed itself is imported only when an engine is built.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_model": "vlpretrain.models",
     "upcycle": "vlpretrain.models",
     "train": "vlpretrain.trainer",
+    "curate": "vlpretrain.curation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -245,6 +245,78 @@ def _index_shards(p: argparse.ArgumentParser):
     return run
 
 
+@command("curate", "filter shards into a new dataset: CLIP score, caption rules, duplicates, benchmark overlap")
+def _curate(p: argparse.ArgumentParser):
+    p.add_argument("shards", metavar="DIR|PATTERN", help="input shards: a folder of .tar files or a brace pattern")
+    p.add_argument("outdir", help="folder for the curated shards, _manifest.json and curation_report.json/.png")
+    p.add_argument("--model", help="scores image-text agreement: an export of ours (.safetensors) or an open_clip "
+                   "architecture name (with --pretrained)")
+    p.add_argument("--pretrained", help="local weights for an architecture name")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--threshold", type=float, help="keep pairs whose CLIP score (cosine) is at least this")
+    keep.add_argument("--fraction", type=float, help="keep this top fraction of pairs by CLIP score (e.g. 0.3)")
+    p.add_argument("--min-words", type=int, help="drop captions with fewer words")
+    p.add_argument("--max-words", type=int, help="drop captions with more words")
+    p.add_argument("--languages", help="keep captions langid identifies as one of these, comma-separated (e.g. en)")
+    p.add_argument("--max-repeats", type=int, help="drop captions shared by more than this many samples (ALIGN: 10)")
+    p.add_argument("--boilerplate", action="store_true",
+                   help="drop C4-like boilerplate captions (lorem ipsum, {, cookie notices, file names, links)")
+    p.add_argument("--max-repeated-words", type=float,
+                   help="drop captions where more than this fraction of the words repeat an earlier one")
+    p.add_argument("--exact-dedup", action="store_true", help="keep one sample per decoded image (pixel hash)")
+    p.add_argument("--near-dedup", type=float, metavar="COSINE",
+                   help="keep one sample per group of images this similar or more (e.g. 0.985)")
+    p.add_argument("--near-space", choices=("pixels", "model"), default="pixels",
+                   help="near duplicates and decontamination compare the differences of 16x16 grey thumbnails "
+                        "(pixels, default) or the model's image embeddings")
+    p.add_argument("--decontaminate", metavar="BENCHMARKS",
+                   help="comma-separated benchmarks (see `zeroshot list`) whose test images are looked for")
+    p.add_argument("--benchmark-root", help="folder with the benchmarks' data (as `zeroshot eval --root`)")
+    p.add_argument("--decontam-threshold", type=float, default=0.985, metavar="COSINE",
+                   help="cosine at or above which a training image counts as a test image (default 0.985)")
+    p.add_argument("--remove-contaminated", action="store_true",
+                   help="drop the samples decontamination finds (default: report them only)")
+    p.add_argument("--cache-dir", help="embedding cache (default: OUTDIR/.curate-cache)")
+    p.add_argument("--workers", type=int, default=1, help="processes embedding shards (RANK/WORLD_SIZE split too)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model batch")
+    p.add_argument("--device", help="torch device of the model (default: cpu)")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per output shard")
+    p.add_argument("--prefix", default="curated", help="output shard names: PREFIX-000000.tar, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace another dataset OUTDIR holds")
+    p.add_argument("--no-report", action="store_true", help="write no curation_report.json / .png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.curation import CurationOptions, curate
+
+        def names(arg: str | None) -> tuple[str, ...] | None:
+            return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
+
+        opts = CurationOptions(
+            threshold=a.threshold, fraction=a.fraction, min_words=a.min_words, max_words=a.max_words,
+            languages=names(a.languages), max_repeats=a.max_repeats, boilerplate=a.boilerplate,
+            max_repeated_words=a.max_repeated_words, exact_dedup=a.exact_dedup, near_dedup=a.near_dedup,
+            near_space=a.near_space, decontaminate=names(a.decontaminate) or (), benchmark_root=a.benchmark_root,
+            decontam_threshold=a.decontam_threshold, remove_contaminated=a.remove_contaminated,
+            shard_size=a.shard_size, prefix=a.prefix)
+        r = curate(a.shards, a.outdir, a.model, pretrained=a.pretrained, options=opts, cache_dir=a.cache_dir,
+                   workers=a.workers, batch_size=a.batch_size, device=a.device, replace=a.overwrite,
+                   report=not a.no_report, progress=not a.no_progress)
+        if "samples_out" not in r:
+            print(f"rank {r['rank']}: embedded {r['embedded_shards']} shard(s); rank 0 writes {a.outdir}")
+            return 0
+        removed = ", ".join(f"{k}: {v}" for k, v in r["removed"].items() if v)
+        print(f"{a.outdir}: kept {r['samples_out']} of {r['samples_in']} samples"
+              + (f"; removed {removed}" if removed else "")
+              + (f"; score threshold {r['score_threshold']:.4f}" if r["score_threshold"] is not None else ""))
+        for bench, c in r["contamination"].items():
+            print(f"{bench}: {c['flagged']} training samples look like its test images"
+                  + (" (removed)" if c["removed"] else " (kept; --remove-contaminated drops them)"))
+        return 0
+
+    return run
+
+
 def _class_names(arg: str | None) -> str | list[str] | None:
     """--classes: a file of names as it is, else the class names of the benchmark it names (looked up by the
     installed packages of the `vlpretrain.class_names` entry-point group: zeroshot's benchmark registry)."""

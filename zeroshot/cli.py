@@ -174,6 +174,13 @@ def _eval(p: argparse.ArgumentParser):
     _prompt_args(p)
     p.add_argument("--recall-k", type=int, nargs="+", metavar="K",
                    help="retrieval: the k of recall@k, e.g. --recall-k 1 5 10 50 (default: 1 5 10)")
+    p.add_argument("--overlap-with", metavar="SHARDS",
+                   help="also report accuracy on the test images that have a near duplicate in these training "
+                        "shards (a folder or pattern) and on the clean rest (CLIP paper, section 5)")
+    p.add_argument("--overlap-threshold", type=float, default=0.985,
+                   help="thumbnail cosine at or above which a training image duplicates a test image "
+                        "(default 0.985)")
+    p.add_argument("--overlap-cache", help="cache of the shards' thumbnails (default: ~/.cache/vlpretrain/curation)")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import get_benchmark
@@ -185,7 +192,17 @@ def _eval(p: argparse.ArgumentParser):
                 raise ConfigError("--adapter: an adapter belongs to one benchmark; give --benchmark, not --suite")
             return _eval_suite(a)
         names = _checked_benchmarks(a, "test")
-        show = _show_entry
+        if a.overlap_with and a.adapter:
+            raise ConfigError("--overlap-with and --adapter: give one of them")
+
+        def show(e: ResultEntry) -> None:
+            _show_entry(e)
+            if "overlap_top1" in e.metrics:
+                m = e.metrics
+                print(f"{_label(e)}: overlap with {a.overlap_with}: {int(m['overlap_images'])} test images "
+                      f"({100 * m['overlap_fraction']:.2f}%) top1={m['overlap_top1']:.4f}; clean "
+                      f"{int(m['clean_images'])} top1={m['clean_top1']:.4f}", flush=True)
+
         if a.adapter:
             show(entry := _eval_adapter(a, names))
             return _save(a, [entry])
@@ -198,6 +215,16 @@ def _eval(p: argparse.ArgumentParser):
 
         stop = StopRequest()  # Ctrl-C or SIGTERM: stop at the next batch and keep what finished
         try:
+            if a.overlap_with:
+                from zeroshot.overlap import evaluate_overlap
+
+                for name in names:
+                    keep(evaluate_overlap(model, name, a.root, a.overlap_with, tokenizer=tokenizer,
+                                          threshold=a.overlap_threshold, batch_size=a.batch_size, workers=a.workers,
+                                          device=_device(a), max_images=a.max_images, format=a.format,
+                                          progress=not a.no_progress, cache_dir=a.cache_dir,
+                                          overlap_cache=a.overlap_cache, should_stop=lambda: stop.requested))
+                return _save(a, entries)
             evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                            device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
                            cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,

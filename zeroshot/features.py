@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vlpretrain.digest import DigestScope, weights_digest  # noqa: F401  (zeroshot.features.weights_digest stays importable)
 from vlpretrain.errors import ConfigError, DataError, VLPretrainError, without_worker_traceback
 from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import Interrupted, StopCheck, check_stop
@@ -51,26 +51,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
-
-
-DigestScope = Literal["image", "model"]
-
-
-def weights_digest(model: nn.Module, *, scope: DigestScope) -> str:
-    """SHA-256 of weights (names, dtypes, shapes and bytes): the cache key of what was computed from them.
-
-    scope "image" hashes only the image tower (`model.visual` when the model has one), so retraining the text tower
-    keeps cached image features valid; scope "model" hashes every parameter and buffer (zero-shot heads depend
-    on both towers and the temperature).
-    """
-    assert scope in ("image", "model"), scope
-    module = getattr(model, "visual", model) if scope == "image" else model
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, workers: int, device: torch.device) -> Iterable:

@@ -274,7 +274,8 @@ def _up_to_date(outdir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
     return manifest
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON under a temporary name, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -326,7 +327,7 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     if skip_existing and (manifest := _up_to_date(out, inputs)) is not None:
         log.info("%s: shards already written from the same inputs; nothing to do", out)
         return manifest
-    previous, loose = _check_replaceable(out, inputs, replace)
+    previous, loose = check_replaceable(out, inputs, replace)
     _, records = read_source(src, fmt, opts)
     # this run's shards go to a staging folder and replace the folder's dataset only once all are written, so an
     # interrupted run leaves the previous dataset whole (and no mix of the two)
@@ -364,7 +365,7 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     order = {"shuffled": False} if keep_order else {"shuffled": True, "seed": seed}
     manifest = {"version": MANIFEST_VERSION, "inputs": inputs, "order": order, "samples": n, "shards": shards,
                 "skipped": {"count": len(skipped), "by_reason": by_reason, "rows": skipped}}
-    _swap_in(out, staging, previous, shards, manifest)
+    swap_in(out, staging, previous, shards, manifest)
     if left := sorted(set(loose) - {s["name"] for s in shards}):
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         log.warning("%s: left in place %d tar file(s) no previous manifest listed (%s); the loader refuses tar files "
@@ -375,8 +376,8 @@ def write_shards(source: str | os.PathLike, outdir: str | os.PathLike, format: s
     return manifest
 
 
-def _swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str, Any]],
-             manifest: dict[str, Any]) -> None:
+def swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str, Any]],
+            manifest: dict[str, Any]) -> None:
     """Replace the folder's dataset by the staged one: the old manifest goes first (a folder without one, beside a
     staging folder, is refused by the loader), then the old shards, then the new ones, then their manifest."""
     (out / MANIFEST).unlink(missing_ok=True)
@@ -384,11 +385,11 @@ def _swap_in(out: Path, staging: Path, previous: set[str], shards: list[dict[str
         (out / name).unlink(missing_ok=True)
     for s in shards:
         os.replace(staging / s["name"], out / s["name"])
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> tuple[set[str], list[str]]:
+def check_replaceable(out: Path, inputs: dict[str, Any], replace: bool) -> tuple[set[str], list[str]]:
     """The shard names the previous manifest of `out` lists, which this run may replace (a dataset written from the
     same source, or any when `replace`), and the tar files no manifest lists. Another dataset, or loose tar files,
     are refused unless `replace`; even then loose files are not this run's to delete (only a new shard of the same

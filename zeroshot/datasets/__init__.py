@@ -1,6 +1,9 @@
 """The benchmark registry: `get_benchmark(name).load(root)` opens a benchmark from whatever layout is on disk."""
 
 from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
 
 from zeroshot.datasets import captions, catalog, datacomp, wds  # noqa: F401  (register layouts and every benchmark)
 from zeroshot.datasets.base import (
@@ -32,5 +35,28 @@ def class_names(benchmark: str, language: str | None = None) -> list[str]:
 
 from zeroshot.datasets.datacomp import AssociationSet  # noqa: E402
 
+
+class TestImages(Sequence):
+    """A benchmark's test images as PIL images, read one at a time (labels and captions left out)."""
+
+    def __init__(self, data: EvalSet | CaptionSet):
+        self.dataset = data.images if isinstance(data, CaptionSet) else data.dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.dataset[i][0]
+
+
+def test_images(benchmark: str, root: str | Path) -> Sequence[Image.Image]:
+    """The test images of a registered benchmark under `root` (`vlpretrain curate --decontaminate` reads them
+    through the `vlpretrain.benchmark_images` entry point)."""
+    return TestImages(get_benchmark(benchmark).load(root, split="test"))
+
+
 __all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "AssociationSet", "Benchmark", "CaptionSet", "EvalSet",
-           "Grouping", "Layout", "SelectionSet", "class_names", "get_benchmark", "list_benchmarks", "register"]
+           "Grouping", "Layout", "SelectionSet", "class_names", "get_benchmark", "list_benchmarks", "register",
+           "test_images"]
