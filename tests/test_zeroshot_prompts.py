@@ -175,8 +175,10 @@ def test_recall_at_any_k_by_hand(tmp_path):
     # text -> image ranks 1, 2 (image 2 scores .87 above image 1's .49), 3 (a tie at 0 counts against);
     # image -> text ranks 2 (t2 ties t0 at 1), 1, 3
     want = {f"{d}_retrieval_recall@{k}": v for d in ("image", "text") for k, v in ((1, 1 / 3), (2, 2 / 3), (3, 1))}
-    assert {k: v for k, v in m.items() if "recall@" in k} == pytest.approx(want)
+    assert {k: v for k, v in m.items() if "_retrieval_recall@" in k} == pytest.approx(want)
     assert m["mean_recall"] == pytest.approx(2 / 3)
+    # flickr30k's headline is DataComp's mean of the two recall@1
+    assert m["mean_recall@1"] == m["headline"] == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="recall_k: expected whole numbers of at least 1, got 0 5"):
         zeroshot.evaluate(model, "flickr30k", root, recall_ks=[0, 5])
 
@@ -193,7 +195,7 @@ def test_cli_recall_k_and_classnames_end_to_end(mnist, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"mnist: class names from --classnames {names}" in printed
     got = {r["benchmark"]: r["metrics"] for r in json.loads(out.read_text())["results"]}
-    recalls = {k: v for k, v in got["flickr30k"].items() if "recall@" in k}
+    recalls = {k: v for k, v in got["flickr30k"].items() if "_retrieval_recall@" in k}
     assert set(recalls) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 2, 50)}
     assert recalls["image_retrieval_recall@50"] == 1 and got["flickr30k"]["mean_recall"] == pytest.approx(
         sum(recalls.values()) / 6)
