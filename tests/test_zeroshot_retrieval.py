@@ -50,7 +50,7 @@ def check(data: CaptionSet, fmt: str, lossless: bool = False) -> None:
 
 def test_registry_knows_the_retrieval_sets_and_their_task():
     retrieval = [b.name for b in list_benchmarks(["retrieval"])]
-    assert retrieval == ["flickr8k", "flickr30k", "mscoco", "captions"]
+    assert retrieval == ["flickr8k", "flickr30k", "mscoco", "captions", "crossmodal3600", "xtd10", "multilingual-mscoco"]
     assert {b.task for b in list_benchmarks(None)} == {"classification", "multilabel", "retrieval"}
     assert all(b.task != "retrieval" for b in list_benchmarks())
     assert get_benchmark("mscoco_captions").name == "mscoco" and get_benchmark("flickr30k").metric == "mean_recall"

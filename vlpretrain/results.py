@@ -17,7 +17,9 @@ trainer (which writes its `training` block even when it evaluates nothing, so th
     }
 
 `task` names the evaluation ("zeroshot", "retrieval", "linear_probe", ...); `metric` names the key of `metrics` that
-is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways). Writing an entry replaces the one with the same task and benchmark.
+is the benchmark's headline number (a retrieval entry's is "mean_recall", the mean of its recall@k both ways);
+`language` (ISO 639-1, "en" when absent) the language of the prompts or captions. Writing an entry replaces the one
+with the same task, benchmark and language.
 `training` holds the totals of the run that trained the model (written by the trainer at its end; see
 `vlpretrain.trainer`): optimizer steps, samples, model FLOPs (forward + backward) and, on GPUs, joules.
 `interrupted` says that a SIGINT/SIGTERM cut an evaluation short: the entries it finished are in `results`, those
@@ -53,6 +55,12 @@ class ResultEntry:
     root: str | None = None
     format: str | None = None
     date: str = field(default_factory=now)
+    language: str = "en"  # of the prompts or captions the metrics were measured with (ISO 639-1)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What identifies an entry in a results file: one per task, benchmark and language."""
+        return self.task, self.benchmark, self.language
 
     @property
     def headline(self) -> float:
@@ -71,20 +79,22 @@ class Results:
     interrupted: dict[str, Any] | None = None  # {"date", "not_evaluated": [{"task", "benchmark"}]} after a stop
 
     def add(self, entry: ResultEntry) -> None:
-        """Add `entry`, replacing an earlier one for the same task and benchmark."""
-        self.results = [r for r in self.results if (r.task, r.benchmark) != (entry.task, entry.benchmark)]
+        """Add `entry`, replacing an earlier one for the same task, benchmark and language."""
+        self.results = [r for r in self.results if r.key != entry.key]
         self.results.append(entry)
         if self.interrupted is not None:
             left = [t for t in self.interrupted["not_evaluated"]
-                    if (t["task"], t["benchmark"]) != (entry.task, entry.benchmark)]
+                    if (t["task"], t["benchmark"], t.get("language", "en")) != entry.key]
             self.interrupted = {**self.interrupted, "not_evaluated": left} if left else None
 
-    def mark_interrupted(self, not_evaluated: list[tuple[str, str]]) -> None:
-        """Record that a stop cut the evaluation short before these (task, benchmark) pairs were evaluated."""
-        self.interrupted = {"date": now(), "not_evaluated": [{"task": t, "benchmark": b} for t, b in not_evaluated]}
+    def mark_interrupted(self, not_evaluated: list[tuple[str, ...]]) -> None:
+        """Record that a stop cut the evaluation short before these (task, benchmark[, language]) were evaluated."""
+        left = [{"task": t[0], "benchmark": t[1], **({"language": t[2]} if len(t) > 2 and t[2] != "en" else {})}
+                for t in not_evaluated]
+        self.interrupted = {"date": now(), "not_evaluated": left}
 
-    def get(self, task: str, benchmark: str) -> ResultEntry | None:
-        return next((r for r in self.results if (r.task, r.benchmark) == (task, benchmark)), None)
+    def get(self, task: str, benchmark: str, language: str = "en") -> ResultEntry | None:
+        return next((r for r in self.results if r.key == (task, benchmark, language)), None)
 
 
 def write_results(path: str | os.PathLike, results: Results) -> Path:
@@ -130,7 +140,8 @@ def read_results(path: str | os.PathLike) -> Results:
             raise DataError(f"{where}: headline metric {metric!r} is not among its metrics")
         entries.append(ResultEntry(task=_need(r, "task", str, where), benchmark=_need(r, "benchmark", str, where),
                                    metric=metric, metrics={k: float(v) for k, v in metrics.items()},
-                                   root=r.get("root"), format=r.get("format"), date=r.get("date") or ""))
+                                   root=r.get("root"), format=r.get("format"), date=r.get("date") or "",
+                                   language=r.get("language") or "en"))
     training = doc.get("training")
     if training is not None and not isinstance(training, dict):
         raise DataError(f"{path}: malformed 'training' (expected an object)")
@@ -146,7 +157,7 @@ def read_results(path: str | os.PathLike) -> Results:
 
 def update_results(path: str | os.PathLike, model: str, pretrained: str | None, entries: list[ResultEntry],
                    training: dict[str, float] | None = None,
-                   not_evaluated: list[tuple[str, str]] | None = None) -> Results:
+                   not_evaluated: list[tuple[str, ...]] | None = None) -> Results:
     """Add `entries` (and the training totals, replacing earlier ones, when given) to the results file at `path`
     (created if absent); refuses a file of another model. `not_evaluated` (task, benchmark) pairs mark the file
     interrupted: an evaluation cut short by a stop lists what it did not reach."""

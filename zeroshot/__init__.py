@@ -3,6 +3,8 @@
     import zeroshot
     probs = zeroshot.classify(model, images, ["cat", "dog"])                      # your own labels
     metrics = zeroshot.evaluate(model, "cifar10", "/data/cifar10")              # a registered benchmark
+    metrics = zeroshot.evaluate(model, "fashion-mnist", root, language="de")    # its German prompts
+    bench = zeroshot.get_benchmark("imagenet1k", language="zh")                # bench.classnames, bench.templates
     entries = zeroshot.evaluate_suite(model, ["cifar10", "mnist"], "/data")       # one sub-folder each
     zeroshot.update_results("results.json", "ViT-B-32", None, entries)          # see zeroshot/results.py
     probe = zeroshot.linear_probe(model, "cifar10", "/data/cifar10")            # CLIP-protocol linear probe

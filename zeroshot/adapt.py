@@ -192,17 +192,18 @@ def fit_adapter(model: nn.Module, method: str, prompts: PromptSet, train_x: torc
 def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: int = 16, method: str = "prompt",
           config: AdaptConfig | None = None, tokenizer=None, seed: int = 0, batch_size: int = 256, workers: int = 0,
           device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
-          cache_dir: str | os.PathLike | None = None) -> AdaptResult:
+          cache_dir: str | os.PathLike | None = None, language: str | None = None) -> AdaptResult:
     """Adapt the zero-shot head of `benchmark` to `shots` training images per class and score it on its test split.
 
     `method` is "prompt" (learned context offsets) or "ia3" (learned (IA)^3 scales); `config` holds the
     hyperparameters (AdaptConfig's defaults otherwise). Image features come from the probe's cache (`cache_dir`,
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
     zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps and, with
-    early stopping, val_top1. The model's weights are left as they were.
+    early stopping, val_top1. `language` picks the class names and templates the head starts from (default
+    English); the adapter records it. The model's weights are left as they were.
     """
     cfg = config or AdaptConfig()
-    bench = get_benchmark(benchmark)
+    bench = get_benchmark(benchmark, language)
     check_text_tower(model, method)
     prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
     initial_tensors(model, method, prompts, n_ctx=cfg.n_ctx)  # a bad n_ctx fails before any image is read
@@ -224,7 +225,7 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
         fit = fit_adapter(model, method, prompts, x, y, config=cfg, seed=seed)
     adapter = Adapter(method, fit.tensors, bench.name, len(bench.classnames), weights_digest(model, scope="model"),
                       prompts.digest(), {**cfg.as_info(method), "shots": str(shots), "seed": str(seed),
-                                         "trained_steps": str(fit.steps)})
+                                         "trained_steps": str(fit.steps), "language": bench.language})
     with frozen(model):
         head = adapter.head(model, prompts).cpu()
     logits = _logit_scale(model).cpu() * F.normalize(test_x.float(), dim=-1) @ head
@@ -237,8 +238,9 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
 
 def adapt_head(model: nn.Module, adapter: Adapter, *, tokenizer=None,
                    source: str | os.PathLike = "adapter") -> torch.Tensor:
-    """The adapted (embed_dim, classes) head of the adapter's benchmark, once `adapter.check` has accepted `model`."""
-    bench = get_benchmark(adapter.benchmark)
+    """The adapted (embed_dim, classes) head of the adapter's benchmark (in the language it was fitted in), once
+    `adapter.check` has accepted `model`."""
+    bench = get_benchmark(adapter.benchmark, adapter.language)
     prompts = prompt_set(model, tokenizer, bench.classnames, bench.templates)
     adapter.check(model, bench.name, prompts, source=source)
     with frozen(model):

@@ -207,6 +207,11 @@ class Adapter:
     prompts_digest: str  # PromptSet.digest() of the benchmark's prompts under the tokenizer used
     info: dict[str, str] = field(default_factory=dict)  # settings and fit summary (shots, steps, seed, ...)
 
+    @property
+    def language(self) -> str:
+        """The language of the prompts it was fitted on (files written before languages existed: English)."""
+        return self.info.get("language", "en")
+
     def head(self, model: nn.Module, prompts: PromptSet, *, batch_size: int | None = 256) -> torch.Tensor:
         """The adapted (embed_dim, classes) head, computed without gradients."""
         with torch.no_grad():

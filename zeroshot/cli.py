@@ -18,24 +18,38 @@ command = COMMANDS.command
 @command("list", "list the benchmarks by task: classes, templates, headline metric, readable formats")
 def _list(p: argparse.ArgumentParser):
     p.add_argument("--sources", action="store_true", help="also print where class names and templates come from")
+    p.add_argument("--language", help="only the benchmarks that have this language (ISO 639-1 code, e.g. de, zh), "
+                                      "with its class names, templates and sources")
+    p.add_argument("--languages", action="store_true", help="also print the languages each benchmark has")
 
     def run(a: argparse.Namespace) -> int:
         from zeroshot.datasets import TASKS, list_benchmarks
+        from zeroshot.datasets.base import LANGUAGE_ALIASES
 
         benches = list_benchmarks(None)
+        if a.language:
+            language = LANGUAGE_ALIASES.get(a.language, a.language)
+            benches = [b.in_language(language) for b in benches if language in b.languages]
+            if not benches:
+                known = sorted({lang for b in list_benchmarks(None) for lang in b.languages})
+                raise ConfigError(f"--language: no benchmark has {a.language!r}; languages: {', '.join(known)}")
         width = max(len(b.name) for b in benches)
         print(f"{'benchmark':<{width}}  classes  templates  {'metric':<22}  formats")
         for task in TASKS:  # one group per task, under a heading naming it
             group = [b for b in benches if b.task == task]
-            print(f"[task: {task}, {len(group)} benchmarks]")
+            if not group and a.language:
+                continue
+            print(f"[task: {task}, {len(group)} benchmarks" + (f" in {group[0].language}]" if a.language else "]"))
             for b in group:
                 counts = f"{len(b.classnames):>7}  {len(b.templates):>9}" if b.classnames else f"{'-':>7}  {'-':>9}"
                 print(f"{b.name:<{width}}  {counts}  {b.metric:<22}  {', '.join(b.formats)}")
+                if a.languages:
+                    print(f"{'':<{width}}    languages ({len(b.languages)}): {', '.join(b.languages)}")
                 if a.sources:
                     for what, src in b.sources.items():
                         print(f"{'':<{width}}    {what}: {src}")
         per_task = ", ".join(f"{sum(b.task == t for b in benches)} {t}" for t in TASKS)
-        print(f"{per_task}: {len(benches)} benchmarks")
+        print(f"{per_task}: {len(benches)} benchmarks" + (f" in {benches[0].language}" if a.language else ""))
         return 0
 
     return run
@@ -65,6 +79,8 @@ def _model_and_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--format", help="force a data layout (torchvision, imagefolder, wds) instead of detecting it")
+    p.add_argument("--language", help="class names and templates (retrieval: captions) in this language, an ISO "
+                                      "639-1 code such as de, fr, zh, ja (default: en; see `zeroshot list --languages`)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress output (default: a bar on a terminal, one line per step in a log)")
@@ -85,11 +101,11 @@ def _checked_benchmarks(a: argparse.Namespace, split: str) -> list[str]:
     if not Path(a.root).is_dir():
         raise ConfigError(f"--root: {a.root} is not a folder")
     for name in names:
-        get_benchmark(name).locate(a.root, split=split, format=a.format)
+        get_benchmark(name, a.language).locate(a.root, split=split, format=a.format)
     return names
 
 
-def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, str]] | None = None) -> int:
+def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, ...]] | None = None) -> int:
     """Add the entries to the --out results file, when one is given (eval and probe write the same file shape), or
     with --results-format clip_benchmark write CLIP_benchmark's files into the --out folder. `not_evaluated` marks
     our results file interrupted (CLIP_benchmark's files have no place for it)."""
@@ -102,6 +118,12 @@ def _save(a: argparse.Namespace, entries: list, not_evaluated: list[tuple[str, s
         update_results(a.out, a.model, a.pretrained, entries, not_evaluated=not_evaluated)
         print(f"wrote {a.out}")
     return 0
+
+
+def _label(x) -> str:
+    """A benchmark (or results entry) as printed: its name, with its language when that is not English."""
+    name = getattr(x, "benchmark", None) or x.name
+    return name if x.language == "en" else f"{name} [{x.language}]"
 
 
 def _device(a: argparse.Namespace):
@@ -131,7 +153,7 @@ def _eval(p: argparse.ArgumentParser):
             # the headline is printed first under its own name; `headline` itself is only a copy of it
             others = "  ".join(f"{k}={v:.4f}" for k, v in e.metrics.items()
                                if k not in ("headline", "images", e.metric))
-            print(f"{e.benchmark}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
+            print(f"{_label(e)}: {e.metric}={e.headline:.4f}  {others}  images={int(e.metrics['images'])}  "
                   f"({e.format} at {e.root})", flush=True)
 
         if a.adapter:
@@ -148,9 +170,11 @@ def _eval(p: argparse.ArgumentParser):
         try:
             evaluate_suite(model, names, a.root, tokenizer=tokenizer, batch_size=a.batch_size, workers=a.workers,
                            device=_device(a), max_images=a.max_images, format=a.format, progress=not a.no_progress,
-                           cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested)
+                           cache_dir=a.cache_dir, on_result=keep, should_stop=lambda: stop.requested,
+                           language=a.language)
         except Interrupted:
-            left = [(entry_task(get_benchmark(n)), get_benchmark(n).name) for n in names[len(entries):]]
+            left = [(entry_task(b), b.name, b.language) for b in (get_benchmark(n, a.language)
+                                                                   for n in names[len(entries):])]
             print(f"interrupted: {len(entries)} of {len(names)} benchmarks evaluated"
                   + (f"; {a.out} lists the others as not evaluated" if a.out else ""), file=sys.stderr, flush=True)
             _save(a, entries, not_evaluated=left)
@@ -180,13 +204,14 @@ def _probe(p: argparse.ArgumentParser):
         model, _ = _model_and_tokenizer(a.model, a.pretrained)
         entries = []
         for name in names:
-            bench = get_benchmark(name)
+            bench = get_benchmark(name, a.language)
             m = linear_probe(model, name, a.root, shots=a.shots, l2=a.l2, seed=a.seed, batch_size=a.batch_size,
                              workers=a.workers, device=_device(a), max_images=a.max_images, format=a.format,
-                             cache_dir=a.cache_dir, progress=not a.no_progress)
-            print(f"{name}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
+                             cache_dir=a.cache_dir, progress=not a.no_progress, language=a.language)
+            print(f"{_label(bench)}: linear probe {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
                   f"l2={m['l2']:.3g}  train={int(m['num_train'])}  test={int(m['images'])}", flush=True)
-            entries.append(ResultEntry("linear_probe", name, bench.metric, m, str(a.root), a.format))
+            entries.append(ResultEntry("linear_probe", bench.name, bench.metric, m, str(a.root), a.format,
+                                       language=bench.language))
         return _save(a, entries)
 
     return run
@@ -203,9 +228,12 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     from zeroshot.results import ResultEntry
 
     adapter = Adapter.load(a.adapter)
-    bench = get_benchmark(names[0])
+    bench = get_benchmark(names[0], adapter.language)
     if len(names) != 1 or bench.name != adapter.benchmark:
         raise CheckpointError(f"{a.adapter}: adapter is for benchmark {adapter.benchmark}, not {','.join(names)}")
+    if a.language and get_benchmark(names[0], a.language).language != adapter.language:
+        raise CheckpointError(f"{a.adapter}: adapter was fitted on {adapter.language} prompts, not {a.language} "
+                              f"(leave --language out to use the adapter's)")
     model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
     device = _device(a)
     model.to(device)
@@ -215,7 +243,8 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
                            device=device, max_images=a.max_images, progress=not a.no_progress, desc=bench.name)
     if "shots" in adapter.info:
         metrics["shots"] = float(adapter.info["shots"])
-    return ResultEntry(task_name(adapter.method), bench.name, bench.metric, metrics, str(data.root), data.format)
+    return ResultEntry(task_name(adapter.method), bench.name, bench.metric, metrics, str(data.root), data.format,
+                       language=bench.language)
 
 
 @command("adapt", "few-shot adaptation of a zero-shot head: learned prompts or (IA)^3 vectors, towers frozen")
@@ -255,16 +284,17 @@ def _adapt(p: argparse.ArgumentParser):
         cfg = AdaptConfig(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, n_ctx=a.n_ctx,
                           class_specific=a.class_specific, batch_size=a.train_batch, val_fraction=a.val_fraction)
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
-        bench = get_benchmark(names[0])
+        bench = get_benchmark(names[0], a.language)
         result = adapt(model, bench.name, a.root, shots=a.shots, method=a.method, config=cfg, tokenizer=tokenizer,
                        seed=a.seed, batch_size=a.batch_size, workers=a.workers, device=_device(a),
-                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir)
+                       max_images=a.max_images, format=a.format, cache_dir=a.cache_dir, language=bench.language)
         m = result.metrics
-        print(f"{bench.name}: {result.task} {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
+        print(f"{_label(bench)}: {result.task} {bench.metric}={m['headline']:.4f}  top1={m['top1']:.4f}  "
               f"shots={int(m['shots'])}  steps={int(m['steps'])}  test={int(m['images'])}", flush=True)
         if a.save:
             print(f"wrote {result.adapter.save(a.save)}")
-        return _save(a, [ResultEntry(result.task, bench.name, bench.metric, m, str(a.root), a.format)])
+        return _save(a, [ResultEntry(result.task, bench.name, bench.metric, m, str(a.root), a.format,
+                                     language=bench.language)])
 
     return run
 

@@ -76,17 +76,19 @@ def entry_task(bench: Benchmark) -> str:
 def evaluate(model: nn.Module, benchmark: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
              batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
              max_images: int | None = None, format: str | None = None, progress: bool = True,
-             split: str = "test", cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+             split: str = "test", cache_dir: str | os.PathLike | None = None,
+             language: str | None = None) -> dict[str, float]:
     """Zero-shot metrics of `model` on a registered benchmark read from `root`, for the benchmark's task.
 
     Classification returns top1, top5 (with more than 5 classes), mean_per_class_recall, headline (the benchmark's
     headline metric, named by `get_benchmark(benchmark).metric`) and images; multi-label and retrieval benchmarks
     return `multilabel_metrics` and `retrieval_metrics` (zeroshot.metrics). `transform` defaults to the model's evaluation
     preprocessing, `tokenizer` to open_clip's at the model's context length; `max_images` evaluates an evenly
-    spaced subset; `format` forces a layout (default: detected from the files under `root`). The model is moved
-    to `device` (default: where it is) and left in the mode it was in.
+    spaced subset; `format` forces a layout (default: detected from the files under `root`); `language` picks the
+    class names and templates (or a retrieval set's captions) of that language (default English; see
+    `zeroshot list --languages`). The model is moved to `device` (default: where it is) and left in the mode it was in.
     """
-    bench = get_benchmark(benchmark)
+    bench = get_benchmark(benchmark, language)
     if transform is None:
         from vlpretrain.models import image_transform
 
@@ -102,15 +104,15 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
                    device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
                    progress: bool = True, cache_dir: str | os.PathLike | None = None,
                    on_result: Callable[[ResultEntry], None] | None = None,
-                   should_stop: StopCheck | None = None) -> list[ResultEntry]:
+                   should_stop: StopCheck | None = None, language: str | None = None) -> list[ResultEntry]:
     """Zero-shot entries for several benchmarks under `root` (one sub-folder each, or the benchmark's own folder).
 
     Every name is looked up before any data is read, so a typo fails at once; `on_result` sees each entry as it
     is done. Entries of retrieval benchmarks have task "retrieval", the others "zeroshot". `should_stop` is asked
     between benchmarks and batches: a stop raises `vlpretrain.stopping.Interrupted`, the finished entries having
-    reached `on_result`.
+    reached `on_result`. `language` applies to every benchmark (each must have it); entries record it.
     """
-    benches = [get_benchmark(name) for name in benchmarks]
+    benches = [get_benchmark(name, language) for name in benchmarks]
     if transform is None:
         from vlpretrain.models import image_transform
 
@@ -123,7 +125,8 @@ def evaluate_suite(model: nn.Module, benchmarks: Sequence[str], root: str | Path
         metrics = run(model, data, headline=bench.metric, tokenizer=tokenizer, batch_size=batch_size,
                       workers=workers, device=device, max_images=max_images, progress=progress,
                       desc=bench.name, cache_dir=cache_dir, should_stop=should_stop)
-        entries.append(ResultEntry(task, bench.name, bench.metric, metrics, str(data.root), data.format))
+        entries.append(ResultEntry(task, bench.name, bench.metric, metrics, str(data.root), data.format,
+                                   language=bench.language))
         if on_result is not None:
             on_result(entries[-1])
     return entries

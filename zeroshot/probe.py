@@ -53,15 +53,16 @@ def linear_probe(model: nn.Module, benchmark: str, root: str | os.PathLike, *, s
                  l2: float | None = None, seed: int = 0, batch_size: int = 256, workers: int = 0,
                  device: str | torch.device | None = None, max_images: int | None = None, format: str | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False,
-                 should_stop: StopCheck | None = None) -> dict[str, float]:
+                 should_stop: StopCheck | None = None, language: str | None = None) -> dict[str, float]:
     """Linear-probe metrics of `model`'s frozen image features on `benchmark` (train split -> test split).
 
     Without `l2` the strength is swept on a validation split held out from train (CLIP protocol), then refitted on
     train + validation; `shots` keeps k training images per class. `max_images` caps each split (evenly spaced).
     Returns top1, top5, mean_per_class_recall, headline, images, num_train, l2 (and val_top1 when swept, shots
-    when given). `should_stop` is asked between feature batches and l2 fits (see `encode_images`).
+    when given). `should_stop` is asked between feature batches and l2 fits (see `encode_images`). The probe reads
+    no text: `language` is only checked (the benchmark must have it), so a script can pass one language throughout.
     """
-    bench = get_benchmark(benchmark)
+    bench = get_benchmark(benchmark, language)
     features = split_features(model, bench, root, ("train", "test"), batch_size=batch_size, workers=workers,
                               device=device, max_images=max_images, format=format, cache_dir=cache_dir,
                               progress=progress, should_stop=should_stop)

@@ -37,22 +37,24 @@ def task_label(task: str, metrics: dict[str, float]) -> str:
 
 
 def comparison_rows(results: list[Results]) -> list[tuple[str, str, str, list[float | None]]]:
-    """(task, benchmark, metric, headline value per file or None) for every task/benchmark any file has; a task is
-    labelled with its shots when every file ran it at the same k."""
-    keys: dict[tuple[str, str], str] = {}
-    labels: dict[tuple[str, str], set[str]] = {}
+    """(task, benchmark, metric, headline value per file or None) for every task/benchmark/language any file has;
+    a benchmark evaluated in another language than English is shown as `name [language]`; a task is labelled with
+    its shots when every file ran it at the same k."""
+    keys: dict[tuple[str, str, str], str] = {}
+    labels: dict[tuple[str, str, str], set[str]] = {}
     for res in results:
         for e in res.results:
-            keys.setdefault((e.task, e.benchmark), e.metric)
-            labels.setdefault((e.task, e.benchmark), set()).add(task_label(e.task, e.metrics))
+            keys.setdefault(e.key, e.metric)
+            labels.setdefault(e.key, set()).add(task_label(e.task, e.metrics))
     rows = []
-    for (task, bench), metric in keys.items():
+    for (task, bench, language), metric in keys.items():
         values = []
         for res in results:
-            e = res.get(task, bench)
+            e = res.get(task, bench, language)
             values.append(e.headline if e is not None else None)
-        shown = labels[(task, bench)]
-        rows.append((shown.pop() if len(shown) == 1 else task, bench, metric, values))
+        shown = labels[(task, bench, language)]
+        name = bench if language == "en" else f"{bench} [{language}]"
+        rows.append((shown.pop() if len(shown) == 1 else task, name, metric, values))
     return rows
 
 

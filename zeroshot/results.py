@@ -47,9 +47,9 @@ def clip_benchmark_results(results: Results) -> list[tuple[str, dict[str, Any]]]
         dataset = bench.result_name if bench is not None else entry.benchmark
         pretrained = results.pretrained or ""
         doc = {"dataset": dataset, "model": results.model, "pretrained": pretrained, "task": task,
-               "metrics": _clip_benchmark_metrics(entry, task), "language": "en"}
+               "metrics": _clip_benchmark_metrics(entry, task), "language": entry.language}
         slug = [Path(p).name if p else "none" for p in (pretrained, results.model)]
-        name = f"{dataset}_{slug[0]}_{slug[1]}_en_{task}.json".replace("/", "_")
+        name = f"{dataset}_{slug[0]}_{slug[1]}_{entry.language}_{task}.json".replace("/", "_")
         out.append((name, doc))
     return out
 

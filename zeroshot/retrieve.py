@@ -45,15 +45,16 @@ def run_retrieval(model: nn.Module, data: CaptionSet, *, headline: str = "mean_r
 def retrieval(model: nn.Module, dataset: str, root: str | Path, *, tokenizer=None, transform: Callable | None = None,
               batch_size: int = 256, workers: int = 0, device: str | torch.device | None = None,
               max_images: int | None = None, format: str | None = None, progress: bool = True,
-              split: str = "test", ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+              split: str = "test", ks: Sequence[int] = RECALL_KS, language: str | None = None) -> dict[str, float]:
     """Zero-shot retrieval metrics of `model` on a registered retrieval benchmark (flickr8k, flickr30k, mscoco,
     captions) read from `root`: image_retrieval_recall@k (text -> image), text_retrieval_recall@k (image -> text),
     their mean and median ranks, mean_recall (= headline), images and texts.
 
     `transform` defaults to the model's evaluation preprocessing, `tokenizer` to open_clip's at the model's context
-    length; `format` forces a layout (default: detected). The model is left in the mode it was in.
+    length; `format` forces a layout (default: detected); `language` picks the captions of a multilingual set
+    (Crossmodal-3600, XTD10, multilingual COCO; default English). The model is left in the mode it was in.
     """
-    bench = get_benchmark(dataset)
+    bench = get_benchmark(dataset, language)
     if bench.task != "retrieval":
         raise ConfigError(f"benchmark: {bench.name} is a {bench.task} benchmark, not a retrieval one "
                           f"(use zeroshot.evaluate)")

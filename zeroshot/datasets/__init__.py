@@ -22,10 +22,10 @@ def list_benchmarks(tasks: Sequence[str] | None = CLASSIFICATION_TASKS) -> list[
     return [b for b in BENCHMARKS.values() if tasks is None or b.task in tasks]
 
 
-def class_names(benchmark: str) -> list[str]:
-    """The class names of a registered benchmark (`vlpretrain make-shards --classes NAME` reads them through the
-    `vlpretrain.class_names` entry point)."""
-    return list(get_benchmark(benchmark).classnames)
+def class_names(benchmark: str, language: str | None = None) -> list[str]:
+    """The class names of a registered benchmark, in `language` (default English); `vlpretrain make-shards
+    --classes NAME` reads them through the `vlpretrain.class_names` entry point."""
+    return list(get_benchmark(benchmark, language).classnames)
 
 
 __all__ = ["BENCHMARKS", "CLASSIFICATION_TASKS", "TASKS", "Benchmark", "CaptionSet", "EvalSet", "Layout",

@@ -10,6 +10,7 @@ and add their generic layouts with `add_generic_layouts`; this module imports no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -23,6 +24,10 @@ from torch.utils.data import Dataset
 from vlpretrain.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+LANGUAGE_ASSETS = ASSETS / "languages"  # languages/<language>/<benchmark>.json: the same schema, other languages
+DEFAULT_LANGUAGE = "en"  # English prompts are zeroshot/assets/<benchmark>.json itself
+# Languages are ISO 639-1 codes; CLIP_benchmark's own codes for two of them are accepted as well.
+LANGUAGE_ALIASES = {"jp": "ja", "cn": "zh"}
 SPLITS = ("test", "train")
 TASKS = ("classification", "multilabel", "retrieval")
 CLASSIFICATION_TASKS = ("classification", "multilabel")
@@ -81,13 +86,31 @@ class Layout:
         return EvalSet(dataset, bench.classnames, bench.templates, self.name, root, targets)
 
 
+def asset_path(name: str, language: str = DEFAULT_LANGUAGE) -> Path:
+    """Where the prompts of benchmark `name` in `language` live: assets/<name>.json for English, else
+    assets/languages/<language>/<name>.json."""
+    return ASSETS / f"{name}.json" if language == DEFAULT_LANGUAGE else LANGUAGE_ASSETS / language / f"{name}.json"
+
+
 @functools.cache
-def load_asset(name: str) -> dict[str, Any]:
-    """The class names, templates and optional folder names of a benchmark, from zeroshot/assets/<name>.json."""
-    path = ASSETS / f"{name}.json"
-    data = json.loads(path.read_text())
+def load_asset(name: str, language: str = DEFAULT_LANGUAGE) -> dict[str, Any]:
+    """The class names, templates and optional folder names of a benchmark in `language`, from its asset file."""
+    path = asset_path(name, language)
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["classnames"] and data["templates"], f"{path}: empty class names or templates"
+    if language != DEFAULT_LANGUAGE:
+        english = load_asset(name)
+        assert len(data["classnames"]) == len(english["classnames"]), \
+            f"{path}: {len(data['classnames'])} class names, the English file has {len(english['classnames'])}"
     return data
+
+
+@functools.cache
+def asset_languages(name: str) -> tuple[str, ...]:
+    """The languages benchmark `name` has prompts in: English first, then the others in alphabetical order."""
+    others = sorted(p.name for p in LANGUAGE_ASSETS.iterdir() if (p / f"{name}.json").is_file()) \
+        if LANGUAGE_ASSETS.is_dir() else []
+    return (DEFAULT_LANGUAGE, *(lang for lang in others if lang != DEFAULT_LANGUAGE))
 
 
 @dataclass(frozen=True)
@@ -101,27 +124,50 @@ class Benchmark:
     notes: str = ""
     task: str = "classification"
     clip_benchmark: str = ""  # its dataset name in CLIP_benchmark's result files (default: the first alias or name)
+    caption_languages: tuple[str, ...] = ()  # retrieval: the languages its captions come in (default: English)
+    language: str = DEFAULT_LANGUAGE  # of the prompts (classification) or captions (retrieval); see in_language
 
     def __post_init__(self) -> None:
         assert self.task in TASKS, f"{self.name}: unknown task {self.task}"
         assert self.metric in METRICS[self.task], f"{self.name}: metric {self.metric} is not one of {self.task}'s"
 
     @property
+    def languages(self) -> tuple[str, ...]:
+        """The languages this benchmark can be evaluated in (class names and templates, or captions)."""
+        if self.task == "retrieval":
+            others = sorted(lang for lang in self.caption_languages if lang != DEFAULT_LANGUAGE)
+            return (DEFAULT_LANGUAGE, *others)
+        return asset_languages(self.name)
+
+    def in_language(self, language: str | None) -> Benchmark:
+        """This benchmark with its prompts (or captions) in `language`; one line naming the languages it has when
+        it lacks that one."""
+        language = LANGUAGE_ALIASES.get(language or DEFAULT_LANGUAGE, language or DEFAULT_LANGUAGE)
+        if language == self.language:
+            return self
+        if language not in self.languages:
+            what = "captions" if self.task == "retrieval" else "class names and templates"
+            raise ConfigError(f"language: {self.name} has no {what} in {language!r}; it has "
+                              f"{', '.join(self.languages)}")
+        return dataclasses.replace(self, language=language)
+
+    @property
     def _all_layouts(self) -> tuple[Layout, ...]:
         generic = tuple(cls() for cls in GENERIC_LAYOUTS[self.task])
         if self.task == "retrieval":  # a benchmark's own annotation files are the most specific markers
-            return (*self.layouts, *generic)
+            # the generic caption layouts hold one set of captions with no language: English only
+            return (*self.layouts, *(generic if self.language == DEFAULT_LANGUAGE else ()))
         # CLIP_benchmark's layout is tried first: its marker files (classnames.txt beside split folders of
         # shards) are specific, while a class-folder layout would take a shard folder for a class.
         return (*generic, *self.layouts)
 
     @property
     def classnames(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name)["classnames"])
+        return [] if self.task == "retrieval" else list(load_asset(self.name, self.language)["classnames"])
 
     @property
     def templates(self) -> list[str]:
-        return [] if self.task == "retrieval" else list(load_asset(self.name)["templates"])
+        return [] if self.task == "retrieval" else list(load_asset(self.name, self.language)["templates"])
 
     @property
     def folders(self) -> list[str] | None:
@@ -130,7 +176,9 @@ class Benchmark:
 
     @property
     def sources(self) -> dict[str, str]:
-        return {"annotations": self.notes} if self.task == "retrieval" else dict(load_asset(self.name)["sources"])
+        if self.task == "retrieval":
+            return {"annotations": self.notes}
+        return dict(load_asset(self.name, self.language)["sources"])
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -202,13 +250,14 @@ def register(bench: Benchmark) -> Benchmark:
     return bench
 
 
-def get_benchmark(name: str) -> Benchmark:
-    """The registered benchmark called `name` (its CLIP_benchmark alias works too)."""
+def get_benchmark(name: str, language: str | None = None) -> Benchmark:
+    """The registered benchmark called `name` (its CLIP_benchmark alias works too), with its prompts (or captions)
+    in `language` (default English; ConfigError naming the languages it has when it lacks that one)."""
     if name in BENCHMARKS:
-        return BENCHMARKS[name]
+        return BENCHMARKS[name].in_language(language)
     for bench in BENCHMARKS.values():
         if name in bench.aliases:
-            return bench
+            return bench.in_language(language)
     import difflib
 
     names = sorted({*BENCHMARKS, *(a for b in BENCHMARKS.values() for a in b.aliases)})

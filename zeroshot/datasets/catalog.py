@@ -14,6 +14,14 @@ from zeroshot.datasets.arrays import CifarLayout, IdxLayout
 from zeroshot.datasets.base import Benchmark, register
 from zeroshot.datasets.captions import CocoKarpathyLayout, FlickrLayout
 from zeroshot.datasets.folder import FolderLayout
+from zeroshot.datasets.multilingual import (
+    XM3600_LANGUAGES,
+    XTD_CODES,
+    XTD_LANGUAGES,
+    AnnotationsLayout,
+    Crossmodal3600Layout,
+    XtdLayout,
+)
 from zeroshot.datasets.scenes import (
     ClevrLayout,
     KittiLayout,
@@ -132,3 +140,20 @@ register(Benchmark("mscoco", (CocoKarpathyLayout(),), metric="mean_recall", task
                    aliases=("mscoco_captions",), notes=f"{KARPATHY}: coco_test_karpathy.json, 5000 val2014 images"))
 register(Benchmark("captions", metric="mean_recall", task="retrieval",
                    notes="your own captioned images: make-shards output, a COCO captions json or a CLIP_benchmark export"))
+
+# Multilingual retrieval (multilingual.py), one caption per image in the language picked with `language`; read from
+# CLIP_benchmark's annotation files or the sets' own files, and scored like the English sets.
+register(Benchmark("crossmodal3600", (AnnotationsLayout("crossmodal3600_captions", "xm3600"), Crossmodal3600Layout()),
+                   metric="mean_recall", task="retrieval", caption_languages=XM3600_LANGUAGES,
+                   notes="Crossmodal-3600 (Thapliyal et al. 2022): 3600 images with captions in 36 languages; the "
+                         "first caption of the language per image, as CLIP_benchmark's crossmodal3600.py takes it"))
+register(Benchmark("xtd10", (AnnotationsLayout("xtd10", "xtd10", XTD_CODES), XtdLayout("xtd10")),
+                   metric="mean_recall", task="retrieval", caption_languages=XTD_LANGUAGES,
+                   notes="XTD10 (adobe-research/Cross-lingual-Test-Dataset-XTD10): 1000 COCO images, one caption each "
+                         "in 11 languages (de/fr from MIC, ja from STAIR), as CLIP_benchmark's xtd10.py reads them"))
+register(Benchmark("multilingual-mscoco", (AnnotationsLayout("multilingual_mscoco_captions", "multilingual_mscoco",
+                                                             XTD_CODES), XtdLayout("multilingual_mscoco")),
+                   metric="mean_recall", task="retrieval", caption_languages=XTD_LANGUAGES,
+                   aliases=("multilingual_mscoco_captions",),
+                   notes="CLIP_benchmark's multilingual_mscoco_captions: XTD10's 1000 COCO images and captions under "
+                         "another name (its multilingual_mscoco.py)"))

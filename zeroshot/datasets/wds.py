@@ -8,7 +8,8 @@
 
 The shards are indexed once (tar headers only) into a map-style dataset that reads each image by offset, so it
 works with DataLoader workers, subsets and progress bars like the other layouts. Class names and templates found
-beside the shards win over the registry's, as in CLIP_benchmark, so scores match on the same files.
+beside the shards win over the registry's English ones, as in CLIP_benchmark, so scores match on the same files;
+in another language the registry's class names and templates of that language are used (the export has none).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
 from vlpretrain.formats import to_rgb
-from zeroshot.datasets.base import CLASSIFICATION_TASKS, Benchmark, EvalSet, Layout, add_generic_layouts
+from zeroshot.datasets.base import (
+    CLASSIFICATION_TASKS,
+    DEFAULT_LANGUAGE,
+    Benchmark,
+    EvalSet,
+    Layout,
+    add_generic_layouts,
+)
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order when a sample has several
 CLASSNAMES = "classnames.txt"
@@ -148,6 +156,11 @@ class WebDatasetLayout(Layout):
             raise DataError(f"{root}: incomplete CLIP_benchmark webdataset for {bench.name}; missing {', '.join(missing)}")
         classnames = _read_lines(root / CLASSNAMES)
         templates = _read_lines(root / TEMPLATES) if (root / TEMPLATES).is_file() else bench.templates
+        if bench.language != DEFAULT_LANGUAGE:  # the export's files are English: the language's own prompts win
+            if len(classnames) != len(bench.classnames):
+                raise DataError(f"{root / CLASSNAMES}: {len(classnames)} classes, {bench.name}'s {bench.language} "
+                                f"class names {len(bench.classnames)}")
+            classnames, templates = bench.classnames, bench.templates
         multilabel = bench.task == "multilabel"
         samples = index_shards(shards, "npy" if multilabel else "cls")
         if not samples:
