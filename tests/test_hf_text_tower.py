@@ -130,6 +130,14 @@ def test_missing_folder_and_moe_fail_in_one_line(tmp_path, tok_dir):
         build_model(ModelConfig(name=arch, moe=MoEConfig(num_experts=2, towers="text")))
     model = build_model(ModelConfig(name=arch, moe=MoEConfig(num_experts=2, towers="image")))
     assert sum(type(m).__name__ == "MoEMLP" for m in model.modules()) == 1  # every_2 of 2
+    # the few-shot adapters and zeroshot's default tokenizer stop in one line too
+    from zeroshot.adapters import check_text_tower
+    from zeroshot.classifier import default_tokenizer
+
+    with pytest.raises(ConfigError, match="adapters need open_clip's CLIP text tower"):
+        check_text_tower(model, "coop")
+    with pytest.raises(ConfigError, match="Hugging Face encoder: pass its tokenizer"):
+        default_tokenizer(model)
 
 
 def test_locked_hf_layers_stay_bit_identical(tmp_path, tok_dir):
