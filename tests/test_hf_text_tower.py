@@ -135,7 +135,7 @@ def test_missing_folder_and_moe_fail_in_one_line(tmp_path, tok_dir):
     from zeroshot.classifier import default_tokenizer
 
     with pytest.raises(ConfigError, match="adapters need open_clip's CLIP text tower"):
-        check_text_tower(model, "coop")
+        check_text_tower(model, "prompt")
     with pytest.raises(ConfigError, match="Hugging Face encoder: pass its tokenizer"):
         default_tokenizer(model)
 
