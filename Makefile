@@ -85,7 +85,7 @@ demo-multilingual: install shards
 	    --prefix fmnist-$$l --shard-size 5000 --workers 2 --skip-existing --no-progress || exit 1; done
 	rm -rf runs/demo-multilingual runs/multilingual-tokenizer
 	@start=$$(date +%s); \
-	$(VENV)/bin/vlpretrain tokenizer train "$(ML_SHARDS)" --vocab-size 2000 --out runs/multilingual-tokenizer && \
+	$(VENV)/bin/vlpretrain tokenizer train "$(ML_SHARDS)" --vocab-size 2000 --lowercase --out runs/multilingual-tokenizer && \
 	$(TRAIN2) --config configs/demo-multilingual.yaml && \
 	for l in en $(ML_LANGS); do \
 	  $(VENV)/bin/zeroshot eval --model runs/demo-multilingual/model.safetensors --benchmark fashion-mnist \

@@ -67,6 +67,10 @@ def test_tokenizer_round_trips_every_demo_language(tmp_path, kind):
         assert ids[0] == 0 and ids[-1] == 2, lang
         assert tok.unk_token_id not in ids, lang
         assert tok.decode(ids, skip_special_tokens=True) == text, lang
+    # --lowercase: "Hose" and "hose" are one token sequence, so prompts match captions whatever their case
+    low = AutoTokenizer.from_pretrained(str(train_tokenizer(corpus(), 300, tmp_path / "low", kind, lowercase=True)))
+    assert low(CAPTIONS["de"]).input_ids == low(CAPTIONS["de"].lower()).input_ids
+    assert low.decode(low(CAPTIONS["de"]).input_ids, skip_special_tokens=True) == CAPTIONS["de"].lower()
 
 
 def test_tokenizer_cli_trains_on_shard_captions(tmp_path):

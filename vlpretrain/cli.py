@@ -301,6 +301,8 @@ def _tokenizer(p: argparse.ArgumentParser):
     p.add_argument("--type", dest="kind", default="unigram", choices=["unigram", "bpe"],
                    help="unigram (sentencepiece-style, default) or byte-level BPE")
     p.add_argument("--text-key", default="txt", help="sample member holding the caption (as data.text_key)")
+    p.add_argument("--lowercase", action="store_true",
+                   help="lower-case every text first (evaluation prompts then match captions whatever their case)")
 
     def run(a: argparse.Namespace) -> int:
         from vlpretrain.data.plan import expand_shards
@@ -308,7 +310,7 @@ def _tokenizer(p: argparse.ArgumentParser):
 
         urls = [u for group in expand_shards(a.shards) for u in group]
         check_writable(a.out)
-        out = train_tokenizer(shard_captions(urls, a.text_key), a.vocab_size, a.out, a.kind)
+        out = train_tokenizer(shard_captions(urls, a.text_key), a.vocab_size, a.out, a.kind, a.lowercase)
         from transformers import AutoTokenizer
 
         size = len(AutoTokenizer.from_pretrained(str(out)))

@@ -3,7 +3,8 @@
 The result is a folder that `transformers.AutoTokenizer.from_pretrained(DIR)` loads offline (tokenizer.json plus
 its special tokens), so a model config's `text_cfg.hf_tokenizer_name: DIR` uses it. Special tokens follow XLM-R's
 ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4), the defaults of a `transformers` XLM-R/RoBERTa config, and every
-text is wrapped as `<s> text </s>`. No normaliser: decoding gives back the text as written, in any script.
+text is wrapped as `<s> text </s>`. No normaliser unless asked to lower-case: decoding gives back the text as
+written, in any script.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ def shard_captions(urls: Iterable[str], text_key: str = "txt") -> Iterator[str]:
         yield from peek_captions([url], per_shard=2**62, keys=keys)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, kind: str = "unigram") -> Path:
-    """Train a `kind` ("unigram" or "bpe") tokenizer of at most `vocab_size` tokens on `texts`; save it in `out`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, kind: str = "unigram",
+                    lowercase: bool = False) -> Path:
+    """Train a `kind` ("unigram" or "bpe") tokenizer of at most `vocab_size` tokens on `texts`; save it in `out`.
+    With `lowercase`, text is lower-cased first (prompts then match captions whatever their case; decoding gives
+    the lower-cased text)."""
     from vlpretrain.models.hf_text import require_transformers
 
     require_transformers("vlpretrain tokenizer train")
@@ -52,6 +56,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, kind
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    if lowercase:
+        from tokenizers import normalizers
+
+        tok.normalizer = normalizers.Lowercase()
     count = 0
 
     def counted() -> Iterator[str]:
