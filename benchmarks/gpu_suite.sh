@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-call device check: CUDA-marked tests, host reads and device syncs per step, optimizer step time of the coca
-# and distill objectives against clip (ViT-B-32 / coca_ViT-B-32 towers, bf16, batch 256, grad_accum 1 and 2), then
+# and distill objectives against clip (ViT-B-32 / coca_ViT-B-32 towers, bf16, batch 256, grad_accum 1 and 2), a
+# Hugging Face (XLM-R) text tower against open_clip's of the same shape, then
 # training throughput of vlpretrain against open_clip_train for ViT-B-32 and ViT-B-16 (bf16, batch 256, with and
 # without torch.compile): samples/s, ratio, MFU, peak memory.
 #
@@ -57,6 +58,15 @@ if [[ $DRY == 1 ]]; then
   $PY benchmarks/objectives.py --size tiny --batch 4 --steps 2 --warmup 1
 else
   $PY benchmarks/objectives.py --size ViT-B-32 --batch 256 --steps 10 --warmup 3
+fi
+
+echo "== HF text tower step time (XLM-R layout vs open_clip's text transformer, same shape)"
+if ! $PY -c "import transformers, tokenizers" 2>/dev/null; then
+  echo "skipped: transformers / tokenizers not installed (put their wheels in .whl/)"
+elif [[ $DRY == 1 ]]; then
+  $PY benchmarks/hf_text_tower.py --size tiny --batch 4 --steps 2 --warmup 1
+else
+  $PY benchmarks/hf_text_tower.py --size base --batch 256 --steps 20 --warmup 5 --precision bf16
 fi
 
 echo "== training throughput (vlpretrain vs open_clip_train)"

@@ -18,7 +18,7 @@ def test_gpu_suite_dry_run_prints_every_figure():
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout
     for needle in ("== environment", "open_clip_train :", "vlpretrain      :", "ratio           :",
-                   "peak memory     :", "== objective step time", "== gpu_suite done"):
+                   "peak memory     :", "== objective step time", "ratio HF / open_clip: step", "== gpu_suite done"):
         assert needle in out, needle
     ratio = float(out.split("ratio           :")[1].split("x")[0])
     assert ratio > 0

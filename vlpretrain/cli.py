@@ -361,6 +361,37 @@ def _upcycle(p: argparse.ArgumentParser):
     return run
 
 
+@command("tokenizer", "train a tokenizer on the shards' captions (Hugging Face tokenizers), for a text tower from "
+                      "scratch: `vlpretrain tokenizer train SHARDS --vocab-size N --out DIR`")
+def _tokenizer(p: argparse.ArgumentParser):
+    p.add_argument("action", choices=["train"], help="train: learn a vocabulary from the captions")
+    p.add_argument("shards", help="shards to read captions from (brace pattern, glob or `::`-separated list)")
+    p.add_argument("--vocab-size", type=int, required=True, help="most tokens in the vocabulary, specials included")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write (AutoTokenizer.from_pretrained(DIR) loads it; a model config's "
+                        "text_cfg.hf_tokenizer_name)")
+    p.add_argument("--type", dest="kind", default="unigram", choices=["unigram", "bpe"],
+                   help="unigram (sentencepiece-style, default) or byte-level BPE")
+    p.add_argument("--text-key", default="txt", help="sample member holding the caption (as data.text_key)")
+    p.add_argument("--lowercase", action="store_true",
+                   help="lower-case every text first (evaluation prompts then match captions whatever their case)")
+
+    def run(a: argparse.Namespace) -> int:
+        from vlpretrain.data.plan import expand_shards
+        from vlpretrain.tokenizer import shard_captions, train_tokenizer
+
+        urls = [u for group in expand_shards(a.shards) for u in group]
+        check_writable(a.out)
+        out = train_tokenizer(shard_captions(urls, a.text_key), a.vocab_size, a.out, a.kind, a.lowercase)
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(out)))
+        print(f"wrote {out}: {a.kind} tokenizer, {size:,} tokens, trained on the captions of {len(urls)} shards")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     return COMMANDS.build_parser()

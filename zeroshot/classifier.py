@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.models.hf_text import hf_text_tower
 from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest
@@ -45,7 +46,11 @@ def fill(template: Template, classname: str) -> str:
 
 
 def default_tokenizer(model: nn.Module):
-    """open_clip's BPE tokenizer at the model's text context length (works offline)."""
+    """open_clip's BPE tokenizer at the model's text context length (works offline); a Hugging Face text tower
+    has its own tokenizer, which the caller must pass (vlpretrain.models.get_tokenizer of its config)."""
+    if hf_text_tower(model) is not None:
+        raise ConfigError("this model's text tower is a Hugging Face encoder: pass its tokenizer "
+                          "(vlpretrain.models.get_tokenizer(model config)), not open_clip's default")
     ctx = getattr(model, "context_length", None)
     if ctx is None and getattr(model, "positional_embedding", None) is not None:
         ctx = model.positional_embedding.shape[0]

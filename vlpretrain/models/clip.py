@@ -23,6 +23,7 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
+from vlpretrain.models.hf_text import hf_text_options, set_hf_context
 from vlpretrain.models.lock import lock_towers
 from vlpretrain.models.moe import convert_to_moe
 from vlpretrain.models.patch_dropout import enable_patch_dropout
@@ -102,14 +103,16 @@ def build_model(cfg: ModelConfig | str, open_clip_options: dict[str, Any] | None
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     arch = _arch_name(cfg.name)
+    options = {**hf_text_options(model_config_dict(cfg.name), cfg.name), **(open_clip_options or {})}
     with _quiet_open_clip():
-        model = open_clip.create_model(arch, device="cpu", precision="fp32", **(open_clip_options or {}))
+        model = open_clip.create_model(arch, device="cpu", precision="fp32", **options)
     decoder = getattr(model, "text_decoder", None)
     if decoder is not None and getattr(decoder, "text_projection", None) is not None:
         # open_clip leaves the CoCa decoder's output projection as torch.empty (its init_parameters, which would
         # set it, is never called and fails if called): a CoCa trained from scratch would start from whatever the
         # memory held (1e18 after other work). Its own rule: normal with std width ** -0.5
         nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    set_hf_context(model, model_config_dict(cfg.name), cfg.name)
     if hasattr(model, "output_dict"):
         model.output_dict = True
     if cfg.patch_dropout > 0:
@@ -171,8 +174,10 @@ def is_conv_tower(model: nn.Module) -> bool:
 
 
 def get_tokenizer(cfg: ModelConfig | str):
-    """The model's tokenizer (open_clip's BPE tokenizer; works offline)."""
+    """The model's tokenizer: open_clip's BPE tokenizer, or the local Hugging Face tokenizer its `text_cfg` names
+    (`hf_tokenizer_name`, loaded with AutoTokenizer); both work offline."""
     name = cfg if isinstance(cfg, str) else cfg.name
+    hf_text_options(model_config_dict(name), name)  # local folders only
     return open_clip.get_tokenizer(_arch_name(name))
 
 
@@ -247,7 +252,8 @@ def export_open_clip_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     with _quiet_open_clip():
-        model = open_clip.create_model(_arch_name(cfg.name), device="cpu")
+        model = open_clip.create_model(_arch_name(cfg.name), device="cpu",
+                                       **hf_text_options(model_config_dict(cfg.name), cfg.name))
     # the sizes, mean and std open_clip would use for this architecture, written out in full
     preprocess = {**dataclasses.asdict(open_clip.transform.PreprocessCfg()),
                   **open_clip.get_model_preprocess_cfg(model)}

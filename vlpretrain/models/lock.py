@@ -16,6 +16,7 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import ConfigError
+from vlpretrain.models.hf_text import hf_layers, hf_text_tower
 
 Part = nn.Module | nn.Parameter
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -48,6 +49,8 @@ def image_parts(model: nn.Module) -> TowerParts:
 def text_parts(model: nn.Module) -> TowerParts:
     """The text tower: `model.text` (CustomTextCLIP) or the text attributes of a plain CLIP."""
     text = getattr(model, "text", model)
+    if hf_text_tower(model) is not None:  # its embeddings and layers, then open_clip's pooler and projection
+        return TowerParts([text], hf_layers(text), _present(text, ("pooler", "proj")))
     whole = [text] if text is not model else _present(model, ("token_embedding", "positional_embedding", "cls_emb",
                                                                 "transformer", "ln_final", "text_projection"))
     blocks = list(getattr(getattr(text, "transformer", None), "resblocks", []))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlpretrain.config import MoEConfig
 from vlpretrain.errors import ConfigError
+from vlpretrain.models.hf_text import hf_text_tower
 
 # ---------------------------------------------------------------------------------------------------------------
 # which blocks
@@ -316,6 +317,11 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
         raise ConfigError("model.moe: the model already has MoE layers")
     for tower in TOWERS[cfg.towers]:
         blocks = TOWER_BLOCKS[tower](model)
+        hf = hf_text_tower(model) if tower == "text" else None
+        if hf is not None:
+            raise ConfigError(f"model.moe.towers: the text tower is a Hugging Face {type(hf.transformer).__name__}, "
+                              "whose MLPs are not open_clip blocks; MoE layers go into open_clip's towers only "
+                              "(choose towers: image)")
         if blocks is None:
             kind = type(getattr(model, "visual", model)).__name__
             raise ConfigError(f"model.moe.towers: the {tower} tower ({kind}) has no transformer blocks to make "

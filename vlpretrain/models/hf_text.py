@@ -1,0 +1,89 @@
+"""Hugging Face text towers, as open_clip builds them from a model config whose `text_cfg` names `hf_model_name`.
+
+open_clip's HFTextEncoder wraps any `transformers` encoder: it pools the last hidden states (mean over the non-pad
+tokens by default, `hf_pooler_type`) and projects them to the embedding width (`hf_proj_type`: mlp, linear, or
+none when widths match). We only insist that the names are local folders (config, tokenizer files, and weights when
+the tower starts pretrained), so that nothing downloads: a folder with weights (model.safetensors or
+pytorch_model.bin) starts from them, a folder with only config.json starts from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vlpretrain.errors import ConfigError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hf_text_options(arch: dict[str, Any], where: str) -> dict[str, Any]:
+    """open_clip `create_model` options for an architecture dict: `pretrained_text` for an HF text tower whose
+    folder holds weights; {} for open_clip's own towers. Checks the folders exist and sets HF_HUB_OFFLINE."""
+    text_cfg = arch.get("text_cfg", {})
+    if not text_cfg.get("hf_model_name"):
+        return {}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub; a typo must not reach it
+    require_transformers(f"{where}: text_cfg.hf_model_name")
+    folder = _local_folder(text_cfg["hf_model_name"], f"{where}: text_cfg.hf_model_name", "config.json")
+    if text_cfg.get("hf_tokenizer_name"):
+        _local_folder(text_cfg["hf_tokenizer_name"], f"{where}: text_cfg.hf_tokenizer_name", None)
+    has_weights = any((folder / f).is_file() for f in WEIGHT_FILES)
+    return {"pretrained_text": has_weights and bool(text_cfg.get("hf_model_pretrained", True))}
+
+
+def require_transformers(what: str) -> None:
+    """Raise ConfigError naming `what` when `transformers` / `tokenizers` are not installed."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{what} needs Hugging Face transformers and tokenizers: "
+                          "pip install 'vlpretrain[multilingual]'") from None
+
+
+def _local_folder(name: str, key: str, must_hold: str | None) -> Path:
+    folder = Path(name)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {name!r} is not a local folder (Hugging Face towers and tokenizers load from a "
+                          "folder of config, tokenizer and weights files; nothing downloads)")
+    if must_hold and not (folder / must_hold).is_file():
+        raise ConfigError(f"{key}: {folder} has no {must_hold}")
+    return folder
+
+
+def hf_text_tower(model: nn.Module) -> nn.Module | None:
+    """The model's open_clip HFTextEncoder, or None when its text tower is open_clip's own."""
+    text = getattr(model, "text", None)
+    return text if text is not None and type(text).__name__ == "HFTextEncoder" else None
+
+
+def hf_layers(tower: nn.Module) -> list[nn.Module]:
+    """The transformer layers of an HFTextEncoder's encoder, input to output (BERT/RoBERTa `layer`, T5 `block`)."""
+    hf = tower.transformer
+    encoder = getattr(hf, "encoder", hf)
+    for attr in ("layer", "block", "layers"):
+        layers = getattr(encoder, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def set_hf_context(model: nn.Module, arch: dict[str, Any], where: str) -> None:
+    """Give an HF-tower model the tokenizer's context length (open_clip reports the encoder's position count),
+    checked against the positions the encoder has (RoBERTa-style ids start after the padding id)."""
+    tower = hf_text_tower(model)
+    if tower is None:
+        return
+    context = int(arch.get("text_cfg", {}).get("context_length", 77))
+    config = tower.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        usable = positions - (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0)
+        if context > usable:
+            raise ConfigError(f"{where}: text_cfg.context_length {context} exceeds the {usable} positions of "
+                              f"{config.model_type} (max_position_embeddings {positions})")
+    tower.context_length = model.context_length = context
