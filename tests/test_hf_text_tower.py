@@ -201,3 +201,12 @@ def test_zero3_follows_zero0_with_an_hf_tower(tmp_path, tok_dir):
     run(tmp_path / "z3", *common, "data.batch_size=4", "train.grad_accum=2", "train.zero_stage=3",
         extra=["--per-sample"])
     assert_same_run(tmp_path / "z0", tmp_path / "z3", 3)
+
+
+def test_tokenizer_vocabulary_too_small_for_the_characters_is_one_line(tmp_path):
+    from vlpretrain.errors import ConfigError
+    from vlpretrain.tokenizer import train_tokenizer
+
+    texts = ["一只猫坐在垫子上", "犬が走っている", "ein Hund läuft schnell"] * 5
+    with pytest.raises(ConfigError, match=r"^--vocab-size: 20 tokens cannot hold every character"):
+        train_tokenizer(texts, 20, tmp_path / "tok")

@@ -68,7 +68,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, kind
             count += 1
             yield t
 
-    tok.train_from_iterator(counted(), trainer=trainer)
+    try:
+        tok.train_from_iterator(counted(), trainer=trainer)
+    except Exception as e:  # the Rust trainer raises a bare Exception for a vocabulary its texts cannot fill
+        if "not large enough" not in str(e):
+            raise
+        raise ConfigError(f"--vocab-size: {vocab_size} tokens cannot hold every character of the captions ({e}); "
+                          "give a larger one") from None
     if count == 0:
         raise ConfigError("tokenizer train: the shards hold no captions")
     tok.post_processor = processors.TemplateProcessing(
