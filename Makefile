@@ -63,14 +63,17 @@ demo-moe: install shards
 	$(VENV)/bin/zeroshot report runs/demo/results.json runs/demo-dense-more/results.json runs/demo-moe/results.json \
 	  --out runs/demo-moe
 
-# A tiny CoCa (contrastive + captioning) trained like the demo: captions of 10 test images (index, class, caption),
-# how often they name the class, then its zero-shot top-1.
+# A tiny CoCa (contrastive + captioning) trained like the demo, with a 256-token tokenizer trained on the captions
+# first: captions of 10 test images (index, class, caption), how often they name the class, then its zero-shot top-1.
 demo-coca: install shards
-	rm -rf runs/demo-coca
-	@start=$$(date +%s); $(TRAIN2) --config configs/demo-coca.yaml && \
+	rm -rf runs/demo-coca runs/coca-tokenizer
+	@start=$$(date +%s); \
+	$(VENV)/bin/vlpretrain tokenizer train "shards/fmnist-{000000..000001}.tar" --vocab-size 256 --lowercase \
+	  --out runs/coca-tokenizer && \
+	$(TRAIN2) --config configs/demo-coca.yaml && \
 	  $(VENV)/bin/zeroshot caption --model runs/demo-coca/model.safetensors --benchmark fashion-mnist \
 	    --root $(FMNIST) --max-images 10 --generation-type top_k --top-k 1 && \
-	  echo "training + evaluation + captions took $$(( $$(date +%s) - start )) s"
+	  echo "tokenizer + training + evaluation + captions took $$(( $$(date +%s) - start )) s"
 	$(VENV)/bin/zeroshot report runs/demo-coca/results.json --out runs/demo-coca
 
 # Multilingual CLIP: Fashion-MNIST captioned in English, German, French, Chinese and Japanese (templates and class
