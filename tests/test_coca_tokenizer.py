@@ -16,7 +16,7 @@ from zeroshot_fakes import drawn_image, write_coco_karpathy
 import zeroshot
 from vlpretrain.config import ModelConfig, RunConfig, TrainConfig
 from vlpretrain.errors import ConfigError
-from vlpretrain.models import build_model, export_model, get_tokenizer, image_transform
+from vlpretrain.models import build_model, export_model, export_open_clip_dir, get_tokenizer, image_transform
 from vlpretrain.models.hf_text import special_ids
 from vlpretrain.objectives import build_objective
 from vlpretrain.tokenizer import train_tokenizer
@@ -142,6 +142,19 @@ def test_cli_captions_and_scores_with_the_exported_models_tokenizer(arch, coca, 
                  str(out), "--no-progress", "--no-meteor", "--generation-type", "top_k", "--seq-len", "8"]) == 0
     metrics = json.loads(out.read_text())["results"][0]["metrics"]
     assert metrics["images"] == 2 and 0 <= metrics["bleu_4"] <= 1 and metrics["headline"] == metrics["cider"]
+
+
+def test_open_clip_folder_export_carries_the_tokenizer(arch, coca, tmp_path):
+    import open_clip
+
+    out = export_open_clip_dir(coca.state_dict(), ModelConfig(name=arch), tmp_path / "open_clip")
+    theirs_tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert torch.equal(theirs_tok([CAPTION]), get_tokenizer(arch)([CAPTION]))
+    theirs = open_clip.create_model(f"local-dir:{out}").eval()
+    pixels, text = torch.randn(2, 3, 28, 28), theirs_tok([CAPTION, "a bag"])
+    coca.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixels, text)["logits"], coca(pixels, text)["logits"])
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -55,9 +55,10 @@ def default_tokenizer(model: nn.Module):
                           "(vlpretrain.models.get_tokenizer(model config)), not open_clip's default")
     embedding = getattr(getattr(model, "text", model), "token_embedding", None)
     if embedding is not None and embedding.num_embeddings != BPE_VOCAB:
-        raise ConfigError(f"this model's text vocabulary has {embedding.num_embeddings:,} tokens, not the {BPE_VOCAB:,} "
-                          "of open_clip's BPE tokenizer: pass its tokenizer (vlpretrain.models.get_tokenizer(model "
-                          "config), e.g. the one its text_cfg.hf_tokenizer_name names)")
+        raise ConfigError(f"this model's text vocabulary has {embedding.num_embeddings:,} tokens, not the "
+                          f"{BPE_VOCAB:,} of open_clip's BPE tokenizer: pass its tokenizer "
+                          "(vlpretrain.models.get_tokenizer(model config), e.g. the one its text_cfg.hf_tokenizer_name "
+                          "names)")
     ctx = getattr(model, "context_length", None)
     if ctx is None and getattr(model, "positional_embedding", None) is not None:
         ctx = model.positional_embedding.shape[0]
