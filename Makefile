@@ -101,7 +101,8 @@ lint: install
 test: install lint
 	$(VENV)/bin/pytest -q -x --timeout 900 --durations=15 tests
 
-# tests too long for `make test` (tens of minutes on 2 cores): the tiny CoCa that learns to name classes
+# tests too long for `make test` (tens of minutes on 2 cores): the tiny CoCa on open_clip's 49,408-token tokenizer that
+# learns to name classes (`make test` runs the one on its own 256-token tokenizer)
 test-long: install
 	VLPRETRAIN_LONG_TESTS=1 $(VENV)/bin/pytest -q --timeout 3600 tests/test_coca_captions.py
 

@@ -166,7 +166,7 @@ def test_open_clip_folder_export_carries_the_tokenizer(arch, coca, tmp_path):
                                                          "local folder"),
 ])
 def test_a_config_that_disagrees_with_its_tokenizer_fails_in_one_line(tok_dir, tmp_path, changes, message):
-    path = write_arch(tmp_path, tok_dir, **changes)
+    path = write_arch(tmp_path, tok_dir, "coca-bad", **changes)
     from transformers import AutoTokenizer
 
     expected = message.format(tok=tok_dir, n=len(AutoTokenizer.from_pretrained(str(tok_dir))))

@@ -72,7 +72,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     <end_of_text> and 0, or a Hugging Face tokenizer's (HFTokenizer) bos (else cls), eos (else sep) and pad."""
     hf = getattr(tokenizer, "tokenizer", None)
     if hf is None:
-        return int(tokenizer.sot_token_id), int(tokenizer.eot_token_id), 0
+        return int(getattr(tokenizer, "sot_token_id", 49406)), int(getattr(tokenizer, "eot_token_id", 49407)), 0
     sot = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
     eot = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
     return int(sot), int(eot), int(hf.pad_token_id or 0)
