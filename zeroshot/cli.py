@@ -525,7 +525,8 @@ def _caption_benchmark(a: argparse.Namespace, generation, doc: dict) -> int:
     if bench.task != "classification":
         raise ConfigError(f"--benchmark: {bench.name} is a {bench.task} benchmark; caption --benchmark needs a "
                           "classification set (captioned sets: zeroshot caption-eval)")
-    (name,) = _checked_benchmarks(argparse.Namespace(benchmark=bench.name, root=a.root, format=a.format, out=None),
+    (name,) = _checked_benchmarks(argparse.Namespace(benchmark=bench.name, root=a.root, format=a.format, out=None,
+                                                     language=None),
                                   "test")
     model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
     found = caption_benchmark(model, name, a.root, tokenizer=tokenizer, batch_size=a.batch_size, device=_device(a),
