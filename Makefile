@@ -68,7 +68,7 @@ demo-moe: install shards
 demo-coca: install shards
 	rm -rf runs/demo-coca runs/coca-tokenizer
 	@start=$$(date +%s); \
-	$(VENV)/bin/vlpretrain tokenizer train "shards/fmnist-{000000..000001}.tar" --vocab-size 256 --lowercase \
+	$(VENV)/bin/vlpretrain tokenizer train "shards/fmnist-{000000..000001}.tar" --vocab-size 512 --type bpe --lowercase \
 	  --out runs/coca-tokenizer && \
 	$(TRAIN2) --config configs/demo-coca.yaml && \
 	  $(VENV)/bin/zeroshot caption --model runs/demo-coca/model.safetensors --benchmark fashion-mnist \

@@ -129,7 +129,7 @@ def small_vocab_coca(folder: str) -> str:
         return [line for line in text.splitlines() if line and not line.startswith("#")]
 
     texts = [t.replace("{c}", c) for t in lines("fashion_train.txt") for c in lines("fashion_classes.txt")]
-    tok = train_tokenizer(texts, 256, Path(folder) / "tokenizer", lowercase=True)
+    tok = train_tokenizer(texts, 512, Path(folder) / "tokenizer", "bpe", lowercase=True)
     arch = json.loads((repo / "configs" / "models" / "tiny-coca-demo.json").read_text())
     arch["text_cfg"]["hf_tokenizer_name"] = str(tok)
     path = Path(folder) / "tiny-coca-demo.json"

@@ -113,16 +113,16 @@ def _names_the_class(model_file: Path, what: str, capsys) -> captioning.Benchmar
 
 @pytest.mark.slow
 def test_tiny_coca_with_its_own_tokenizer_names_the_class(fmnist_shards, tmp_path, capsys):
-    """make demo-coca's model and tokenizer, trained on SMALL_IMAGES samples: a 256-token decoder learns fast
+    """make demo-coca's model and tokenizer, trained on SMALL_IMAGES samples: a 512-token decoder learns fast
     enough for make test. Measured while calibrating (2-core CPU, shared): see the README's demo-coca figures."""
     shards = fmnist_shards(SMALL_IMAGES)
-    tok = train_tokenizer(shard_captions(expand_shards(shards)[0]), 256, tmp_path / "tok", lowercase=True)
+    tok = train_tokenizer(shard_captions(expand_shards(shards)[0]), 512, tmp_path / "tok", "bpe", lowercase=True)
     arch = json.loads((REPO / "configs" / "models" / "tiny-coca-demo.json").read_text())
     arch["text_cfg"]["hf_tokenizer_name"] = str(tok)
     path = tmp_path / "tiny-coca-demo.json"
     path.write_text(json.dumps(arch))
     model = _train(shards, tmp_path / "run", SMALL_SEED, SMALL_STEPS, SMALL_BATCH, str(path))
-    found = _names_the_class(model, f"tiny CoCa, 256 tokens, {SMALL_STEPS} steps of {PROCESSES} x {SMALL_BATCH}",
+    found = _names_the_class(model, f"tiny CoCa, 512 tokens, {SMALL_STEPS} steps of {PROCESSES} x {SMALL_BATCH}",
                              capsys)
     assert found.names_class > 3 * found.chance
 

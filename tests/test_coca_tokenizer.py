@@ -1,5 +1,5 @@
 """A CoCa on a tokenizer of ours (configs/models/tiny-coca-demo.json): open_clip's text transformer and decoder sized
-to a 256-token tokenizer trained on the demo's captions, which pads with id 1 (<s> 0, </s> 2). The model, the
+to a 512-token tokenizer trained on the demo's captions, which pads with id 1 (<s> 0, </s> 2). The model, the
 captioning loss, generation and decoding all use the tokenizer's ids; the captioning CLI and metrics work with it;
 a model config that disagrees with its tokenizer fails in one line."""
 
@@ -53,7 +53,7 @@ def write_arch(folder: Path, tokenizer_dir: Path, name: str = "coca", **changes)
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    return train_tokenizer(demo_captions(), 256, tmp_path_factory.mktemp("coca-tok") / "tok", lowercase=True)
+    return train_tokenizer(demo_captions(), 512, tmp_path_factory.mktemp("coca-tok") / "tok", "bpe", lowercase=True)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,10 @@ def test_tokenizer_and_model_use_the_same_small_vocabulary(arch, coca):
     assert ids.shape == (2, 16) and ids[0].tolist() == [0, *words, 2] + [1] * (14 - len(words))
     short = tok.tokenizer.encode("a sandal", add_special_tokens=False)
     assert ids[1].tolist() == [0, *short, 2] + [1] * (14 - len(short))  # lower-cased first
-    assert int(ids.max()) < len(tok.tokenizer) <= 256
-    assert coca.text.token_embedding.num_embeddings == 256 and coca.text.pad_id == 1 and coca.pad_id == 1
+    assert int(ids.max()) < len(tok.tokenizer) <= 512
+    assert coca.text.token_embedding.num_embeddings == 512 and coca.text.pad_id == 1 and coca.pad_id == 1
     out = coca(torch.randn(2, 3, 28, 28), ids)
-    assert out["logits"].shape == (2, 15, 256)  # the decoder scores 256 tokens per position, not 49,408
+    assert out["logits"].shape == (2, 15, 512)  # the decoder scores 512 tokens per position, not 49,408
     assert torch.equal(out["labels"], ids[:, 1:])
 
 
@@ -87,7 +87,7 @@ def test_caption_loss_leaves_out_the_tokenizers_padding(arch, coca):
     obj.check_model(coca)
     assert obj.pad_id == 1
     torch.manual_seed(1)
-    logits, labels = torch.randn(2, 5, 256, dtype=torch.float64), torch.tensor([[7, 9, 2, 1, 1], [4, 2, 1, 1, 1]])
+    logits, labels = torch.randn(2, 5, 512, dtype=torch.float64), torch.tensor([[7, 9, 2, 1, 1], [4, 2, 1, 1, 1]])
     # by hand: the mean over the 5 tokens that are not padding of -log softmax at the label
     logp = logits.log_softmax(-1)
     kept = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
@@ -116,13 +116,13 @@ def test_caption_generates_with_the_tokenizers_ids(arch, coca):
     coca.eval()
     ids = coca.generate(pixels, generation_type="top_k", top_k=1, seq_len=12, max_seq_len=16, sot_token_id=0,
                         eos_token_id=2, pad_token_id=1)
-    assert (ids[:, 0] == 0).all() and int(ids.max()) < 256
+    assert (ids[:, 0] == 0).all() and int(ids.max()) < 512
     expected = []
     for row in ids.tolist():
         row = row[1:row.index(2)] if 2 in row else row[1:]
         expected.append(tok.tokenizer.decode(row, skip_special_tokens=True).strip())
     assert zeroshot.caption(coca, pixels, tokenizer=tok, generation_type="top_k", seq_len=12) == expected
-    with pytest.raises(ConfigError, match="has 256 tokens, not the 49,408 of open_clip's BPE tokenizer: pass its"):
+    with pytest.raises(ConfigError, match="has 512 tokens, not the 49,408 of open_clip's BPE tokenizer: pass its"):
         zeroshot.caption(coca, pixels)  # open_clip's tokenizer would give ids past the vocabulary
 
 

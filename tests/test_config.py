@@ -103,7 +103,7 @@ def test_shipped_configs_resolve(path, tmp_path):
         if name == "demo-coca.yaml":
             templates, classes = (_lines(os.path.join(captions, f"fashion_{f}.txt")) for f in ("train", "classes"))
             texts = [t.replace("{c}", c) for t in templates for c in classes]
-            train_tokenizer(texts, 256, tmp_path / "runs" / "coca-tokenizer", lowercase=True)
+            train_tokenizer(texts, 512, tmp_path / "runs" / "coca-tokenizer", "bpe", lowercase=True)
         else:
             texts = [line for f in sorted(glob.glob(os.path.join(captions, "multilingual", "*.txt")))
                      for line in _lines(f)]
