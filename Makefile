@@ -63,7 +63,7 @@ demo-moe: install shards
 	$(VENV)/bin/zeroshot report runs/demo/results.json runs/demo-dense-more/results.json runs/demo-moe/results.json \
 	  --out runs/demo-moe
 
-# A tiny CoCa (contrastive + captioning) trained like the demo, with a 256-token tokenizer trained on the captions
+# A tiny CoCa (contrastive + captioning) trained like the demo, with a 512-token BPE tokenizer trained on the captions
 # first: captions of 10 test images (index, class, caption), how often they name the class, then its zero-shot top-1.
 demo-coca: install shards
 	rm -rf runs/demo-coca runs/coca-tokenizer
@@ -102,7 +102,7 @@ test: install lint
 	$(VENV)/bin/pytest -q -x --timeout 900 --durations=15 tests
 
 # tests too long for `make test` (tens of minutes on 2 cores): the tiny CoCa on open_clip's 49,408-token tokenizer that
-# learns to name classes (`make test` runs the one on its own 256-token tokenizer)
+# learns to name classes (`make test` runs the one on its own 512-token tokenizer)
 test-long: install
 	VLPRETRAIN_LONG_TESTS=1 $(VENV)/bin/pytest -q --timeout 3600 tests/test_coca_captions.py
 

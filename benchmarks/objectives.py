@@ -9,8 +9,8 @@ Each mode is one optimizer step as the trainer takes it: `build_engine` (DeepSpe
                 randomly initialised copy exported with `export_model` to a temporary folder and loaded as a run
                 loads it, forward only, once per micro-batch
   coca          CoCa's objective (contrastive + captioning) on the CoCa towers (tiny-coca; coca_ViT-B-32)
-  coca@256      CoCa's objective on tiny-coca-demo: tiny-coca on a 256-token tokenizer of ours (trained here on the
-                demo's captions), so its decoder scores 256 tokens per position instead of 49,408 (tiny only)
+  coca@512      CoCa's objective on tiny-coca-demo: tiny-coca on a 512-token BPE tokenizer of ours (trained here on the
+                demo's captions), so its decoder scores 512 tokens per position instead of 49,408 (tiny only)
   clip@coca     CLIP's objective on that same CoCa model. The CoCa towers are not the CLIP ones (attentional
                 pooling, a class token in the text tower; tiny-coca also has 2 image blocks of patch 4 where
                 tiny-vit has 4 of patch 7; the script prints every difference), so coca / clip@coca is what the
@@ -19,7 +19,7 @@ Each mode is one optimizer step as the trainer takes it: `build_engine` (DeepSpe
                 (not its backward)
 
     PYTHONPATH=. python benchmarks/objectives.py [--size tiny --batch 32 --steps 8]          # CPU
-    PYTHONPATH=. python benchmarks/objectives.py --modes coca,coca@256 --grad-accum 1         # the vocabulary alone
+    PYTHONPATH=. python benchmarks/objectives.py --modes coca,coca@512 --grad-accum 1         # the vocabulary alone
     PYTHONPATH=. python benchmarks/objectives.py --size ViT-B-32 --batch 256 --precision bf16  # GPU
 
 Time: every mode in one process, taking turns step by step, so that other load on shared cores hits them alike;
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 # size -> (CLIP architecture, CoCa architecture)
 SIZES = {"tiny": ("tiny-vit", "tiny-coca"), "ViT-B-32": ("ViT-B-32", "coca_ViT-B-32")}
-MODES = ("clip", "distill", "coca", "clip@coca", "coca@256")
+MODES = ("clip", "distill", "coca", "clip@coca", "coca@512")
 GRAD_ACCUM = (1, 2)
 
 
@@ -166,7 +166,7 @@ def main() -> None:
                    help="default fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode")
     p.add_argument("--modes", default=",".join(MODES[:4]),
-                   help=f"comma-separated modes of {', '.join(MODES)} (default: all but coca@256, which needs "
+                   help=f"comma-separated modes of {', '.join(MODES)} (default: all but coca@512, which needs "
                         "transformers and tokenizers)")
     p.add_argument("--grad-accum", type=int, nargs="+", default=list(GRAD_ACCUM), help="values of k to time")
     p.add_argument("--warmup", type=int, default=2)
@@ -180,8 +180,8 @@ def main() -> None:
     a.teacher = a.teacher or clip_arch
     modes = [m for m in a.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
-    if unknown or ("coca@256" in modes and a.size != "tiny"):
-        p.error(f"--modes: unknown {unknown}" if unknown else "--modes: coca@256 needs --size tiny")
+    if unknown or ("coca@512" in modes and a.size != "tiny"):
+        p.error(f"--modes: unknown {unknown}" if unknown else "--modes: coca@512 needs --size tiny")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
 
@@ -191,8 +191,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = export_teacher(a.teacher, tmp) if "distill" in modes else None
         archs = {"clip": clip_arch, "distill": clip_arch, "coca": coca_arch, "clip@coca": coca_arch}
-        if "coca@256" in modes:
-            archs["coca@256"] = small_vocab_coca(tmp)
+        if "coca@512" in modes:
+            archs["coca@512"] = small_vocab_coca(tmp)
         setups = {(mode, k): Setup(mode, k, archs[mode], a, env, f"{tmp}/{mode}-{k}",
                                    teacher if mode == "distill" else None)
                   for k in a.grad_accum for mode in modes}
