@@ -84,19 +84,30 @@ def test_cli_missing_file():
     assert r.stderr.strip() == "error: /nonexistent/run.yaml: config file does not exist"
 
 
+def _lines(path: str) -> list[str]:
+    return [line for line in open(path, encoding="utf-8").read().splitlines() if line and not line.startswith("#")]
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
 def test_shipped_configs_resolve(path, tmp_path):
     cwd = REPO
-    if os.path.basename(path) == "demo-multilingual.yaml":
-        # its model reads the tokenizer `make demo-multilingual` trains (runs/multilingual-tokenizer, relative to the
-        # working folder): train a small one on the same caption files, in a folder of its own
+    name = os.path.basename(path)
+    if name in ("demo-multilingual.yaml", "demo-coca.yaml"):
+        # its model reads the tokenizer its make target trains (runs/multilingual-tokenizer, runs/coca-tokenizer,
+        # relative to the working folder): train a small one on the same caption files, in a folder of its own
         from vlpretrain.tokenizer import train_tokenizer
 
         cwd = tmp_path
         (tmp_path / "configs").symlink_to(os.path.join(REPO, "configs"))
-        texts = [line for f in sorted(glob.glob(os.path.join(REPO, "configs", "captions", "multilingual", "*.txt")))
-                 for line in open(f, encoding="utf-8").read().splitlines() if line and not line.startswith("#")]
-        train_tokenizer(texts, 400, tmp_path / "runs" / "multilingual-tokenizer", lowercase=True)
+        captions = os.path.join(REPO, "configs", "captions")
+        if name == "demo-coca.yaml":
+            templates, classes = (_lines(os.path.join(captions, f"fashion_{f}.txt")) for f in ("train", "classes"))
+            texts = [t.replace("{c}", c) for t in templates for c in classes]
+            train_tokenizer(texts, 512, tmp_path / "runs" / "coca-tokenizer", "bpe", lowercase=True)
+        else:
+            texts = [line for f in sorted(glob.glob(os.path.join(captions, "multilingual", "*.txt")))
+                     for line in _lines(f)]
+            train_tokenizer(texts, 400, tmp_path / "runs" / "multilingual-tokenizer", lowercase=True)
     r = subprocess.run([sys.executable, "-m", "vlpretrain.cli", "info", "--config", path, "--set",
                         "model.pretrained=null"], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stderr

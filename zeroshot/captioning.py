@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.formats import to_rgb
+from vlpretrain.models.hf_text import special_ids
 from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.caption_scorers import caption_metrics
@@ -35,7 +36,6 @@ from zeroshot.evaluate import spread_subset
 from zeroshot.features import eval_mode, resolve_device
 
 GENERATION_TYPES = ("beam_search", "top_k", "top_p")
-SOT_TOKEN, EOT_TOKEN = 49406, 49407  # open_clip's <start_of_text> and <end_of_text> (its generate's defaults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +109,16 @@ def check_captioner(model: nn.Module) -> None:
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
-    """The text of generated token ids: after <start_of_text>, up to <end_of_text> (and the padding after it)."""
-    sot, eot = getattr(tokenizer, "sot_token_id", SOT_TOKEN), getattr(tokenizer, "eot_token_id", EOT_TOKEN)
+    """The text of generated token ids: after the start token, up to the end token (and the padding after it), in
+    the model's tokenizer (open_clip's BPE or a Hugging Face tokenizer, see `special_ids`)."""
+    sot, eot, _ = special_ids(tokenizer)
     ids = list(ids)
     if ids and ids[0] == sot:
         ids = ids[1:]
     if eot in ids:
         ids = ids[:ids.index(eot)]
-    return tokenizer.decode(ids).strip()
+    hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+    return (hf.decode(ids, skip_special_tokens=True) if hf is not None else tokenizer.decode(ids)).strip()
 
 
 @contextlib.contextmanager
@@ -132,8 +134,8 @@ def _seeded(seed: int | None, device: torch.device):
 
 def generate_captions(model: nn.Module, images: torch.Tensor, generation: Generation, tokenizer) -> list[str]:
     """Captions of one batch of preprocessed images (on the model's device; the caller holds eval mode)."""
-    ids = model.generate(images, sot_token_id=getattr(tokenizer, "sot_token_id", SOT_TOKEN),
-                         eos_token_id=getattr(tokenizer, "eot_token_id", EOT_TOKEN),
+    sot, eot, pad = special_ids(tokenizer)
+    ids = model.generate(images, sot_token_id=sot, eos_token_id=eot, pad_token_id=pad,
                          **generation.generate_kwargs(int(model.context_length)))
     return [decode(tokenizer, row.tolist()) for row in ids.cpu()]
 

@@ -30,6 +30,7 @@ Template = str | Callable[[str], str]
 Templates = Sequence[Template] | Mapping[str, Sequence[str]]  # shared templates, or each class name's own prompts
 ClassName = str | Sequence[str]  # a name, or synonyms whose prompts are averaged together (CLIP's FER2013 list)
 
+BPE_VOCAB = 49408  # tokens of open_clip's English BPE tokenizer (SimpleTokenizer)
 _DEFAULTS = Path(__file__).resolve().parent / "assets" / "default_templates.json"
 DEFAULT_TEMPLATES: tuple[str, ...] = tuple(json.loads(_DEFAULTS.read_text())["templates"])
 
@@ -46,11 +47,18 @@ def fill(template: Template, classname: str) -> str:
 
 
 def default_tokenizer(model: nn.Module):
-    """open_clip's BPE tokenizer at the model's text context length (works offline); a Hugging Face text tower
-    has its own tokenizer, which the caller must pass (vlpretrain.models.get_tokenizer of its config)."""
+    """open_clip's BPE tokenizer at the model's text context length (works offline); a Hugging Face text tower, or
+    a text transformer of another vocabulary size, has its own tokenizer, which the caller must pass
+    (vlpretrain.models.get_tokenizer of its config)."""
     if hf_text_tower(model) is not None:
         raise ConfigError("this model's text tower is a Hugging Face encoder: pass its tokenizer "
                           "(vlpretrain.models.get_tokenizer(model config)), not open_clip's default")
+    embedding = getattr(getattr(model, "text", model), "token_embedding", None)
+    if embedding is not None and embedding.num_embeddings != BPE_VOCAB:
+        raise ConfigError(f"this model's text vocabulary has {embedding.num_embeddings:,} tokens, not the "
+                          f"{BPE_VOCAB:,} of open_clip's BPE tokenizer: pass its tokenizer "
+                          "(vlpretrain.models.get_tokenizer(model config), e.g. the one its text_cfg.hf_tokenizer_name "
+                          "names)")
     ctx = getattr(model, "context_length", None)
     if ctx is None and getattr(model, "positional_embedding", None) is not None:
         ctx = model.positional_embedding.shape[0]

@@ -242,7 +242,9 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: str | os.PathLike,
 def export_open_clip_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: str | os.PathLike) -> Path:
     """open_clip's local model folder: `open_clip_config.json` (model_cfg, preprocess_cfg) and
     `open_clip_model.safetensors`, so `open_clip.create_model_and_transforms("local-dir:OUT")` (and CLIP_benchmark's
-    `--model local-dir:OUT`) load it without knowing our configs. Dense models only: open_clip has no MoE layers."""
+    `--model local-dir:OUT`) load it without knowing our configs; a Hugging Face tokenizer the config names
+    (`text_cfg.hf_tokenizer_name`) is saved in the folder too, where `open_clip.get_tokenizer("local-dir:OUT")`
+    reads it. Dense models only: open_clip has no MoE layers."""
     from safetensors.torch import save_file
 
     if cfg.moe.num_experts > 0:
@@ -268,6 +270,12 @@ def export_open_clip_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, 
     save_file(state, str(tmp / "open_clip_model.safetensors"))
     config = {"model_cfg": model_config_dict(cfg.name), "preprocess_cfg": preprocess}
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer = config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name")
+    if tokenizer:
+        # open_clip reads a local-dir model's Hugging Face tokenizer from that folder, whatever the config names
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # a half-written folder never carries the final name
     return out

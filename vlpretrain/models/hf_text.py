@@ -1,4 +1,5 @@
-"""Hugging Face text towers, as open_clip builds them from a model config whose `text_cfg` names `hf_model_name`.
+"""Hugging Face text towers and tokenizers, as open_clip builds them from a model config whose `text_cfg` names
+`hf_model_name` (a tower) or `hf_tokenizer_name` (a tokenizer, also beside open_clip's own text transformer).
 
 open_clip's HFTextEncoder wraps any `transformers` encoder: it pools the last hidden states (mean over the non-pad
 tokens by default, `hf_pooler_type`) and projects them to the embedding width (`hf_proj_type`: mlp, linear, or
@@ -25,6 +26,8 @@ def hf_text_options(arch: dict[str, Any], where: str) -> dict[str, Any]:
     folder holds weights; {} for open_clip's own towers. Checks the folders exist and sets HF_HUB_OFFLINE."""
     text_cfg = arch.get("text_cfg", {})
     if not text_cfg.get("hf_model_name"):
+        if text_cfg.get("hf_tokenizer_name"):
+            check_tokenizer_fits(arch, where)
         return {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub; a typo must not reach it
     require_transformers(f"{where}: text_cfg.hf_model_name")
@@ -33,6 +36,46 @@ def hf_text_options(arch: dict[str, Any], where: str) -> dict[str, Any]:
         _local_folder(text_cfg["hf_tokenizer_name"], f"{where}: text_cfg.hf_tokenizer_name", None)
     has_weights = any((folder / f).is_file() for f in WEIGHT_FILES)
     return {"pretrained_text": has_weights and bool(text_cfg.get("hf_model_pretrained", True))}
+
+
+def check_tokenizer_fits(arch: dict[str, Any], where: str) -> None:
+    """An open_clip text transformer (and CoCa decoder) fed by the Hugging Face tokenizer `text_cfg.hf_tokenizer_name`
+    has room for all its tokens and pads with its padding id; else ConfigError naming the key."""
+    text_cfg = arch["text_cfg"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_transformers(f"{where}: text_cfg.hf_tokenizer_name")
+    folder = _local_folder(text_cfg["hf_tokenizer_name"], f"{where}: text_cfg.hf_tokenizer_name", None)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: text_cfg.hf_tokenizer_name: {folder} holds no tokenizer ({e})") from None
+    size, pad = len(tokenizer), tokenizer.pad_token_id
+    keys = [("text_cfg.vocab_size", text_cfg.get("vocab_size", 49408))]
+    if "multimodal_cfg" in arch:
+        keys.append(("multimodal_cfg.vocab_size", arch["multimodal_cfg"].get("vocab_size", 49408)))
+    for key, vocab in keys:
+        if vocab < size:
+            raise ConfigError(f"{where}: {key} {vocab} is smaller than the {size} tokens of its tokenizer {folder}")
+    keys = [("text_cfg.pad_id", text_cfg.get("pad_id", 0))]
+    if "multimodal_cfg" in arch:
+        keys.append(("pad_id", arch.get("pad_id", 0)))  # CoCa's own: generate pads finished captions with it
+    for key, value in keys:
+        if pad is not None and value != pad:
+            raise ConfigError(f"{where}: {key} is {value}, but its tokenizer {folder} pads with id {pad}: set {key}: "
+                              f"{pad}")
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(start, end, padding) token ids of an open_clip tokenizer: its BPE SimpleTokenizer's <start_of_text>,
+    <end_of_text> and 0, or a Hugging Face tokenizer's (HFTokenizer) bos (else cls), eos (else sep) and pad."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is None:
+        return int(getattr(tokenizer, "sot_token_id", 49406)), int(getattr(tokenizer, "eot_token_id", 49407)), 0
+    sot = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
+    eot = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+    return int(sot), int(eot), int(hf.pad_token_id or 0)
 
 
 def require_transformers(what: str) -> None:
