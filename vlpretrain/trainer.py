@@ -165,7 +165,8 @@ class RankZeroEvaluator:
     def final_report(self, weights: dict[str, torch.Tensor] | None, results_file: Path,
                      stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
         """Every evaluator's final report, written to `results_file`, and whether any rank asked to stop. A stop
-        writes what finished and marks the file interrupted, listing the (task, benchmark[, language]) not evaluated."""
+        writes what finished and marks the file interrupted, listing the (task, benchmark[, language]) not
+        evaluated."""
         def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
             model = self._load(weights)
             entries: list[ResultEntry] = []

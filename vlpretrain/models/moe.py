@@ -1,4 +1,5 @@
-"""Sparse Mixture-of-Experts MLPs for open_clip towers and Hugging Face text towers: routing, the native layer, conversion and auxiliary losses.
+"""Sparse Mixture-of-Experts MLPs for open_clip and Hugging Face towers: routing, the native layer, conversion and
+auxiliary losses.
 
 `convert_to_moe` swaps the `.mlp` of chosen residual blocks for an MoE layer whose experts are copies of that MLP
 (so converting a trained dense model is sparse upcycling); in a Hugging Face encoder layer the MoE layer takes the
