@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import pytest
@@ -121,7 +122,7 @@ def test_pretrained_folder_loads_its_weights_and_pools_like_open_clip(tmp_path, 
                            ref.embeddings.word_embeddings.weight)
 
 
-def test_missing_folder_and_moe_fail_in_one_line(tmp_path, tok_dir):
+def test_missing_folder_and_other_layers_fail_in_one_line(tmp_path, tok_dir):
     from vlpretrain.config import ModelConfig, MoEConfig
 
     arch = tiny_xlmr(tmp_path / "xlmr", tok_dir)
@@ -130,8 +131,10 @@ def test_missing_folder_and_moe_fail_in_one_line(tmp_path, tok_dir):
         bad.write_text(json.dumps({**json.loads(open(arch).read()),
                                    "text_cfg": {"hf_model_name": "xlm-roberta-base"}}))
         build_model(str(bad))
-    with pytest.raises(ConfigError, match="Hugging Face XLMRobertaModel.*choose towers: image"):
-        build_model(ModelConfig(name=arch, moe=MoEConfig(num_experts=2, towers="text")))
+    from vlpretrain.models.hf_text import hf_feed_forward
+
+    with pytest.raises(ConfigError, match=r"^model.moe: text layer 3 \(Linear\) has no BERT-style feed-forward"):
+        hf_feed_forward(torch.nn.Linear(2, 2), "model.moe: text layer 3")  # e.g. a T5 block: its MLP is elsewhere
     model = build_model(ModelConfig(name=arch, moe=MoEConfig(num_experts=2, towers="image")))
     assert sum(type(m).__name__ == "MoEMLP" for m in model.modules()) == 1  # every_2 of 2
     # the few-shot adapters and zeroshot's default tokenizer stop in one line too
@@ -191,9 +194,10 @@ def test_zero_shot_head_with_the_hf_tokenizer(tmp_path, tok_dir):
 
 
 def test_zero3_follows_zero0_with_an_hf_tower(tmp_path, tok_dir):
-    """The trainer under ZeRO-3 with exact accumulation (2 x 4) follows ZeRO-0 on one batch of 8, step for step."""
+    """The trainer under ZeRO-3 with exact accumulation (2 x 4) follows ZeRO-0 on one batch of 8, step for step;
+    in bf16 under ZeRO-2 it follows within bf16's rounding."""
     from test_accumulate import COMMON, assert_same_run
-    from test_train import run
+    from test_train import losses, run
 
     arch = tiny_xlmr(tmp_path / "xlmr", tok_dir)
     common = [*COMMON, f"model.name={arch}"]
@@ -201,6 +205,13 @@ def test_zero3_follows_zero0_with_an_hf_tower(tmp_path, tok_dir):
     run(tmp_path / "z3", *common, "data.batch_size=4", "train.grad_accum=2", "train.zero_stage=3",
         extra=["--per-sample"])
     assert_same_run(tmp_path / "z0", tmp_path / "z3", 3)
+    # bf16 (ZeRO-2, exact accumulation 2 x 4) follows the fp32 trajectory: bf16 rounds, so close, not equal
+    run(tmp_path / "bf16", *common, "data.batch_size=4", "train.grad_accum=2", "train.zero_stage=2",
+        "train.precision=bf16", extra=["--per-sample"])
+    fp32, bf16 = losses(tmp_path / "z0"), losses(tmp_path / "bf16")
+    assert sorted(bf16) == [1, 2, 3] and abs(fp32[3] - fp32[1]) > 0.05 * fp32[1]  # the loss moves: a trajectory
+    for s in fp32:
+        assert bf16[s] == pytest.approx(fp32[s], rel=2e-2), s
 
 
 def test_tokenizer_vocabulary_too_small_for_the_characters_is_one_line(tmp_path):
@@ -210,3 +221,86 @@ def test_tokenizer_vocabulary_too_small_for_the_characters_is_one_line(tmp_path)
     texts = ["一只猫坐在垫子上", "犬が走っている", "ein Hund läuft schnell"] * 5
     with pytest.raises(ConfigError, match=r"^--vocab-size: 20 tokens cannot hold every character"):
         train_tokenizer(texts, 20, tmp_path / "tok")
+
+
+# ---- MoE upcycling of the HF tower's feed-forward ------------------------------------------------------------------
+
+UPCYCLE = dict(num_experts=4, top_k=2, towers="both", layers="all", capacity_factor=8.0, eval_capacity_factor=0.0)
+
+
+def test_upcycled_hf_tower_computes_the_dense_function(tmp_path, tok_dir):
+    """Every expert copies its layer's intermediate.dense / activation / output.dense, so with no token dropped the
+    upcycled tower gives the dense features; the export reloads to the same; dropping tokens changes them."""
+    from vlpretrain.config import MoEConfig
+    from vlpretrain.models import load_model, moe_layers, upcycle
+
+    arch = tiny_xlmr(tmp_path / "xlmr", tok_dir, weights=True, seed=3)
+    dense = build_model(arch).eval()
+    moe = upcycle(dense, MoEConfig(**UPCYCLE), tmp_path / "moe.safetensors", arch=arch)
+    text = [m for m in moe_layers(moe) if m.tower == "text"]
+    assert [m.block for m in text] == [0, 1] and len(moe_layers(moe)) == 4
+    for i, layer in enumerate(dense.text.transformer.encoder.layer):
+        upcycled = moe.text.transformer.encoder.layer[i]
+        assert upcycled.intermediate is text[i] and isinstance(upcycled.output.dense, torch.nn.Identity)
+        for expert in text[i].experts:
+            assert torch.equal(expert[0].weight, layer.intermediate.dense.weight)
+            assert torch.equal(expert[2].bias, layer.output.dense.bias)
+            assert type(expert[1]) is type(layer.intermediate.intermediate_act_fn)  # gelu, from the HF config
+    tokens = get_tokenizer(arch)(list(CAPTIONS.values()))
+    with torch.no_grad():
+        want = dense.encode_text(tokens)
+        for training in (False, True):
+            torch.testing.assert_close(moe.train(training).encode_text(tokens), want, rtol=1e-5, atol=1e-6)
+            assert all(m.aux.dropped.item() == 0 for m in text)
+        torch.testing.assert_close(load_model(str(tmp_path / "moe.safetensors")).eval().encode_text(tokens), want,
+                                   rtol=1e-5, atol=1e-6)
+        squeezed = upcycle(dense, MoEConfig(**{**UPCYCLE, "capacity_factor": 0.25})).train()
+        assert not torch.allclose(squeezed.encode_text(tokens), want, atol=1e-3)
+
+
+def test_trainer_hf_moe_tower_zero3_follows_zero0(tmp_path, tok_dir):
+    """An HF tower with MoE feed-forwards trains with exact accumulation under ZeRO-3 as under ZeRO-0."""
+    from test_train import losses, run
+
+    arch = tiny_xlmr(tmp_path / "xlmr", tok_dir)
+    moe = [f"model.name={arch}", "model.moe.num_experts=4", "model.moe.towers=text", "model.moe.layers=all",
+           "model.moe.jitter=0.1", "model.moe.capacity_factor=8.0", "train.grad_accum=2", "train.steps=2",
+           "train.warmup_steps=1", "train.eps=0.01"]
+    run(tmp_path / "z0", *moe)
+    run(tmp_path / "z3", *moe, "train.zero_stage=3")
+    a, b = losses(tmp_path / "z0"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2] and a[2] != a[1]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    rows = [json.loads(x) for x in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["moe/text/dropped"] == 0.0 and "moe/text/b1/e3" in rows[0] and "moe/image/balance" not in rows[0]
+
+
+# ---- folders named in the model JSON --------------------------------------------------------------------------------
+
+def test_hf_folders_resolve_against_the_json_then_the_working_folder(tmp_path, tok_dir, monkeypatch):
+    """`hf_model_name: enc` beside the JSON wins over an `enc` in the working folder; `hf_tokenizer_name: tok`,
+    absent beside the JSON, is the working folder's."""
+    from transformers import AutoModel, AutoTokenizer
+
+    models, work = tmp_path / "models", tmp_path / "work"
+    tiny_xlmr(models / "enc", tok_dir, weights=True, seed=5)
+    tiny_xlmr(work / "enc", tok_dir, weights=True, seed=6)
+    shutil.copytree(tok_dir, work / "tok")
+    arch = json.loads((models / "enc-clip.json").read_text())
+    arch["text_cfg"].update(hf_model_name="enc", hf_tokenizer_name="tok")
+    path = models / "relative-clip.json"
+    path.write_text(json.dumps(arch))
+    monkeypatch.chdir(work)
+    model = build_model(str(path))
+    beside = AutoModel.from_pretrained(str(models / "enc"), add_pooling_layer=False)
+    assert torch.equal(model.text.transformer.embeddings.word_embeddings.weight,
+                       beside.embeddings.word_embeddings.weight)
+    ids = get_tokenizer(str(path))([CAPTIONS["fr"]])[0].tolist()
+    want = AutoTokenizer.from_pretrained(str(tok_dir))(CAPTIONS["fr"]).input_ids
+    want = want if len(want) <= 16 else [*want[:15], 2]
+    assert ids == want + [1] * (16 - len(want))
+    # from a working folder without `tok` it is not found, and the message names it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"text_cfg.hf_tokenizer_name: 'tok' is not a local folder"):
+        build_model(str(path))

@@ -351,3 +351,38 @@ def test_broken_annotation_files_are_named(tmp_path):
     (tmp_path / "xm3600" / "captions.jsonl").write_text('{"image/key": "k0", "en": {"caption": ["a"]}}\n')
     with pytest.raises(DataError, match=r"captions.jsonl:1: expected \"image/key\" and a 'fi' caption"):
         get_benchmark("crossmodal3600", "fi").load(tmp_path)
+
+
+# ---- the trainer's evaluator in several languages -------------------------------------------------------------------
+
+def test_the_trainers_evaluator_runs_each_benchmark_in_each_language(fashion_root):
+    """`eval.languages: [en, de]`: the English then the German prompts reach the text tower, each entry carries its
+    language and equals `zeroshot.evaluate` in that language; a language a benchmark lacks stops before training."""
+    from vlpretrain.config import EvalConfig, RunConfig, load_config
+    from vlpretrain.models import get_tokenizer
+    from zeroshot.training import ZeroShotEvaluator
+
+    e = EvalConfig(benchmarks=["fashion-mnist"], root=str(fashion_root), languages=["en", "de"], batch_size=8)
+    evaluator = ZeroShotEvaluator(RunConfig(model=ModelConfig(name="tiny-vit"), eval=e))
+    assert evaluator.planned() == [("zeroshot", "fashion-mnist", "en"), ("zeroshot", "fashion-mnist", "de")]
+    torch.manual_seed(0)
+    model = build_model("tiny-vit").eval()
+    seen, encode = [], model.encode_text
+    model.encode_text = lambda tokens, **kw: (seen.append(tokens), encode(tokens, **kw))[1]
+    got = list(evaluator.report(model, lambda: False))
+    assert [(name, entry.language) for name, entry in got] == [("fashion-mnist", "en"), ("fashion-mnist/de", "de")]
+    tok = get_tokenizer("tiny-vit")
+    prompts = []
+    for lang in ("en", "de"):
+        bench = get_benchmark("fashion-mnist", lang)
+        prompts += expand_prompts(bench.classnames, bench.templates)[0]
+    assert torch.equal(torch.cat(seen), tok(prompts))
+    for _, entry in got:
+        assert entry.metrics == zeroshot.evaluate(model, "fashion-mnist", fashion_root, tokenizer=tok, progress=False,
+                                                  language=entry.language, batch_size=8)
+    assert set(evaluator.run(model, lambda: False)) == {"fashion-mnist", "fashion-mnist/de"}
+    with pytest.raises(ConfigError, match=r"^language: fashion-mnist has no class names and templates in 'ko'"):
+        ZeroShotEvaluator(RunConfig(model=ModelConfig(name="tiny-vit"), eval=EvalConfig(
+            benchmarks=["fashion-mnist"], root=str(fashion_root), languages=["en", "ko"])))
+    with pytest.raises(ConfigError, match=r"eval.languages: names a language twice: \[.de., .de.\]$"):
+        load_config(None, ["data.train=x", "eval.languages=[de, de]"])

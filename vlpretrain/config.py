@@ -282,6 +282,8 @@ class EvalConfig:
     every: int = _f(0, "steps between evaluations; 0 only at the end")
     at_end: bool = _f(True, "evaluate once training ends")
     benchmarks: list[str] = _f([], "benchmark names from `zeroshot list`")
+    languages: list[str] = _f(["en"], "languages of the zero-shot prompts (ISO 639-1, `zeroshot list --languages`): "
+                              "each benchmark is evaluated in each, e.g. [en, de]")
     root: str | None = _path_field(None, help="folder holding one sub-folder per benchmark (or the benchmark itself)")
     batch_size: int = _f(256, "images per evaluation batch")
     max_images: int | None = _f(None, "cap on images per benchmark (quick checks)")
@@ -296,6 +298,9 @@ class EvalConfig:
               f"must be >= 1, got {self.max_images}")
         _need(self.workers >= 0, "eval.workers", f"must be >= 0, got {self.workers}")
         _need(self.val_samples >= 1, "eval.val_samples", f"must be >= 1, got {self.val_samples}")
+        _need(len(self.languages) >= 1, "eval.languages", "must name at least one language (English: [en])")
+        _need(len(set(self.languages)) == len(self.languages), "eval.languages",
+              f"names a language twice: {self.languages}")
 
 
 @dataclass

@@ -35,8 +35,9 @@ class Evaluator(Protocol):
         """Metrics during training: {name: {metric: value}}, as the metrics log takes them."""
         ...
 
-    def planned(self) -> list[tuple[str, str]]:
-        """The (task, benchmark) pairs `report` yields entries for: what a stop lists as not evaluated."""
+    def planned(self) -> list[tuple[str, ...]]:
+        """The (task, benchmark[, language]) of the entries `report` yields (English when no language is given):
+        what a stop lists as not evaluated."""
         ...
 
     def report(self, model: nn.Module, should_stop: StopCheck) -> Iterator[tuple[str, ResultEntry]]:

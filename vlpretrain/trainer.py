@@ -165,7 +165,8 @@ class RankZeroEvaluator:
     def final_report(self, weights: dict[str, torch.Tensor] | None, results_file: Path,
                      stop_here: StopCheck) -> tuple[dict[str, dict[str, float]], bool]:
         """Every evaluator's final report, written to `results_file`, and whether any rank asked to stop. A stop
-        writes what finished and marks the file interrupted, listing the (task, benchmark) pairs not evaluated."""
+        writes what finished and marks the file interrupted, listing the (task, benchmark[, language]) not
+        evaluated."""
         def work(should_stop: StopCheck) -> dict[str, dict[str, float]]:
             model = self._load(weights)
             entries: list[ResultEntry] = []
@@ -176,9 +177,10 @@ class RankZeroEvaluator:
                         entries.append(entry)
                         logged[name] = entry.metrics
             except Interrupted:
-                done = {(entry.task, entry.benchmark) for entry in entries}
+                done = {entry.key for entry in entries}
                 planned = [p for ev in self.evaluators for p in ev.planned()]
-                self._write(results_file, entries, not_evaluated=[p for p in planned if p not in done])
+                self._write(results_file, entries,
+                            not_evaluated=[p for p in planned if (*p, "en")[:3] not in done])
                 raise
             self._write(results_file, entries)
             return logged

@@ -1,5 +1,6 @@
 """The trainer's "zeroshot" evaluator (`vlpretrain.evaluation`): the benchmarks of `eval.benchmarks` under
-`eval.root`, zero-shot during training, plus linear probes (`eval.linear_probe`) in the final report.
+`eval.root`, zero-shot in each of `eval.languages` during training, plus linear probes (`eval.linear_probe`) in
+the final report.
 
 setup.cfg declares it in the `vlpretrain.evaluators` entry-point group, so the trainer finds it without importing
 zeroshot. It only evaluates the model it is given; the trainer decides when, on which rank, and writes the results.
@@ -22,10 +23,13 @@ from zeroshot.probe import linear_probe
 
 
 class ZeroShotEvaluator:
-    """Zero-shot metrics of the configured benchmarks (and linear probes at the end, when configured).
+    """Zero-shot metrics of the configured benchmarks in each of `eval.languages` (and linear probes at the end,
+    when configured; they read no text, so once per benchmark).
 
-    Built before training: every benchmark name is looked up and its data found under `eval.root` (the train
-    split too for linear probes), so a typo or a missing folder fails before step 1.
+    Built before training: every benchmark name is looked up in every language and its data found under
+    `eval.root` (the train split too for linear probes), so a typo, a language a benchmark lacks or a missing
+    folder fails before step 1. The metrics log names English results by the benchmark (`fashion-mnist`), others
+    with their language (`fashion-mnist/de`); results-file entries carry the language.
     """
 
     def __init__(self, cfg: RunConfig):
@@ -36,27 +40,39 @@ class ZeroShotEvaluator:
         self.benchmarks = []
         for name in e.benchmarks:
             self.benchmarks.append(get_benchmark(name))
+            for language in e.languages:
+                get_benchmark(name, language)
             for split in splits:
                 self.benchmarks[-1].locate(e.root, split=split)
 
-    def _zeroshot(self, model: nn.Module, names: list[str], should_stop: StopCheck) -> list[ResultEntry]:
+    def _zeroshot(self, model: nn.Module, names: list[str], language: str,
+                  should_stop: StopCheck) -> list[ResultEntry]:
         e = self.cfg.eval
         return evaluate_suite(model, names, e.root, tokenizer=get_tokenizer(self.cfg.model), batch_size=e.batch_size,
-                              workers=e.workers, max_images=e.max_images, progress=True, should_stop=should_stop)
+                              workers=e.workers, max_images=e.max_images, progress=True, should_stop=should_stop,
+                              language=language)
+
+    @staticmethod
+    def _name(entry: ResultEntry) -> str:
+        return entry.benchmark if entry.language == "en" else f"{entry.benchmark}/{entry.language}"
 
     def run(self, model: nn.Module, should_stop: StopCheck) -> dict[str, dict[str, float]]:
-        return {entry.benchmark: entry.metrics for entry in
-                self._zeroshot(model, [b.name for b in self.benchmarks], should_stop)}
+        names = [b.name for b in self.benchmarks]
+        return {self._name(entry): entry.metrics for language in self.cfg.eval.languages
+                for entry in self._zeroshot(model, names, language, should_stop)}
 
-    def planned(self) -> list[tuple[str, str]]:
-        probes = [("linear_probe", b.name) for b in self.benchmarks] if self.cfg.eval.linear_probe else []
-        return [(entry_task(b), b.name) for b in self.benchmarks] + probes
+    def planned(self) -> list[tuple[str, ...]]:
+        e = self.cfg.eval
+        probes = [("linear_probe", b.name) for b in self.benchmarks] if e.linear_probe else []
+        return [(entry_task(b), b.name, get_benchmark(b.name, language).language)
+                for b in self.benchmarks for language in e.languages] + probes
 
     def report(self, model: nn.Module, should_stop: StopCheck) -> Iterator[tuple[str, ResultEntry]]:
         e = self.cfg.eval
         for bench in self.benchmarks:
-            (entry,) = self._zeroshot(model, [bench.name], should_stop)
-            yield entry.benchmark, entry
+            for language in e.languages:
+                (entry,) = self._zeroshot(model, [bench.name], language, should_stop)
+                yield self._name(entry), entry
         for bench in self.benchmarks if e.linear_probe else []:
             m = linear_probe(model, bench.name, e.root, batch_size=e.batch_size, workers=e.workers,
                              max_images=e.max_images, progress=True, should_stop=should_stop)

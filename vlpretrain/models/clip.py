@@ -23,7 +23,7 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
-from vlpretrain.models.hf_text import hf_text_options, set_hf_context
+from vlpretrain.models.hf_text import hf_text_options, resolve_hf_paths, set_hf_context
 from vlpretrain.models.lock import lock_towers
 from vlpretrain.models.moe import convert_to_moe
 from vlpretrain.models.patch_dropout import enable_patch_dropout
@@ -40,7 +40,27 @@ def register_model_configs() -> None:
     for d in [CONFIG_DIR, *filter(None, os.environ.get("VLPRETRAIN_MODEL_CONFIGS", "").split(os.pathsep))]:
         if Path(d).exists():
             open_clip.add_model_config(Path(d))
+            for f in Path(d).glob("*.json") if Path(d).is_dir() else [Path(d)]:
+                _register_resolved(f)
     _registered = True
+
+
+def _read_architecture(path: Path) -> dict[str, Any]:
+    """An architecture JSON file, its Hugging Face folders resolved against the file's folder (`resolve_hf_paths`)."""
+    try:
+        arch = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.name: {path} is not valid JSON ({e})") from None
+    return resolve_hf_paths(arch, path) if isinstance(arch, dict) else arch
+
+
+def _register_resolved(path: Path) -> None:
+    """Where the file names Hugging Face folders relative to itself, have open_clip build from a copy that names
+    them absolutely (same stem), so that open_clip and the tokenizer find them from any working folder."""
+    raw = json.loads(path.read_text())
+    arch = resolve_hf_paths(raw, path) if isinstance(raw, dict) else raw
+    if arch is not raw:
+        open_clip.add_model_config(_register_architecture(path.stem, arch))
 
 
 def model_config_dict(name: str) -> dict[str, Any]:
@@ -49,7 +69,7 @@ def model_config_dict(name: str) -> dict[str, Any]:
     if name.endswith(".json"):
         if not Path(name).is_file():
             raise ConfigError(f"model.name: model config file does not exist: {name}")
-        return json.loads(Path(name).read_text())
+        return _read_architecture(Path(name))
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ConfigError(f"model.name: unknown architecture {name!r}: give an open_clip name "
@@ -64,6 +84,7 @@ def _arch_name(name: str) -> str:
     if name.endswith(".json"):
         model_config_dict(name)  # existence check
         open_clip.add_model_config(Path(name))
+        _register_resolved(Path(name))
         return Path(name).stem
     model_config_dict(name)
     return name

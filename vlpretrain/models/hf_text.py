@@ -18,6 +18,7 @@ from torch import nn
 
 from vlpretrain.errors import ConfigError
 
+HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -78,6 +79,22 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     return int(sot), int(eot), int(hf.pad_token_id or 0)
 
 
+def resolve_hf_paths(arch: dict[str, Any], json_file: str | os.PathLike) -> dict[str, Any]:
+    """`arch` (read from `json_file`) with a relative `text_cfg.hf_model_name` / `hf_tokenizer_name` made absolute
+    against the JSON file's folder when it exists there; other names stay as they are (relative to the working
+    folder). A copy when anything changes, else `arch` itself."""
+    text_cfg = arch.get("text_cfg")
+    if not isinstance(text_cfg, dict):
+        return arch
+    base = Path(json_file).resolve().parent
+    resolved = {}
+    for key in HF_PATH_KEYS:
+        name = text_cfg.get(key)
+        if isinstance(name, str) and name and not Path(name).is_absolute() and (base / name).is_dir():
+            resolved[key] = str(base / name)
+    return {**arch, "text_cfg": {**text_cfg, **resolved}} if resolved else arch
+
+
 def require_transformers(what: str) -> None:
     """Raise ConfigError naming `what` when `transformers` / `tokenizers` are not installed."""
     try:
@@ -113,6 +130,26 @@ def hf_layers(tower: nn.Module) -> list[nn.Module]:
         if isinstance(layers, nn.ModuleList):
             return list(layers)
     return []
+
+
+def hf_feed_forward(layer: nn.Module, where: str) -> tuple[nn.Module, int]:
+    """A BERT-family layer's feed-forward as one module, `intermediate.dense` -> the config's activation ->
+    `output.dense` (dropout, residual and LayerNorm stay in `output`), and its input width. T5-style and other
+    layers stop in one line naming `where`."""
+    intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    dense_in, dense_out = getattr(intermediate, "dense", None), getattr(output, "dense", None)
+    act = getattr(intermediate, "intermediate_act_fn", None)
+    if not (isinstance(dense_in, nn.Linear) and isinstance(dense_out, nn.Linear) and isinstance(act, nn.Module)):
+        raise ConfigError(f"{where} ({type(layer).__name__}) has no BERT-style feed-forward (intermediate.dense, "
+                          "an activation module, output.dense) to make sparse; choose model.moe.towers: image")
+    return nn.Sequential(dense_in, act, dense_out), dense_in.in_features
+
+
+def set_hf_feed_forward(layer: nn.Module, feed_forward: nn.Module) -> None:
+    """Make `feed_forward` (input width -> input width) the layer's whole MLP: it takes `intermediate`'s place and
+    `output.dense` becomes the identity, so `output` still adds dropout, the residual and LayerNorm."""
+    layer.intermediate = feed_forward
+    layer.output.dense = nn.Identity()
 
 
 def set_hf_context(model: nn.Module, arch: dict[str, Any], where: str) -> None:

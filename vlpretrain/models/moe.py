@@ -1,7 +1,9 @@
-"""Sparse Mixture-of-Experts MLPs for open_clip towers: routing, the native layer, conversion and auxiliary losses.
+"""Sparse Mixture-of-Experts MLPs for open_clip and Hugging Face towers: routing, the native layer, conversion and
+auxiliary losses.
 
 `convert_to_moe` swaps the `.mlp` of chosen residual blocks for an MoE layer whose experts are copies of that MLP
-(so converting a trained dense model is sparse upcycling). Routing is a pure function (`route`) so capacity,
+(so converting a trained dense model is sparse upcycling); in a Hugging Face encoder layer the MoE layer takes the
+feed-forward's place (`hf_text.hf_feed_forward`). Routing is a pure function (`route`) so capacity,
 dropping and priority are tested directly. Every layer stores its auxiliary losses and routing statistics after
 each forward; `moe_losses` gathers them per tower for the training loss and the metrics.
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from vlpretrain.config import MoEConfig
 from vlpretrain.errors import ConfigError
-from vlpretrain.models.hf_text import hf_text_tower
+from vlpretrain.models.hf_text import hf_feed_forward, hf_layers, hf_text_tower, set_hf_feed_forward
 
 # ---------------------------------------------------------------------------------------------------------------
 # which blocks
@@ -306,6 +308,8 @@ TOWERS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "b
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
     """Replace the MLP of the blocks `cfg` picks with native MoE layers whose experts copy it; return `model`.
+    In a Hugging Face text tower (BERT, RoBERTa, XLM-R) the MLP is a layer's `intermediate.dense`, activation and
+    `output.dense` (`hf_feed_forward`).
 
     Applied to a trained model this is sparse upcycling (Komatsuzaki et al. 2022): every expert starts as the
     dense MLP, so with no token dropped and normalised weights the model computes what it did before.
@@ -316,12 +320,14 @@ def convert_to_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
     if moe_layers(model):
         raise ConfigError("model.moe: the model already has MoE layers")
     for tower in TOWERS[cfg.towers]:
-        blocks = TOWER_BLOCKS[tower](model)
         hf = hf_text_tower(model) if tower == "text" else None
-        if hf is not None:
-            raise ConfigError(f"model.moe.towers: the text tower is a Hugging Face {type(hf.transformer).__name__}, "
-                              "whose MLPs are not open_clip blocks; MoE layers go into open_clip's towers only "
-                              "(choose towers: image)")
+        if hf is not None:  # a Hugging Face encoder: each chosen layer's feed-forward becomes the experts
+            layers = hf_layers(hf)
+            for i in select_blocks(cfg.layers, len(layers)):
+                mlp, width = hf_feed_forward(layers[i], f"model.moe: text layer {i}")
+                set_hf_feed_forward(layers[i], MoEMLP(mlp, width, cfg, tower, i))
+            continue
+        blocks = TOWER_BLOCKS[tower](model)
         if blocks is None:
             kind = type(getattr(model, "visual", model)).__name__
             raise ConfigError(f"model.moe.towers: the {tower} tower ({kind}) has no transformer blocks to make "
