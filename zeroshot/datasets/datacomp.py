@@ -17,7 +17,6 @@ holds the same fields, one instance per sample:
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
 from zeroshot.datasets.base import Benchmark, Grouping, Layout, register
-from zeroshot.datasets.wds import IMAGE_EXTS, ShardSamples, _split_key, list_shards
+from zeroshot.datasets.wds import IMAGE_EXTS, ShardSamples, list_shards, shard_groups
 from zeroshot.group_metrics import (
     camelyon17_metrics,
     dollar_street_metrics,
@@ -100,25 +99,16 @@ class WinogavilLayout(Layout):
 
 def _instances(shard: Path):
     """(key, {extension: tar member}, parsed .json or None) of every sample of a shard, in order."""
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar:
-                if member.isfile():
-                    key, ext = _split_key(member.name)
-                    groups.setdefault(key, {})[ext] = member
-            for key, files in groups.items():
-                info = None
-                if "json" in files:
-                    try:
-                        info = json.loads(tar.extractfile(files["json"]).read())  # type: ignore[union-attr]
-                    except ValueError as e:
-                        raise DataError(f"{shard}: sample {key!r} has an unreadable .json ({e})") from None
-                    if not isinstance(info, dict):
-                        raise DataError(f"{shard}: sample {key!r}: the .json must be an object")
-                yield key, files, info
-    except tarfile.TarError as e:
-        raise DataError(f"{shard}: not a readable tar file ({e})") from None
+    for key, files, read in shard_groups(shard):
+        info = None
+        if "json" in files:
+            try:
+                info = json.loads(read(files["json"]))
+            except ValueError as e:
+                raise DataError(f"{shard}: sample {key!r} has an unreadable .json ({e})") from None
+            if not isinstance(info, dict):
+                raise DataError(f"{shard}: sample {key!r}: the .json must be an object")
+        yield key, files, info
 
 
 WILDS = "DataComp eval_utils/wilds_eval.py"

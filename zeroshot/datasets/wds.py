@@ -71,10 +71,13 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def shard_samples(shard: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[tuple[str, tarfile.TarInfo,
-                                                                                         dict[str, bytes]]]:
-    """(key, image member, {other extension: bytes}) of every sample of one shard, in order; the image is the first
-    of `image_exts` the sample has (a sample without one is an error naming the shard and key)."""
+def shard_groups(shard: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], Callable[[tarfile.TarInfo], bytes]]]:
+    """(key, {extension: tar member}, read) of every sample of one shard, in order, grouped by webdataset's key rule;
+    `read(member)` gives a member's bytes. An unreadable tar is one DataError naming the shard."""
+
+    def unreadable(e: tarfile.TarError) -> DataError:
+        return DataError(f"{shard}: not a readable tar file ({e})")
+
     try:
         with tarfile.open(shard, "r:") as tar:
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -82,16 +85,28 @@ def shard_samples(shard: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iter
                 if member.isfile():
                     key, ext = _split_key(member.name)
                     groups.setdefault(key, {})[ext] = member
+
+            def read(member: tarfile.TarInfo) -> bytes:
+                try:
+                    return tar.extractfile(member).read()  # type: ignore[union-attr]
+                except tarfile.TarError as e:
+                    raise unreadable(e) from None
+
             for key, files in groups.items():
-                image = next((files[e] for e in image_exts if e in files), None)
-                if image is None:
-                    raise DataError(f"{shard}: sample {key!r} has no image ({'/'.join(image_exts)}), only "
-                                    f"{sorted(files)}")
-                others = {e: tar.extractfile(m).read() for e, m in files.items()  # type: ignore[union-attr]
-                          if m is not image and e not in image_exts}
-                yield key, image, others
+                yield key, files, read
     except tarfile.TarError as e:
-        raise DataError(f"{shard}: not a readable tar file ({e})") from None
+        raise unreadable(e) from None
+
+
+def shard_samples(shard: Path, image_exts: tuple[str, ...] = IMAGE_EXTS) -> Iterator[tuple[str, tarfile.TarInfo,
+                                                                                         dict[str, bytes]]]:
+    """(key, image member, {other extension: bytes}) of every sample of one shard, in order; the image is the first
+    of `image_exts` the sample has (a sample without one is an error naming the shard and key)."""
+    for key, files, read in shard_groups(shard):
+        image = next((files[e] for e in image_exts if e in files), None)
+        if image is None:
+            raise DataError(f"{shard}: sample {key!r} has no image ({'/'.join(image_exts)}), only {sorted(files)}")
+        yield key, image, {e: read(m) for e, m in files.items() if m is not image and e not in image_exts}
 
 
 def _label(shard: Path, key: str, files: dict[str, bytes], ext: str) -> int | tuple[int, ...]:
