@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from vlpretrain import metrics
+from vlpretrain import logger
 from vlpretrain.config import load_config
 from vlpretrain.data import EpochBatches
 from vlpretrain.trainer import train
@@ -46,7 +46,7 @@ def main() -> None:
                              "train.progress=false", "train.log_every=4", "train.steps=9", "train.warmup_steps=2",
                              "train.save_every=0", "eval.at_end=false", *overrides])
     logged: list[int] = []
-    advance, log = metrics.MetricsLogger.advance, metrics.MetricsLogger.log
+    advance, log = logger.MetricsLogger.advance, logger.MetricsLogger.log
 
     cuda = torch.cuda.is_available()
 
@@ -63,7 +63,7 @@ def main() -> None:
         logged.append(row["step"])
         return log(self, row)
 
-    metrics.MetricsLogger.advance, metrics.MetricsLogger.log = on_advance, on_log
+    logger.MetricsLogger.advance, logger.MetricsLogger.log = on_advance, on_log
 
     def data(epoch: int, start: int):
         for b in range(start, 5):

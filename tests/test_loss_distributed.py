@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vlpretrain.loss import ClipLoss, SigLipLoss, reduce_mean
+from vlpretrain.loss import ClipLoss, SigLipLoss
 
 N, D_IN, D = 8, 6, 4  # global batch, input width, feature width
 
@@ -51,6 +51,13 @@ def loss_forms(chunk: int) -> dict:
 
 
 LOSSES = loss_forms(chunk=3)
+
+
+def reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Mean of a detached scalar over ranks."""
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size
 
 
 def worker(rank, world, port, name, out):

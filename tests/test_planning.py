@@ -155,7 +155,7 @@ def test_epoch_size_from_shards_and_from_resampled_config(tmp_path):
 
 def test_energy_arithmetic_and_no_reading_on_cpus():
     assert EnergyMeter(torch.device("cpu")).read() is None
-    assert EnergyMeter(torch.device("cpu")).source is None
+    assert EnergyMeter(torch.device("cpu")).kind is None
     assert counter_joules(1_500, 251_500) == 250.0  # NVML counts millijoules
     power = PowerIntegral()
     assert power.add(10.0, 100.0) == 0.0

@@ -64,7 +64,7 @@ class Forward:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def inputs(self, batch: MicroBatch) -> MicroBatch:
-        """Model inputs from a device batch: uint8 pixels normalised on the device (see BatchSource.normalize),
+        """Model inputs from a device batch: uint8 pixels normalised on the device (see BatchStream.normalize),
         in the image tower's memory layout."""
         images, texts = batch
         return self.normalize(images, self.dtype).contiguous(memory_format=self.memory_format), texts

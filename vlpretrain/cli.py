@@ -132,7 +132,7 @@ def _print_epoch(cfg, world: int) -> None:
     except VLPretrainError as err:
         print(f"# epoch: unknown ({err})")
         return
-    print(f"# epoch ({e.source}): {e.samples:,} samples, {e.batches_per_rank:,} batches per rank, "
+    print(f"# epoch ({e.counted_from}): {e.samples:,} samples, {e.batches_per_rank:,} batches per rank, "
           f"{e.steps:,.1f} optimizer steps; train.steps {cfg.train.steps:,} = {cfg.train.steps / e.steps:,.2f} epochs")
 
 

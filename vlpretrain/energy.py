@@ -74,7 +74,7 @@ class EnergyMeter:
             return None
 
     @property
-    def source(self) -> str | None:
+    def kind(self) -> str | None:
         """What the readings come from: "nvml-energy", "power-draw", or None (no reading)."""
         return "nvml-energy" if self._counter is not None else "power-draw" if self._power is not None else None
 

@@ -161,12 +161,3 @@ class SigLipLoss(nn.Module):
 def _sigmoid_sum(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(labels * (scale * images @ texts.T + bias)).sum()
-
-
-def reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Mean of a detached scalar over ranks (for logging the global loss)."""
-    x = x.detach().clone()
-    if world_size > 1:
-        dist.all_reduce(x)
-        x /= world_size
-    return x

@@ -115,7 +115,7 @@ class EpochSize:
     batches_per_rank: int
     steps: float  # batches per rank / micro-steps per optimizer step (a step may span two epochs)
     samples: int
-    source: str  # where the sample count came from
+    counted_from: str  # where the sample count came from
 
 
 def epoch_size(data: DataConfig, world_size: int, grad_accum: int) -> EpochSize:

@@ -1,6 +1,6 @@
 """Image-text retrieval recall as a pure function: ranks of the right answers both ways, from features alone.
 
-Low-level on purpose: the trainer's validation (`vlpretrain.validate`) and zeroshot's retrieval benchmarks
+Low-level on purpose: the trainer's validation (`vlpretrain.heldout`) and zeroshot's retrieval benchmarks
 (`zeroshot.retrieve`) rank their features with it; it imports nothing of either.
 """
 

@@ -1,7 +1,7 @@
 """The training loop: build, then for each optimizer step: its micro-batches, loss, backward and step (exact or
 independent accumulation, `vlpretrain.accumulate`), log, maybe checkpoint, maybe evaluate. Launch it as one
 process, under torchrun, the deepspeed launcher, srun or mpirun; it reads its place from the environment. It talks to
-DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `BatchSource` protocol
+DeepSpeed only through `vlpretrain.engine.Engine` and to data only through the `BatchStream` protocol
 (`vlpretrain.data.stream`).
 """
 
@@ -24,7 +24,7 @@ from vlpretrain.config import RunConfig, dump_yaml
 from vlpretrain.console import check_writable
 from vlpretrain.data import ShardCounts, build_loader, count_shards_of
 from vlpretrain.data.prefetch import DevicePrefetch
-from vlpretrain.data.stream import BatchSource
+from vlpretrain.data.stream import BatchStream
 from vlpretrain.energy import EnergyMeter, rank_reading, total_over_ranks
 from vlpretrain.engine import (
     DistEnv,
@@ -46,7 +46,8 @@ from vlpretrain.engine.remote import (
 from vlpretrain.errors import CheckpointError, ConfigError, DataError, TrainingError, VLPretrainError
 from vlpretrain.evaluation import EvaluatorFactory, build_evaluators
 from vlpretrain.guard import NonFiniteGuard, host_values
-from vlpretrain.metrics import MetricsLogger
+from vlpretrain.heldout import Validator
+from vlpretrain.logger import MetricsLogger
 from vlpretrain.models import build_model, export_model, get_tokenizer, image_size, image_transform
 from vlpretrain.models.clip import is_conv_tower
 from vlpretrain.models.patch_dropout import masked_fraction, set_patch_dropout
@@ -57,7 +58,6 @@ from vlpretrain.resume import adapt_to_world_size, map_data_position, universal_
 from vlpretrain.runlock import RunLock, lock_run_folder
 from vlpretrain.stopping import Interrupted, StopCheck, StopRequest
 from vlpretrain.storage import remove_tree
-from vlpretrain.validate import Validator
 
 log = logging.getLogger("vlpretrain")
 
@@ -75,7 +75,7 @@ class TrainState:
     energy_j: float = 0.0  # joules of every rank's GPU up to the last logging step (0 on CPUs)
 
 
-def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv, counts: ShardCounts) -> BatchSource:
+def shard_loader(cfg: RunConfig, model: torch.nn.Module, env: DistEnv, counts: ShardCounts) -> BatchStream:
     """The configured webdataset shards for this rank, with the model's training preprocessing."""
     transform = image_transform(model, train=True, size=cfg.data.image_size,
                                 crop_scale=tuple(cfg.data.crop_scale), augment=cfg.data.augment)
@@ -197,12 +197,12 @@ class RankZeroEvaluator:
             self._write(results_file, [], training=training)
 
 
-def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = None,
+def train(cfg: RunConfig, resume: str | None = None, data: BatchStream | None = None,
           overwrite: bool = False, evaluators: Mapping[str, EvaluatorFactory] | None = None) -> dict[str, Any]:
     """Train the configured model; returns a summary (steps, last loss, checkpoint, evaluation results).
 
     `resume` is "latest" or a checkpoint folder; without it the run folder must hold no checkpoints, unless
-    `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchSource`, such
+    `overwrite` clears the earlier run's outputs first. `data` replaces the shard loader (any `BatchStream`, such
     as `vlpretrain.data.EpochBatches` over synthetic batches). `evaluators` hands in the evaluator factories by
     name (default: the registered and installed ones, `vlpretrain.evaluation`). The run folder is locked for this
     run until it returns: another run holding it raises RunFolderLocked.
@@ -220,7 +220,7 @@ def train(cfg: RunConfig, resume: str | None = None, data: BatchSource | None = 
             lock.release()
 
 
-def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | None,
+def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchStream | None,
          evaluators: Mapping[str, EvaluatorFactory] | None = None) -> dict[str, Any]:
     """The body of `train`, in a run folder this run holds."""
     # ---- check what can be checked, then build -----------------------------------------------------------------
@@ -313,7 +313,7 @@ def _run(cfg: RunConfig, env: DistEnv, resume: str | None, data: BatchSource | N
         return out, cut
 
     def checkpoint(w: dict[str, torch.Tensor] | None) -> Path:
-        client = {"train_state": asdict(state), "config": _plain(cfg), "world_size": env.world_size}
+        client = {"train_state": asdict(state), "config": asdict(cfg), "world_size": env.world_size}
         path = save_checkpoint(engine, out_dir, state.step, client, w, cfg.model, tc.keep_last, env)
         if mirror is not None:
             mirror.submit(path)
@@ -549,7 +549,3 @@ def check_resume_config(saved: dict[str, Any], cfg: RunConfig, path: Path) -> li
                           f"checkpoint's optimizer, schedule, model and data order, so drop the change "
                           f"(or start a new run with another train.output_dir)")
     return [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed]
-
-
-def _plain(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)

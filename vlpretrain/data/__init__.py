@@ -14,9 +14,9 @@ from vlpretrain.data.sources import (
                                      register_format,
 )
 from vlpretrain.data.stats import LoaderStats
-from vlpretrain.data.stream import BatchSource, EpochBatches
+from vlpretrain.data.stream import BatchStream, EpochBatches
 from vlpretrain.data.writer import write_shards
 
-__all__ = ["FORMATS", "BatchSource", "EpochBatches", "EpochPlan", "LoaderStats", "Record", "ShardCounts", "ShardLoader", "Skip", "Source", "SourceOptions",
+__all__ = ["FORMATS", "BatchStream", "EpochBatches", "EpochPlan", "LoaderStats", "Record", "ShardCounts", "ShardLoader", "Skip", "Source", "SourceOptions",
            "build_loader", "count_shards", "count_shards_of", "detect_format", "dist_rank_world", "expand_shards", "index_shards", "load_templates", "plan_epoch",
            "plan_resampled", "register_format", "shard_sample_counts", "write_shards"]

@@ -18,7 +18,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images [B, 3, H, W], token ids [B, 
 Position = tuple[int, int, torch.Tensor, torch.Tensor]  # epoch, batch index in that epoch, images, token ids
 
 
-class BatchSource(Protocol):
+class BatchStream(Protocol):
     """What `vlpretrain.train` consumes."""
 
     def forever(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Position]:
@@ -51,7 +51,7 @@ def forever_epochs(run_epoch: Callable[[int, int], Iterable[Batch]], epoch: int 
 
 
 class EpochBatches:
-    """A `BatchSource` from a function (epoch, start batch) -> that epoch's batches from `start batch` on."""
+    """A `BatchStream` from a function (epoch, start batch) -> that epoch's batches from `start batch` on."""
 
     def __init__(self, run_epoch: Callable[[int, int], Iterable[Batch]]):
         self.run_epoch = run_epoch
