@@ -122,9 +122,9 @@ def test_dump_round_trip(tmp_path):
     assert again == cfg
 
 
-def test_readme_reference_in_step():
-    readme = open(os.path.join(REPO, "README.md")).read()
-    assert reference_markdown() in readme, "README config reference is stale: paste reference_markdown()"
+def test_config_reference_in_step():
+    doc = open(os.path.join(REPO, "docs", "config.md")).read()
+    assert reference_markdown() in doc, "docs/config.md is stale: run `python -m vlpretrain.config docs/config.md`"
 
 
 def test_help_lists_subcommands():

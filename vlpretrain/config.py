@@ -1,10 +1,10 @@
 """One typed schema for a run: model, data, train and eval sections, loaded from YAML with `--set` overrides.
 
-Every field below is documented by its comment; `vlpretrain info --config FILE` prints the resolved values and the
-README's config reference is kept in step with this file by a test. Unknown keys, wrong types, missing required
-values, paths that do not exist and values out of range (each section's `validate`, then `RunConfig.validate` for
-rules across sections) fail in `load_config` before anything starts, naming the key and whether its value came
-from the file or a `--set` override.
+Every field below is documented by its comment; `vlpretrain info --config FILE` prints the resolved values, and the
+config reference in docs/config.md is generated from the fields (`python -m vlpretrain.config docs/config.md`; a
+test keeps it in step). Unknown keys, wrong types, missing required values, paths that do not exist and values out
+of range (each section's `validate`, then `RunConfig.validate` for rules across sections) fail in `load_config`
+before anything starts, naming the key and whether its value came from the file or a `--set` override.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -536,19 +537,27 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, s
     return rows
 
 
-def reference_markdown() -> str:
-    """The config reference as a markdown table (the README carries this exact text)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+def reference_markdown(width: int = 120) -> str:
+    """The config reference as markdown (docs/config.md carries this exact text): a heading per section, a list
+    item per key, wrapped to `width` characters."""
+    lines: list[str] = []
+    section = None
     for key, tp, default, help_ in reference():
-        lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help_} |")
+        here = key.rpartition(".")[0]
+        if here != section:
+            lines += ([""] if lines else []) + [f"### `{here}`", ""]
+            section = here
+        item = f"- `{key}` ({tp.replace('|', '/')}, default `{default}`): {help_}"
+        lines += textwrap.wrap(item, width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
     return "\n".join(lines)
 
 
 _BEGIN, _END = "<!-- config reference: begin -->", "<!-- config reference: end -->"
 
 
-def update_readme(path: str | os.PathLike) -> None:
-    """Rewrite the config reference between the markers in a README (`python -m vlpretrain.config README.md`)."""
+def update_reference(path: str | os.PathLike) -> None:
+    """Rewrite the config reference between the markers of a markdown file
+    (`python -m vlpretrain.config docs/config.md`)."""
     text = Path(path).read_text()
     head, rest = text.split(_BEGIN, 1)
     _, tail = rest.split(_END, 1)
@@ -559,6 +568,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) > 1:
-        update_readme(sys.argv[1])
+        update_reference(sys.argv[1])
     else:
         print(reference_markdown())

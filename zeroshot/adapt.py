@@ -42,7 +42,7 @@ DEFAULT_LR = {"prompt": 2e-3, "ia3": 1e-2}
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """Hyperparameters of few-shot adaptation; the defaults are the README's."""
+    """Hyperparameters of few-shot adaptation; the defaults are those docs/zeroshot.md states."""
 
     steps: int = 200  # most optimizer steps (early stopping may choose fewer)
     lr: float | None = None  # AdamW learning rate; None: DEFAULT_LR of the method
