@@ -5,18 +5,16 @@ and non-finite groups skipped whole."""
 
 import json
 import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train import losses, run
+from helpers import COMMON, TorchEngine, assert_same_run, free_port, grads, losses, run
 
 from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches
 from vlpretrain.config import ModelConfig, MoEConfig, RunConfig, TrainConfig, load_config
-from vlpretrain.models import build_model, load_state_dict, moe_losses
+from vlpretrain.models import build_model, moe_losses
 from vlpretrain.objectives import build_objective, objective_class, total
 
 K, B = 3, 4  # micro-batches, samples per micro-batch
@@ -32,22 +30,6 @@ def objective_for(name: str, rank: int = 0, world: int = 1):
     return build_objective(RunConfig(train=TrainConfig(objective=objective, **options)), rank, world)
 
 
-class TorchEngine:
-    """The Engine calls an accumulation makes, over a plain module: gradients accumulate in .grad, step counts."""
-
-    def __init__(self, module: torch.nn.Module, micro_steps: int):
-        self.module, self.micro_steps, self.steps = module, micro_steps, 0
-
-    def __call__(self, *inputs):
-        return self.module(*inputs)
-
-    def backward(self, loss, average_micro_steps=True):
-        (loss / self.micro_steps if average_micro_steps else loss).backward()
-
-    def step(self):
-        self.steps += 1
-
-
 def model_for(name: str, moe: MoEConfig | None = None, patch_dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(name="tiny-vit", moe=moe or MoEConfig(), patch_dropout=patch_dropout)
@@ -58,10 +40,6 @@ def model_for(name: str, moe: MoEConfig | None = None, patch_dropout: float = 0.
 def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 28, 28, generator=g), torch.randint(1, 49000, (n, 16), generator=g)
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
 def exact_step(model, objective, images, texts, k):
@@ -133,11 +111,6 @@ def test_randomness_replays_and_moe_aux_counts_once_per_micro_batch():
     assert not torch.allclose(other, outs[0]["image_features"].detach())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -166,7 +139,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_exact_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     images, texts = batch(2 * K * B)
     for name, (loss, got) in result.items():
@@ -181,23 +154,6 @@ def test_exact_two_processes_equals_one_process_on_the_global_batch(tmp_path):
 
 # Adam's update is about lr * sign(g) wherever |g| >> eps, and most sensitive to float noise where |g| ~ eps; a
 # large eps makes the update linear in the gradient, so comparing weights compares gradients
-COMMON = ["train.steps=3", "train.warmup_steps=1", "train.eps=0.01"]
-
-
-def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_state_dict(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
-
-
-def assert_same_run(a: Path, b: Path, steps: int, rel: float = 1e-5) -> None:
-    la, lb = losses(a), losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
-    for s in la:
-        assert lb[s] == pytest.approx(la[s], rel=rel), s
-    wa, wb = weights(a, steps), weights(b, steps)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
-
-
 def test_trainer_exact_accumulation_equals_one_big_batch(tmp_path):
     run(tmp_path / "big", *COMMON, "data.batch_size=8", extra=["--per-sample"])
     run(tmp_path / "exact", *COMMON, "data.batch_size=4", "train.grad_accum=2", extra=["--per-sample"])

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from zeroshot_fakes import write_wds
+from helpers import write_wds
 
 import zeroshot
 from vlpretrain.config import ModelConfig

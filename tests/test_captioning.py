@@ -6,8 +6,8 @@ import json
 import open_clip
 import pytest
 import torch
+from helpers import drawn_image, write_coco_karpathy
 from PIL import Image
-from zeroshot_fakes import drawn_image, write_coco_karpathy
 
 import zeroshot
 from vlpretrain import build_model

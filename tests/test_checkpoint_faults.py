@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, REPO, losses, run
 from safetensors.torch import load_file
-from test_train import ENV, REPO, losses, run
 
 from vlpretrain.config import load_config
 from vlpretrain.errors import CheckpointError, ConfigError

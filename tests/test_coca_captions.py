@@ -6,14 +6,13 @@ and the class-matching rule of `names_class_rate`, by hand."""
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from zeroshot_fakes import write_idx
+from helpers import REPO, free_port, subprocess_env, write_idx
 
 from vlpretrain.data import write_shards
 from vlpretrain.data.plan import expand_shards
@@ -24,7 +23,6 @@ from vlpretrain.tokenizer import shard_captions, train_tokenizer
 
 captioning = importlib.import_module("zeroshot.captioning")  # the package exports a function of the same name
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 PROCESSES, TEST_IMAGES = 2, 300
@@ -81,12 +79,7 @@ def fmnist_shards(tmp_path_factory):
 def _train(shards: str, out: Path, seed: int, steps: int, batch: int, model: str | None = None) -> Path:
     """configs/demo-coca.yaml on these shards (PROCESSES processes, `steps` steps of `batch` each; `model` instead
     of its model), no evaluation."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    env, port = subprocess_env(), free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PROCESSES}", f"--master_port={port}",
            "-m", "vlpretrain.cli", "train", "--config", str(REPO / "configs" / "demo-coca.yaml"),
            "--set", f"data.train={shards}", "--set", f"train.output_dir={out}", "--set", f"train.steps={steps}",

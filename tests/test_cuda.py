@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SCRIPT, subprocess_env
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "train_synthetic.py"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")},
-       "DS_ACCELERATOR": "cuda", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env(DS_ACCELERATOR="cuda")
 
 
 def train(out: Path, *args: str) -> dict[int, float]:

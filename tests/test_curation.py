@@ -165,7 +165,7 @@ def test_decontamination_finds_planted_test_images(dataset, tmp_path, monkeypatc
 
 
 def test_benchmark_images_come_from_the_registry_by_entry_point(tmp_path):
-    from zeroshot_fakes import mnist_arrays, write_idx
+    from helpers import mnist_arrays, write_idx
 
     labels = [3, 1, 4, 1, 5]
     arr = mnist_arrays(labels)
@@ -274,7 +274,7 @@ def test_overlap_split_metrics_by_hand():
 
 
 def test_zeroshot_eval_overlap_with_shards(scorer, tmp_path, capsys):
-    from zeroshot_fakes import write_idx
+    from helpers import write_idx
 
     from vlpretrain.config import ModelConfig
     from vlpretrain.models import export_model

@@ -4,17 +4,14 @@ benchmark through `vlpretrain.class_names`."""
 
 import configparser
 import importlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-from zeroshot_fakes import write_idx
+from helpers import REPO, write_idx
 
 from vlpretrain.config import load_config
 from vlpretrain.errors import ConfigError, DataError
 from vlpretrain.evaluation import ENTRY_POINT_GROUP, build_evaluators, requested_evaluators
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def config(*overrides):

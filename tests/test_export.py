@@ -1,26 +1,23 @@
 """vlpretrain export: our safetensors, and open_clip's local model folder that open_clip itself loads."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from helpers import REPO, subprocess_env
 
 from vlpretrain.config import ModelConfig, MoEConfig
 from vlpretrain.errors import ConfigError
 from vlpretrain.models import build_model, export_model, export_open_clip_dir, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_open_clip_local_dir_loads_in_open_clip_with_identical_features(tmp_path):
     model = build_model("tiny-vit").eval()
     ours = export_model(model, ModelConfig(name="tiny-vit"), tmp_path / "m.safetensors")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "vlpretrain.cli", "export", str(ours), str(tmp_path / "dir"),
                         "--format", "open_clip"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]

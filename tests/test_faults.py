@@ -17,19 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import free_port
-from zeroshot_fakes import write_folder_tree, write_wds
+from helpers import REPO, SCRIPT, free_port, subprocess_env, write_folder_tree, write_wds
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.engine.checkpoint import safe_torch_load
 from vlpretrain.errors import CheckpointError
 from vlpretrain.models import build_model, export_model, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "train_synthetic.py"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")},
-       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env()
 
 
 def train(out: Path, *args: str) -> subprocess.CompletedProcess:

@@ -2,16 +2,14 @@
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, subprocess_env
 
 
 @pytest.mark.slow
 def test_gpu_suite_dry_run_prints_every_figure():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = subprocess_env()
     env["PYTHON"] = os.environ.get("PYTHON", __import__("sys").executable)
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry"], env=env, capture_output=True,
                        text=True, timeout=900, cwd=REPO)

@@ -9,6 +9,7 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import COMMON, assert_same_run, losses, run
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.models import build_model, get_tokenizer
@@ -196,8 +197,6 @@ def test_zero_shot_head_with_the_hf_tokenizer(tmp_path, tok_dir):
 def test_zero3_follows_zero0_with_an_hf_tower(tmp_path, tok_dir):
     """The trainer under ZeRO-3 with exact accumulation (2 x 4) follows ZeRO-0 on one batch of 8, step for step;
     in bf16 under ZeRO-2 it follows within bf16's rounding."""
-    from test_accumulate import COMMON, assert_same_run
-    from test_train import losses, run
 
     arch = tiny_xlmr(tmp_path / "xlmr", tok_dir)
     common = [*COMMON, f"model.name={arch}"]
@@ -260,7 +259,6 @@ def test_upcycled_hf_tower_computes_the_dense_function(tmp_path, tok_dir):
 
 def test_trainer_hf_moe_tower_zero3_follows_zero0(tmp_path, tok_dir):
     """An HF tower with MoE feed-forwards trains with exact accumulation under ZeRO-3 as under ZeRO-0."""
-    from test_train import losses, run
 
     arch = tiny_xlmr(tmp_path / "xlmr", tok_dir)
     moe = [f"model.name={arch}", "model.moe.num_experts=4", "model.moe.towers=text", "model.moe.layers=all",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train import ENV, REPO
+from helpers import ENV, REPO
 
 PROBE = str(REPO / "tests" / "host_sync_probe.py")
 QUIET = (1, 2, 3, 5, 6, 7)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train import ENV, REPO, SCRIPT, free_port, losses, run
+from helpers import ENV, REPO, SCRIPT, free_port, losses, run
 
 from vlpretrain.engine.launch import Launch, launch_env
 from vlpretrain.errors import LaunchError

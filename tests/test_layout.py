@@ -1,10 +1,10 @@
 """Package boundaries: zeroshot stands alone on low-level vlpretrain modules; DeepSpeed lives in the engine."""
 
+import ast
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -33,3 +33,15 @@ def test_only_the_engine_package_imports_deepspeed():
         if "import deepspeed" in text or "from deepspeed" in text:
             importers.append(path.relative_to(REPO).as_posix())
     assert importers and all(p.startswith("vlpretrain/engine/") for p in importers), importers
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py and conftest.py, never in a test module another one imports."""
+    imported = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            imported += [(path.name, n) for n in names if n.split(".")[0].startswith("test_")]
+    assert sorted((REPO / "tests").glob("test_*.py")), "the walk found the test modules"
+    assert imported == [], imported

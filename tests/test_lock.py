@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import losses, run
+from helpers import losses, run
 
 from vlpretrain.config import ModelConfig, load_config
 from vlpretrain.engine import param_groups

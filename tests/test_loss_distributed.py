@@ -2,13 +2,13 @@
 global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port
 
 from vlpretrain.loss import ClipLoss, SigLipLoss
 
@@ -79,11 +79,6 @@ def worker(rank, world, port, name, out):
     # aborted a finished worker (SIGABRT, "terminate called without an active exception", seen once in CI)
     os._exit(0)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

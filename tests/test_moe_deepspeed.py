@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import free_port, subprocess_env
 
 from vlpretrain.config import MoEConfig
 from vlpretrain.engine.moe import DeepSpeedMoEMLP, use_deepspeed_moe
@@ -100,9 +101,9 @@ def test_deepspeed_dropping_is_reported(dense):
 @pytest.mark.slow
 def test_two_processes_expert_parallel_and_engines(tmp_path):
     """ep_size 2 matches the native layer and trains under ZeRO-2; the native layer trains under ZeRO-3."""
-    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29731", os.path.join(REPO, "tests", "moe_ep_worker.py"), str(tmp_path)],
+                        "--master_port", str(free_port()), os.path.join(REPO, "tests", "moe_ep_worker.py"), str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rank in (0, 1):

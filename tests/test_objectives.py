@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_accumulate import TorchEngine, grads
+from helpers import COMMON, TorchEngine, assert_same_run, grads, losses, run
 
 from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches
 from vlpretrain.config import ModelConfig, RunConfig, TrainConfig, load_config
@@ -220,8 +220,6 @@ def test_trainer_coca_and_distill_under_zero3_follow_zero0(tmp_path):
     """CoCa: exact accumulation under ZeRO-3 equals one big batch under ZeRO-0 (on these captions no token is
     padding, so the mean of micro-batch caption losses is the big batch's). Distillation into an MoE student: ZeRO-3
     follows ZeRO-0 step for step, the teacher beside the engine."""
-    from test_accumulate import COMMON, assert_same_run
-    from test_train import losses, run
 
     coca = [*COMMON, "model.name=tiny-coca", "train.objective=coca"]
     run(tmp_path / "coca-big", *coca, "data.batch_size=8", extra=["--per-sample"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import run
+from helpers import run
 
 from vlpretrain.config import ModelConfig, load_config
 from vlpretrain.errors import ConfigError

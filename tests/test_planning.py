@@ -3,16 +3,15 @@ FLOPs of a toy two-tower model, epoch sizes, energy arithmetic, and the FLOPs a 
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from helpers import REPO, subprocess_env
 from torch import nn
 
 from vlpretrain.cli import main
@@ -23,10 +22,7 @@ from vlpretrain.errors import ConfigError, DataError
 from vlpretrain.models import build_model
 from vlpretrain.planning import epoch_size, flops_per_sample
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(k, None)
+ENV = subprocess_env()
 
 P, L, N, PER_NODE = 8_000_000, 300_000, 8, 4  # trainable parameters, largest layer, ranks, GPUs per node
 
@@ -214,7 +210,7 @@ def test_info_prints_the_plan_for_a_world_size(tmp_path, capsys):
     assert main(["info", "--config", str(config), "--world-size", "12", "--no-data"]) == 0
     out = capsys.readouterr().out
     assert "12 ranks = 3 node(s) x 4 GPUs" in out  # the most GPUs per node up to 8 that divides 12
-    assert "# epoch" not in out
+    assert "#   run (train.steps 10)" in out and "# epoch" not in out  # it got past where the epoch would print
     assert main(["info", "--config", str(config), "--world-size", "12", "--gpus-per-node", "8", "--no-data"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == "error: --gpus-per-node 8 must divide --world-size 12 (both >= 1)"

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from helpers import free_port, subprocess_env
 
 from vlpretrain.config import load_config
 from vlpretrain.engine import DistEnv
@@ -167,9 +167,7 @@ def test_remote_dir_is_checked_when_the_config_loads(tmp_path):
 
 
 def environment():
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env()
     return env  # built after the s3_server fixture: its AWS variables are in os.environ
 
 
@@ -237,11 +235,6 @@ def test_s3_upload_that_never_lands_fails_the_run_after_local_work(tmp_path, s3_
     assert "the upload of step_00000001 to s3://no-such-bucket/run failed 3 times" in r.stderr
     assert (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file() and (out / "model.safetensors").is_file()
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def two_nodes(tmp_path, *args):

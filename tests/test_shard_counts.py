@@ -12,6 +12,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from helpers import REPO, free_port, subprocess_env
 from PIL import Image
 
 from vlpretrain.config import DataConfig
@@ -19,9 +20,7 @@ from vlpretrain.data import build_loader, count_shards, index_shards
 from vlpretrain.data.tars import scan
 from vlpretrain.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-       "PYTHONPATH": str(REPO)}
+ENV = subprocess_env()
 
 
 def png(i: int) -> bytes:
@@ -235,13 +234,6 @@ def test_shards_in_object_storage_read_like_local_ones(tmp_path, s3_server):
     assert len(drawn) == 12 and set(drawn) <= {*range(10), *range(12, 16)}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_ranks_count_once_and_a_resume_counts_nothing(tmp_path):
@@ -251,8 +243,7 @@ def test_two_ranks_count_once_and_a_resume_counts_nothing(tmp_path):
     for s in range(4):
         (shards / f"{s:05d}.tar").write_bytes(tar_bytes(10 * s, 8))
     out = tmp_path / "run"
-    env = {**ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env = ENV
 
     def train(*extra: str) -> str:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -17,17 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import free_port
-from zeroshot_fakes import write_idx
+from helpers import REPO, SCRIPT, free_port, subprocess_env, write_idx
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.models import build_model, export_model
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = str(REPO / "tests" / "train_synthetic.py")
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")},
-       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env()
 LONG = 30_000  # images of the long benchmark: minutes at one image per batch, against seconds to stop
 
 

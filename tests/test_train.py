@@ -1,9 +1,7 @@
 """The trainer under DeepSpeed: ZeRO stages agree, resume is exact, kills and signals lose nothing, export loads."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,39 +11,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from helpers import ENV, REPO, SCRIPT, losses, run
 
 from vlpretrain.models import load_model, load_state_dict, register_model_configs
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SCRIPT = str(HERE / "train_synthetic.py")
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(k, None)
-
-
-def run(out, *overrides, nproc=1, extra=(), check=True, timeout=300):
-    if nproc == 1:
-        cmd = [sys.executable, SCRIPT, str(out), *extra, *overrides]
-    else:
-        # a real free port: with --master_port=0 DeepSpeed's CPU shared-memory comm never rendezvous
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               SCRIPT, str(out), *extra, *overrides]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def losses(out):
-    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_single_process_run_writes_everything(tmp_path):

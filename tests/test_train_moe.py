@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import losses, run
+from helpers import losses, run
 
 from vlpretrain.models import load_model
 

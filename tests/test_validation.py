@@ -1,14 +1,12 @@
 """data.val: held-out shards evaluated during training (loss and retrieval recall), on 1 and 2 processes."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SCRIPT, launch, subprocess_env
 from PIL import Image, ImageDraw
 
 from vlpretrain.config import DataConfig
@@ -16,11 +14,7 @@ from vlpretrain.data import build_loader, write_shards
 from vlpretrain.models import get_tokenizer, image_transform, load_model
 from vlpretrain.retrieval import retrieval_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "train_synthetic.py"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")},
-       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env()
 WORDS = ["red", "green", "blue", "yellow", "white", "black", "grey", "pink"]
 
 
@@ -41,15 +35,7 @@ def val_shards(tmp_path_factory) -> str:
 
 def train(out: Path, val: str, nproc: int = 1) -> None:
     args = [str(out), "train.steps=4", "eval.every=2", f"data.val={val}", "eval.val_samples=16"]
-    if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT), *args]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               str(SCRIPT), *args]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=REPO)
+    r = subprocess.run(launch(nproc, [str(SCRIPT), *args]), env=ENV, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
 
 

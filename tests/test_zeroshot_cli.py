@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from zeroshot_fakes import write_cifar, write_wds
+from helpers import write_cifar, write_wds
 
 from zeroshot.cli import main
 

@@ -7,10 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.metrics import f1_score, jaccard_score
-from torchvision.transforms import functional as TF
-from zeroshot_fakes import (
+from helpers import (
     PRIMARIES,
     ColourClip,
     write_cifar,
@@ -19,6 +16,9 @@ from zeroshot_fakes import (
     write_wds_grouped,
     write_winogavil,
 )
+from PIL import Image
+from sklearn.metrics import f1_score, jaccard_score
+from torchvision.transforms import functional as TF
 
 import zeroshot
 from zeroshot.cli import main

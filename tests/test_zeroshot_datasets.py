@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from zeroshot_fakes import (
+from helpers import (
     drawn_image,
     mnist_arrays,
     write_cifar,

@@ -4,9 +4,9 @@ import io
 import tarfile
 
 import pytest
+from helpers import PRIMARIES, ColourClip
 from PIL import Image
 from torchvision.transforms import functional as TF
-from zeroshot_fakes import PRIMARIES, ColourClip
 
 import zeroshot
 from zeroshot.evaluate import spread_subset

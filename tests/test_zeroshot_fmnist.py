@@ -6,7 +6,6 @@ evaluation prompts. Chance is 0.1.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, subprocess_env
 from PIL import Image
 
 import zeroshot
@@ -21,7 +21,6 @@ from vlpretrain.data import write_shards
 from vlpretrain.formats import read_idx
 from vlpretrain.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 STEPS = 150
 
@@ -34,9 +33,7 @@ def fmnist_run(tmp_path_factory):
                      templates=str(REPO / "configs" / "captions" / "fashion_train.txt"),
                      classes=str(REPO / "configs" / "captions" / "fashion_classes.txt"), progress=False)
     assert m["samples"] == 60000 and len(m["shards"]) == 12
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env()
     run = tmp / "run"
     cmd = [sys.executable, "-m", "vlpretrain.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
            "--set", f"data.train={tmp}/shards/fm-{{000000..000011}}.tar", "--set", f"train.output_dir={run}",
@@ -75,7 +72,7 @@ def test_trainer_run_linear_probe(fmnist_run, tmp_path, capsys):
         print(f"\nfashion-mnist linear probe (2000 train / 2000 test images): top1={m['top1']:.4f} l2={m['l2']:.3g}")
     assert m["images"] == 2000 and m["num_train"] == 2000 and m["top1"] > 0.6 and m["l2"] > 0
     out = tmp_path / "probe.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "zeroshot.cli", "probe", "--model", str(fmnist_run / "model.safetensors"),
                         "--benchmark", "fashion-mnist", "--root", str(FMNIST), "--max-images", "1000",
                         "--shots", "20", "--l2", "1.0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import mnist_arrays, write_idx, write_wds
 from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
-from zeroshot_fakes import mnist_arrays, write_idx, write_wds
 
 import zeroshot
 from vlpretrain.config import ModelConfig
@@ -255,7 +255,7 @@ def test_missing_images_are_left_out_as_clip_benchmark_does(tmp_path, caplog):
 
 
 def test_another_language_is_not_read_from_language_blind_layouts(tmp_path):
-    from zeroshot_fakes import write_wds_captions
+    from helpers import write_wds_captions
 
     write_wds_captions(tmp_path / "xtd10", [["a"], ["b"]])
     assert get_benchmark("xtd10").load(tmp_path).captions == ["a", "b"]  # English: the generic layouts apply

@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from PIL import Image
-from sklearn.metrics import average_precision_score
-from torchvision.transforms import functional as TF
-from zeroshot_fakes import (
+from helpers import (
     PRIMARIES,
     ColourClip,
     write_folder_tree,
@@ -13,6 +10,9 @@ from zeroshot_fakes import (
     write_wds,
     write_wds_multilabel,
 )
+from PIL import Image
+from sklearn.metrics import average_precision_score
+from torchvision.transforms import functional as TF
 
 import zeroshot
 from vlpretrain.errors import DataError

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from helpers import write_wds
 from PIL import Image
-from zeroshot_fakes import write_wds
 
 import zeroshot
 from vlpretrain.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ DIGITS = [str(i) for i in range(10)]
 @pytest.fixture
 def mnist(tmp_path):
     """CLIP_benchmark's webdataset layout of `mnist` (10 classes); images of labels 0, 1, 2 are drawn crimson,
-    dodger blue and lime (zeroshot_fakes.COLOURS), so a head naming red, blue, green gets all of them."""
+    dodger blue and lime (helpers.COLOURS), so a head naming red, blue, green gets all of them."""
     return write_wds(tmp_path / "mnist", DIGITS, [0, 1, 2] * 3, shards=1, ext="png")
 
 

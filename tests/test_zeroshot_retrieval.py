@@ -9,9 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision.transforms import functional as TF
-from zeroshot_fakes import (
+from helpers import (
     PRIMARIES,
     ColourClip,
     drawn_image,
@@ -21,6 +19,8 @@ from zeroshot_fakes import (
     write_flickr,
     write_wds_captions,
 )
+from PIL import Image
+from torchvision.transforms import functional as TF
 
 import zeroshot
 from vlpretrain.config import ModelConfig

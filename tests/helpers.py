@@ -1,17 +1,117 @@
-"""Writers of small fake benchmark data in each on-disk format the zeroshot loaders read (for the tests)."""
+"""What several test modules share: launching the trainer in subprocesses (the environment, a free port, the
+synthetic training script, its losses), a plain-torch stand-in for the engine, and writers of small fake benchmark
+data in each on-disk format the zeroshot loaders read."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
+
+from vlpretrain.models import load_state_dict
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SCRIPT = str(HERE / "train_synthetic.py")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that runs our code: no launcher variables inherited (a child is its
+    own job), the CPU accelerator, one thread per process, the repository importable; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
+    return env
+
+
+ENV = subprocess_env()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (with --master_port=0 DeepSpeed's CPU shared-memory comm never meets)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, script_and_args: list[str]) -> list[str]:
+    """The command that runs `script_and_args` (a script path or `-m module`, then its arguments) in one process,
+    or in `nproc` under torchrun on a free port."""
+    if nproc == 1:
+        return [sys.executable, *script_and_args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *script_and_args]
+
+
+def run(out, *overrides: str, nproc: int = 1, extra=(), check: bool = True, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """tests/train_synthetic.py into `out` with `section.key=value` overrides, in `nproc` processes."""
+    r = subprocess.run(launch(nproc, [SCRIPT, str(out), *extra, *overrides]), env=env or ENV, capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(out) -> dict[int, float]:
+    """{step: logged loss} of a run folder's metrics.jsonl."""
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# settings of the short trainer runs compared step by step (a large eps: Adam moves fp32 and bf16 alike)
+COMMON = ["train.steps=3", "train.warmup_steps=1", "train.eps=0.01"]
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights a run saved at `step`."""
+    return load_state_dict(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, steps: int, rel: float = 1e-5) -> None:
+    """Two run folders logged the same losses at every step (within `rel`) and saved the same final weights."""
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], rel=rel), s
+    wa, wb = weights(a, steps), weights(b, steps)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class TorchEngine:
+    """The Engine calls an accumulation makes, over a plain module: gradients accumulate in .grad, step counts."""
+
+    def __init__(self, module: torch.nn.Module, micro_steps: int):
+        self.module, self.micro_steps, self.steps = module, micro_steps, 0
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
+
+    def backward(self, loss, average_micro_steps=True):
+        (loss / self.micro_steps if average_micro_steps else loss).backward()
+
+    def step(self):
+        self.steps += 1
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters' accumulated gradients, by name."""
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
 
 COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 215, 0), (148, 0, 211), (255, 140, 0),
            (0, 206, 209), (139, 69, 19), (255, 105, 180), (128, 128, 128)]
