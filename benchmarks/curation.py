@@ -166,11 +166,11 @@ def speed(shards: Path, work: Path, model: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def noisy_samples(shards: Path, rate: float, limit: int | None):
-    """The demo samples with `rate` of their captions replaced by a caption of another class."""
+def noisy_samples(shards: Path, rate: float, limit: int | None, seed: int = 0):
+    """The demo samples with `rate` of their captions replaced by a caption of another class (which ones: `seed`)."""
     classes = load_classes(REPO / "configs/captions/fashion_classes.txt")
     templates = load_templates(REPO / "configs/captions/fashion_train.txt")
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for key, members in demo_samples(shards, limit):
         meta = json.loads(members["json"])
         if rng.random() < rate:
@@ -181,31 +181,33 @@ def noisy_samples(shards: Path, rate: float, limit: int | None):
         yield key, members
 
 
-def train(data: str, run: Path, steps: int, log: Path) -> float:
-    """Train the demo config on `data` with 2 processes (as `make demo`); zero-shot top-1 on the 10k test images."""
+def train(data: str, run: Path, steps: int, log: Path, seed: int = 0) -> float:
+    """Train the demo config on `data` with 2 processes (as `make demo`), weights and data order from `seed`;
+    zero-shot top-1 on the 10k test images."""
     shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + random.randint(0, 2000)), "-m", "vlpretrain.cli", "train", "--config",
            str(REPO / "configs/demo.yaml"), "--set", f"data.train={data}", "--set", f"train.output_dir={run}",
            "--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 6)}",
-           "--set", "eval.linear_probe=false"]
+           "--set", "eval.linear_probe=false", "--set", f"train.seed={seed}", "--set", f"data.seed={seed}"]
     with open(log, "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     results = json.loads((run / "results.json").read_text())
     return next(e["metrics"]["top1"] for e in results["results"] if e["task"] == "zeroshot")
 
 
-def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, limit: int | None) -> dict:
+def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, limit: int | None,
+          seed: int = 0) -> dict:
     log = work / "train.log"
     clean, noisy = work / "clean", work / "noisy"
-    res: dict = {"steps": steps, "brief_steps": brief_steps, "keep_fraction": keep, "noise_rate": 0.4}
+    res: dict = {"steps": steps, "brief_steps": brief_steps, "keep_fraction": keep, "noise_rate": 0.4, "seed": seed}
     t0 = time.perf_counter()
     res["clean_samples"] = write_folder(clean, demo_samples(shards, limit), "clean")
-    res["noisy_samples"] = write_folder(noisy, noisy_samples(shards, 0.4, limit), "noisy")
+    res["noisy_samples"] = write_folder(noisy, noisy_samples(shards, 0.4, limit, seed), "noisy")
     slice_ = work / "clean-slice"
     write_folder(slice_, demo_samples(shards, 5000), "slice", shard_size=1000)  # 2 ranks need 2+ shards
-    res["brief_model_top1"] = train(f"{slice_}/*.tar", work / "run-brief", brief_steps, log)
+    res["brief_model_top1"] = train(f"{slice_}/*.tar", work / "run-brief", brief_steps, log, seed)
     out = work / "filtered"
     t = time.perf_counter()
     r = curate(str(noisy), out, str(work / "run-brief" / "model.safetensors"), fraction=keep, progress=False,
@@ -217,7 +219,7 @@ def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, l
     res["filtered_samples"] = r["samples_out"]
     res["noise_rate_after_filter"] = kept_noisy / max(1, r["samples_out"])
     for name, data in (("a_noisy", f"{noisy}/*.tar"), ("b_filtered", f"{out}/*.tar"), ("c_clean", f"{clean}/*.tar")):
-        res[f"top1_{name}"] = train(data, work / f"run-{name}", steps, log)
+        res[f"top1_{name}"] = train(data, work / f"run-{name}", steps, log, seed)
         print(f"noise: {name}: zero-shot top-1 {res[f'top1_{name}']:.4f}", flush=True)
     gap = res["top1_c_clean"] - res["top1_a_noisy"]
     res["gap_recovered"] = (res["top1_b_filtered"] - res["top1_a_noisy"]) / gap if gap > 0 else None
@@ -238,6 +240,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps of each noise run (demo: 300)")
     p.add_argument("--brief-steps", type=int, default=60, help="training steps of the filtering model")
     p.add_argument("--keep", type=float, default=0.5, help="top fraction the filter keeps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise experiment: which captions are swapped, and the runs' weights and data order")
     p.add_argument("--limit", type=int, help="use only the first N demo samples in the noise experiment")
     p.add_argument("--quick", action="store_true", help="100 steps, 30 brief steps, 20,000 samples")
     p.add_argument("--only", choices=("contamination", "speed", "noise"), action="append",
@@ -263,7 +267,8 @@ def main() -> None:
             print(f"speed: skipped, no model at {a.model} (make demo, or --model)")
         path.write_text(json.dumps(figures, indent=1))
     if "noise" in parts:
-        figures["noise"] = noise(shards, work, a.steps, a.brief_steps, a.keep, limit)
+        figures["noise" if a.seed == 0 else f"noise_seed{a.seed}"] = noise(shards, work, a.steps, a.brief_steps,
+                                                                           a.keep, limit, a.seed)
         path.write_text(json.dumps(figures, indent=1))
     print(f"figures: {path}")
 
