@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vlpretrain.curation.dedup import exact_duplicates, near_duplicates
-from vlpretrain.curation.embed import Embeddings
+from vlpretrain.curation.embed import NEAR_COSINE, Embeddings
 from vlpretrain.curation.rules import CaptionRules, apply_rules
 from vlpretrain.errors import ConfigError
 
@@ -40,7 +40,7 @@ class CurationOptions:
     near_space: str = "pixels"  # "pixels" (thumbnails: resizes, re-encodings) or "model" (image embeddings)
     decontaminate: tuple[str, ...] = ()  # benchmark names of the registry
     benchmark_root: str | None = None
-    decontam_threshold: float = 0.985
+    decontam_threshold: float = NEAR_COSINE
     remove_contaminated: bool = False
     shard_size: int = 10000
     prefix: str = "curated"

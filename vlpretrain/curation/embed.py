@@ -1,7 +1,7 @@
 """One pass over the images and captions of a dataset, cached per shard, so that every later decision is cheap.
 
 For each sample the pass keeps: a hash of its decoded pixels (exact duplicates), a thumbnail descriptor (the
-differences of a 16x16 grey image, of unit length: near duplicates, robust to resizing and re-encoding), and, with
+differences of a 12x12 grey image, of unit length: near duplicates, robust to resizing and re-encoding), and, with
 a model, its image and caption embeddings (unit length; their dot product is the CLIP score DataComp filters on). A sample that
 cannot be read keeps its reason instead.
 
@@ -42,9 +42,12 @@ from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "vlpretrain-curation-v1"
-THUMB_SIDE = 16
+CACHE_FORMAT = "vlpretrain-curation-v2"  # v2: 12x12 thumbnails (v1's were 16x16)
+THUMB_SIDE = 12
 THUMB_DIM = 2 * (THUMB_SIDE - 1) ** 2
+# Thumbnail cosine at or above which two images count as copies (decontamination's and the overlap's default; the
+# value benchmarks/curation.py measured: every planted Fashion-MNIST test copy found, 0.3% of training images flagged)
+NEAR_COSINE = 0.99
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,10 +55,13 @@ THUMB_DIM = 2 * (THUMB_SIDE - 1) ** 2
 
 
 def thumbnail(img: Image.Image) -> np.ndarray:
-    """A near-duplicate descriptor: the image as 16x16 grey (Lanczos), its horizontal and vertical differences,
-    unit length (float32 [450]). Differences, not grey levels: on Fashion-MNIST, grey thumbnails of different
-    garments reach a cosine of 0.95 at the median (a silhouette on black), their differences 0.84, while a copy
-    resized and re-encoded as JPEG stays above 0.997 (benchmarks/curation.py)."""
+    """A near-duplicate descriptor: the image as 12x12 grey (Lanczos), its horizontal and vertical differences,
+    unit length (float32 [242]). Differences, not grey levels: on Fashion-MNIST, grey thumbnails of different
+    garments are near each other (a silhouette on black), their differences much less. 12, not more: a copy
+    resized down to 20 px and saved as JPEG keeps block noise and resampling phase near its own resolution, and a
+    16x16 thumbnail (close to 20 px) kept enough of it to miss 18% of such copies at any threshold that flags under
+    1% of other images; well below the copy's resolution, the Lanczos filter averages that noise away
+    (benchmarks/curation.py: copies of 20-112 px all at cosine >= 0.99)."""
     g = np.asarray(img.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS), dtype=np.float32)
     x = np.concatenate([np.diff(g, axis=1)[:-1].reshape(-1), np.diff(g, axis=0)[:, :-1].reshape(-1)])
     norm = float(np.linalg.norm(x))
