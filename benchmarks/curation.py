@@ -5,6 +5,8 @@ contamination  200 Fashion-MNIST test images, resized (up: 40-112 px, and down: 
                decontamination against the fashion-mnist benchmark should find >= 95% of them while flagging < 1% of
                the other samples (Fashion-MNIST's own train set may hold true near-copies of test images: those
                count as false positives here).
+neardedup      near duplicates among the 60,000 demo images (thumbnails, cosine >= 0.99): brute force against the
+               approximate (IVF) index, their times and whether they find the same groups.
 speed          samples per second of each stage (embedding pass without and with a model, decontamination, the
                decision, writing), and the cost of a second threshold when the embeddings are cached.
 noise          40% of the demo captions replaced by captions of another class. The demo config trains at equal steps
@@ -36,8 +38,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlpretrain.curation import curate  # noqa: E402
-from vlpretrain.curation.read import read_samples  # noqa: E402
+from vlpretrain.curation import curate, embed_shards, load_embeddings  # noqa: E402
+from vlpretrain.curation.dedup import near_duplicates  # noqa: E402
+from vlpretrain.curation.embed import NEAR_COSINE  # noqa: E402
+from vlpretrain.curation.read import input_shards, read_samples  # noqa: E402
 from vlpretrain.data.sources import fill_template, load_classes, load_templates  # noqa: E402
 from vlpretrain.data.writer import ShardSink, write_json_atomic  # noqa: E402
 from vlpretrain.formats import MANIFEST, read_idx  # noqa: E402
@@ -113,7 +117,7 @@ def contamination(shards: Path, work: Path, limit: int | None) -> dict:
            "recall_upscaled": sum(k in flagged_keys for k in up) / len(up),
            "recall_downscaled": sum(k in flagged_keys for k in down) / len(down),
            "false_positives": fp, "false_positive_rate": fp / others,
-           "threshold": 0.985, "wall_s": round(wall, 1), "timings": r["timings"], "samples_out": manifest["samples"]}
+           "threshold": NEAR_COSINE, "wall_s": round(wall, 1), "timings": r["timings"], "samples_out": manifest["samples"]}
     print(f"contamination: recall {res['recall_upscaled']:.1%} (upscaled copies), {res['recall_downscaled']:.1%} "
           f"(downscaled), false positives {fp} of {others} ({res['false_positive_rate']:.2%}); {wall:.0f} s")
     return res
@@ -131,25 +135,51 @@ def _flagged_keys(folder: Path, out: Path) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def near_dedup_speed(shards: Path, work: Path) -> dict:
+    """Near duplicates of every demo image by brute force and by the IVF index: times and agreement."""
+    urls = input_shards(str(shards))
+    cache = work / "neardedup-cache"
+    embed_shards(urls, cache, None, progress=False)
+    emb = load_embeddings(urls, cache, None)
+    assert emb is not None
+    res: dict = {"samples": len(emb), "threshold": NEAR_COSINE}
+    found = {}
+    for name, above in (("brute_force", len(emb)), ("ivf", 0)):
+        t = time.perf_counter()
+        found[name] = near_duplicates(emb.thumbs, emb.valid, NEAR_COSINE, approximate_above=above)
+        res[f"{name}_s"] = round(time.perf_counter() - t, 2)
+        res[f"{name}_groups"], res[f"{name}_dropped"] = found[name][1], int(found[name][0].sum())
+    res["rows_decided_differently"] = int((found["brute_force"][0] != found["ivf"][0]).sum())
+    res["speedup"] = round(res["brute_force_s"] / res["ivf_s"], 1)
+    print(f"near-dedup of {len(emb)} images at {NEAR_COSINE}: brute force {res['brute_force_s']:.1f} s "
+          f"({res['brute_force_groups']} groups, {res['brute_force_dropped']} dropped), IVF {res['ivf_s']:.1f} s "
+          f"({res['ivf_groups']} groups, {res['ivf_dropped']} dropped), {res['speedup']}x; "
+          f"{res['rows_decided_differently']} rows decided differently")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def speed(shards: Path, work: Path, model: str) -> dict:
     out = work / "speed-out"
     shutil.rmtree(out, ignore_errors=True)
     n = json.loads((shards / MANIFEST).read_text())["samples"]
     res: dict = {"samples": n}
     t = time.perf_counter()
-    r = curate(str(shards), out, exact_dedup=True, near_dedup=0.985, progress=False, report=False,
+    r = curate(str(shards), out, exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=False,
                cache_dir=work / "speed-cache")
     res["pixels_only_first_run_s"] = round(time.perf_counter() - t, 2)
     res["pixels_only_timings"] = r["timings"]
     t = time.perf_counter()
     r = curate(str(shards), out, model, fraction=0.5, min_words=2, max_repeats=1000000, boilerplate=True,
-               exact_dedup=True, near_dedup=0.985, progress=False, report=True, replace=True,
+               exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
                cache_dir=work / "speed-cache")
     res["with_model_first_run_s"] = round(time.perf_counter() - t, 2)
     res["with_model_timings"] = r["timings"]
     t = time.perf_counter()
     r2 = curate(str(shards), out, model, fraction=0.3, min_words=2, max_repeats=1000000, boilerplate=True,
-                exact_dedup=True, near_dedup=0.985, progress=False, report=True, replace=True,
+                exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
                 cache_dir=work / "speed-cache")
     res["second_threshold_s"] = round(time.perf_counter() - t, 2)
     res["second_threshold_timings"] = r2["timings"]
@@ -244,7 +274,7 @@ def main() -> None:
                    help="noise experiment: which captions are swapped, and the runs' weights and data order")
     p.add_argument("--limit", type=int, help="use only the first N demo samples in the noise experiment")
     p.add_argument("--quick", action="store_true", help="100 steps, 30 brief steps, 20,000 samples")
-    p.add_argument("--only", choices=("contamination", "speed", "noise"), action="append",
+    p.add_argument("--only", choices=("contamination", "neardedup", "speed", "noise"), action="append",
                    help="run only these parts (repeatable)")
     a = p.parse_args()
     limit = a.limit
@@ -253,12 +283,15 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     shards = ensure_demo_shards(Path(a.shards))
-    parts = a.only or ["contamination", "speed", "noise"]
+    parts = a.only or ["contamination", "neardedup", "speed", "noise"]
     path = work / "curation_bench.json"
     figures = json.loads(path.read_text()) if path.is_file() else {}
     figures["machine"] = f"{os.cpu_count()} CPU cores (shared)"
     if "contamination" in parts:
         figures["contamination"] = contamination(shards, work, None)
+        path.write_text(json.dumps(figures, indent=1))
+    if "neardedup" in parts:
+        figures["neardedup"] = near_dedup_speed(shards, work)
         path.write_text(json.dumps(figures, indent=1))
     if "speed" in parts:
         if Path(a.model).is_file():

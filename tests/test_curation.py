@@ -16,6 +16,7 @@ from PIL import Image
 from vlpretrain.cli import main
 from vlpretrain.curation import CaptionRules, Scorer, apply_rules, curate, embed_shards, load_embeddings
 from vlpretrain.curation import decontaminate as decon
+from vlpretrain.curation import dedup as dedup_module
 from vlpretrain.curation.embed import NEAR_COSINE, thumbnail
 from vlpretrain.data.writer import ShardSink
 from vlpretrain.errors import ConfigError
@@ -150,6 +151,26 @@ def test_exact_and_near_duplicates_are_removed_keeping_the_first(dataset, tmp_pa
                report=False)
     assert set(read_output(tmp_path / "out")) == set(keys) - {keys[10], keys[11], keys[12]}
     assert r["removed"]["near duplicate"] == 2 and r["near_groups"] == 1
+
+
+def test_approximate_near_duplicate_search_finds_the_groups_brute_force_finds(monkeypatch):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1500, 64)).astype(np.float32)
+    groups = [(int(i), 1 + int(k)) for i, k in zip(rng.choice(1500, 60, replace=False), rng.integers(1, 4, 60))]
+    copies = [base[i] + 0.05 * rng.standard_normal(64).astype(np.float32) for i, k in groups for _ in range(k)]
+    x = np.concatenate([base, np.stack(copies)])
+    x = x[rng.permutation(len(x))]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    every = np.ones(len(x), dtype=bool)
+    used: list[bool] = []
+    real_index = dedup_module.similarity_index
+    monkeypatch.setattr(dedup_module, "similarity_index", lambda v, approximate: used.append(approximate) or
+                        real_index(v, approximate))
+    exact, exact_groups = dedup_module.near_duplicates(x, every, 0.99, approximate_above=len(x))
+    approx, approx_groups = dedup_module.near_duplicates(x, every, 0.99, approximate_above=0)
+    assert used == [False, True]
+    assert exact_groups == approx_groups == 60 and exact.sum() == sum(k for _, k in groups)
+    assert np.array_equal(exact, approx)
 
 
 def test_decontamination_finds_planted_test_images(dataset, tmp_path, monkeypatch):

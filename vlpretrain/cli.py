@@ -269,6 +269,9 @@ def _curate(p: argparse.ArgumentParser):
     p.add_argument("--near-space", choices=("pixels", "model"), default="pixels",
                    help="near duplicates and decontamination compare the differences of 12x12 grey thumbnails "
                         "(pixels, default) or the model's image embeddings")
+    p.add_argument("--near-approximate-above", type=int, metavar="N",
+                   help="near duplicates among more than N images are searched with an approximate faiss index "
+                        "(IVF; default 20000), fewer by brute force")
     p.add_argument("--decontaminate", metavar="BENCHMARKS",
                    help="comma-separated benchmarks (see `zeroshot list`) whose test images are looked for")
     p.add_argument("--benchmark-root", help="folder with the benchmarks' data (as `zeroshot eval --root`)")
@@ -292,14 +295,15 @@ def _curate(p: argparse.ArgumentParser):
         def names(arg: str | None) -> tuple[str, ...] | None:
             return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
 
+        unset_means_default = {"decontam_threshold": a.decontam_threshold,
+                               "near_approximate_above": a.near_approximate_above}
         opts = CurationOptions(
             threshold=a.threshold, fraction=a.fraction, min_words=a.min_words, max_words=a.max_words,
             languages=names(a.languages), max_repeats=a.max_repeats, boilerplate=a.boilerplate,
             max_repeated_words=a.max_repeated_words, exact_dedup=a.exact_dedup, near_dedup=a.near_dedup,
             near_space=a.near_space, decontaminate=names(a.decontaminate) or (), benchmark_root=a.benchmark_root,
-            decontam_threshold=CurationOptions.decontam_threshold if a.decontam_threshold is None
-            else a.decontam_threshold, remove_contaminated=a.remove_contaminated,
-            shard_size=a.shard_size, prefix=a.prefix)
+            remove_contaminated=a.remove_contaminated, shard_size=a.shard_size, prefix=a.prefix,
+            **{k: v for k, v in unset_means_default.items() if v is not None})
         r = curate(a.shards, a.outdir, a.model, pretrained=a.pretrained, options=opts, cache_dir=a.cache_dir,
                    workers=a.workers, batch_size=a.batch_size, device=a.device, replace=a.overwrite,
                    report=not a.no_report, progress=not a.no_progress)
