@@ -242,6 +242,35 @@ def test_an_interrupted_embedding_pass_resumes_to_identical_embeddings(scorer, d
         assert np.array_equal(getattr(resumed, name), getattr(whole, name)), name
 
 
+def test_a_pass_killed_within_a_shard_resumes_from_its_saved_rows(scorer, dataset, tmp_path, monkeypatch):
+    folder, _, _ = dataset  # shards of 4, 4 and 2 samples
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    embed_shards(urls, tmp_path / "whole", scorer, progress=False, save_every=0)
+    whole = load_embeddings(urls, tmp_path / "whole", scorer)
+    encode, calls = scorer.encode, []
+
+    def counted(images, captions, stop_at: int | None = None):
+        calls.append(len(images))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return encode(images, captions)
+
+    # batches of 2, rows saved every 2: killed in the second shard after its first two rows were saved
+    monkeypatch.setattr(scorer, "encode", lambda i, c: counted(i, c, stop_at=4))
+    with pytest.raises(KeyboardInterrupt):
+        embed_shards(urls, tmp_path / "cut", scorer, progress=False, batch_size=2, save_every=2)
+    assert len(list((tmp_path / "cut").rglob("*.partial.safetensors"))) == 1
+    calls.clear()
+    monkeypatch.setattr(scorer, "encode", lambda i, c: counted(i, c))
+    assert embed_shards(urls, tmp_path / "cut", scorer, progress=False, batch_size=2, save_every=2) == 2
+    assert calls == [2, 2]  # the second shard's last two samples and the third shard's two, nothing again
+    assert not list((tmp_path / "cut").rglob("*.partial.safetensors"))
+    resumed = load_embeddings(urls, tmp_path / "cut", scorer)
+    assert resumed.keys == whole.keys and resumed.captions == whole.captions
+    for name in ("hashes", "thumbs", "image", "text"):
+        assert np.allclose(getattr(resumed, name), getattr(whole, name), atol=1e-6), name
+
+
 def test_output_manifest_appears_only_when_the_whole_dataset_is_written(dataset, tmp_path, monkeypatch):
     folder, keys, _ = dataset
     curate(str(folder), tmp_path / "out", exact_dedup=True, progress=False, report=False)
