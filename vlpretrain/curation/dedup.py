@@ -35,7 +35,7 @@ IVF_PROBES = 16
 def similarity_index(x: np.ndarray, approximate: bool):
     """A faiss inner-product index holding the rows of `x`: brute force, or IVF (sqrt(n) k-means cells, the query's
     16 nearest cells searched). Near duplicates sit close to each other, so their cells are among the nearest: on
-    the 60k Fashion-MNIST thumbnails it found every pair brute force finds at 0.99, 8x faster
+    the 60k Fashion-MNIST thumbnails it found every pair brute force finds at 0.99, 5x faster
     (benchmarks/curation.py)."""
     import faiss
 
