@@ -271,7 +271,7 @@ def _curate(p: argparse.ArgumentParser):
                         "(pixels, default) or the model's image embeddings")
     p.add_argument("--near-approximate-above", type=int, metavar="N",
                    help="near duplicates among more than N images are searched with an approximate faiss index "
-                        "(IVF; default 20000), fewer by brute force")
+                        "(IVF; default 10000), fewer by brute force")
     p.add_argument("--decontaminate", metavar="BENCHMARKS",
                    help="comma-separated benchmarks (see `zeroshot list`) whose test images are looked for")
     p.add_argument("--benchmark-root", help="folder with the benchmarks' data (as `zeroshot eval --root`)")

@@ -28,7 +28,7 @@ def _find(parent: np.ndarray, i: int) -> int:
     return i
 
 
-APPROXIMATE_ABOVE = 20000  # candidates above which near duplicates are searched with an IVF index
+APPROXIMATE_ABOVE = 10000  # candidates above which near duplicates are searched with an IVF index (at 10k: 1.5x faster)
 IVF_PROBES = 16
 
 
