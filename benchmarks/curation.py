@@ -117,7 +117,8 @@ def contamination(shards: Path, work: Path, limit: int | None) -> dict:
            "recall_upscaled": sum(k in flagged_keys for k in up) / len(up),
            "recall_downscaled": sum(k in flagged_keys for k in down) / len(down),
            "false_positives": fp, "false_positive_rate": fp / others,
-           "threshold": NEAR_COSINE, "wall_s": round(wall, 1), "timings": r["timings"], "samples_out": manifest["samples"]}
+           "threshold": NEAR_COSINE, "wall_s": round(wall, 1), "timings": r["timings"],
+           "samples_out": manifest["samples"]}
     print(f"contamination: recall {res['recall_upscaled']:.1%} (upscaled copies), {res['recall_downscaled']:.1%} "
           f"(downscaled), false positives {fp} of {others} ({res['false_positive_rate']:.2%}); {wall:.0f} s")
     return res
