@@ -5,6 +5,8 @@ contamination  200 Fashion-MNIST test images, resized (up: 40-112 px, and down: 
                decontamination against the fashion-mnist benchmark should find >= 95% of them while flagging < 1% of
                the other samples (Fashion-MNIST's own train set may hold true near-copies of test images: those
                count as false positives here).
+neardedup      near duplicates among the 60,000 demo images (thumbnails, cosine >= 0.99): brute force against the
+               approximate (IVF) index, their times and whether they find the same groups.
 speed          samples per second of each stage (embedding pass without and with a model, decontamination, the
                decision, writing), and the cost of a second threshold when the embeddings are cached.
 noise          40% of the demo captions replaced by captions of another class. The demo config trains at equal steps
@@ -36,8 +38,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlpretrain.curation import curate  # noqa: E402
-from vlpretrain.curation.read import read_samples  # noqa: E402
+from vlpretrain.curation import curate, embed_shards, load_embeddings  # noqa: E402
+from vlpretrain.curation.dedup import near_duplicates  # noqa: E402
+from vlpretrain.curation.embed import NEAR_COSINE  # noqa: E402
+from vlpretrain.curation.read import input_shards, read_samples  # noqa: E402
 from vlpretrain.data.sources import fill_template, load_classes, load_templates  # noqa: E402
 from vlpretrain.data.writer import ShardSink, write_json_atomic  # noqa: E402
 from vlpretrain.formats import MANIFEST, read_idx  # noqa: E402
@@ -113,7 +117,8 @@ def contamination(shards: Path, work: Path, limit: int | None) -> dict:
            "recall_upscaled": sum(k in flagged_keys for k in up) / len(up),
            "recall_downscaled": sum(k in flagged_keys for k in down) / len(down),
            "false_positives": fp, "false_positive_rate": fp / others,
-           "threshold": 0.985, "wall_s": round(wall, 1), "timings": r["timings"], "samples_out": manifest["samples"]}
+           "threshold": NEAR_COSINE, "wall_s": round(wall, 1), "timings": r["timings"],
+           "samples_out": manifest["samples"]}
     print(f"contamination: recall {res['recall_upscaled']:.1%} (upscaled copies), {res['recall_downscaled']:.1%} "
           f"(downscaled), false positives {fp} of {others} ({res['false_positive_rate']:.2%}); {wall:.0f} s")
     return res
@@ -131,25 +136,51 @@ def _flagged_keys(folder: Path, out: Path) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def near_dedup_speed(shards: Path, work: Path) -> dict:
+    """Near duplicates of every demo image by brute force and by the IVF index: times and agreement."""
+    urls = input_shards(str(shards))
+    cache = work / "neardedup-cache"
+    embed_shards(urls, cache, None, progress=False)
+    emb = load_embeddings(urls, cache, None)
+    assert emb is not None
+    res: dict = {"samples": len(emb), "threshold": NEAR_COSINE}
+    found = {}
+    for name, above in (("brute_force", len(emb)), ("ivf", 0)):
+        t = time.perf_counter()
+        found[name] = near_duplicates(emb.thumbs, emb.valid, NEAR_COSINE, approximate_above=above)
+        res[f"{name}_s"] = round(time.perf_counter() - t, 2)
+        res[f"{name}_groups"], res[f"{name}_dropped"] = found[name][1], int(found[name][0].sum())
+    res["rows_decided_differently"] = int((found["brute_force"][0] != found["ivf"][0]).sum())
+    res["speedup"] = round(res["brute_force_s"] / res["ivf_s"], 1)
+    print(f"near-dedup of {len(emb)} images at {NEAR_COSINE}: brute force {res['brute_force_s']:.1f} s "
+          f"({res['brute_force_groups']} groups, {res['brute_force_dropped']} dropped), IVF {res['ivf_s']:.1f} s "
+          f"({res['ivf_groups']} groups, {res['ivf_dropped']} dropped), {res['speedup']}x; "
+          f"{res['rows_decided_differently']} rows decided differently")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def speed(shards: Path, work: Path, model: str) -> dict:
     out = work / "speed-out"
     shutil.rmtree(out, ignore_errors=True)
     n = json.loads((shards / MANIFEST).read_text())["samples"]
     res: dict = {"samples": n}
     t = time.perf_counter()
-    r = curate(str(shards), out, exact_dedup=True, near_dedup=0.985, progress=False, report=False,
+    r = curate(str(shards), out, exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=False,
                cache_dir=work / "speed-cache")
     res["pixels_only_first_run_s"] = round(time.perf_counter() - t, 2)
     res["pixels_only_timings"] = r["timings"]
     t = time.perf_counter()
     r = curate(str(shards), out, model, fraction=0.5, min_words=2, max_repeats=1000000, boilerplate=True,
-               exact_dedup=True, near_dedup=0.985, progress=False, report=True, replace=True,
+               exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
                cache_dir=work / "speed-cache")
     res["with_model_first_run_s"] = round(time.perf_counter() - t, 2)
     res["with_model_timings"] = r["timings"]
     t = time.perf_counter()
     r2 = curate(str(shards), out, model, fraction=0.3, min_words=2, max_repeats=1000000, boilerplate=True,
-                exact_dedup=True, near_dedup=0.985, progress=False, report=True, replace=True,
+                exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
                 cache_dir=work / "speed-cache")
     res["second_threshold_s"] = round(time.perf_counter() - t, 2)
     res["second_threshold_timings"] = r2["timings"]
@@ -166,11 +197,11 @@ def speed(shards: Path, work: Path, model: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def noisy_samples(shards: Path, rate: float, limit: int | None):
-    """The demo samples with `rate` of their captions replaced by a caption of another class."""
+def noisy_samples(shards: Path, rate: float, limit: int | None, seed: int = 0):
+    """The demo samples with `rate` of their captions replaced by a caption of another class (which ones: `seed`)."""
     classes = load_classes(REPO / "configs/captions/fashion_classes.txt")
     templates = load_templates(REPO / "configs/captions/fashion_train.txt")
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for key, members in demo_samples(shards, limit):
         meta = json.loads(members["json"])
         if rng.random() < rate:
@@ -181,31 +212,33 @@ def noisy_samples(shards: Path, rate: float, limit: int | None):
         yield key, members
 
 
-def train(data: str, run: Path, steps: int, log: Path) -> float:
-    """Train the demo config on `data` with 2 processes (as `make demo`); zero-shot top-1 on the 10k test images."""
+def train(data: str, run: Path, steps: int, log: Path, seed: int = 0) -> float:
+    """Train the demo config on `data` with 2 processes (as `make demo`), weights and data order from `seed`;
+    zero-shot top-1 on the 10k test images."""
     shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29500 + random.randint(0, 2000)), "-m", "vlpretrain.cli", "train", "--config",
            str(REPO / "configs/demo.yaml"), "--set", f"data.train={data}", "--set", f"train.output_dir={run}",
            "--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 6)}",
-           "--set", "eval.linear_probe=false"]
+           "--set", "eval.linear_probe=false", "--set", f"train.seed={seed}", "--set", f"data.seed={seed}"]
     with open(log, "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     results = json.loads((run / "results.json").read_text())
     return next(e["metrics"]["top1"] for e in results["results"] if e["task"] == "zeroshot")
 
 
-def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, limit: int | None) -> dict:
+def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, limit: int | None,
+          seed: int = 0) -> dict:
     log = work / "train.log"
     clean, noisy = work / "clean", work / "noisy"
-    res: dict = {"steps": steps, "brief_steps": brief_steps, "keep_fraction": keep, "noise_rate": 0.4}
+    res: dict = {"steps": steps, "brief_steps": brief_steps, "keep_fraction": keep, "noise_rate": 0.4, "seed": seed}
     t0 = time.perf_counter()
     res["clean_samples"] = write_folder(clean, demo_samples(shards, limit), "clean")
-    res["noisy_samples"] = write_folder(noisy, noisy_samples(shards, 0.4, limit), "noisy")
+    res["noisy_samples"] = write_folder(noisy, noisy_samples(shards, 0.4, limit, seed), "noisy")
     slice_ = work / "clean-slice"
     write_folder(slice_, demo_samples(shards, 5000), "slice", shard_size=1000)  # 2 ranks need 2+ shards
-    res["brief_model_top1"] = train(f"{slice_}/*.tar", work / "run-brief", brief_steps, log)
+    res["brief_model_top1"] = train(f"{slice_}/*.tar", work / "run-brief", brief_steps, log, seed)
     out = work / "filtered"
     t = time.perf_counter()
     r = curate(str(noisy), out, str(work / "run-brief" / "model.safetensors"), fraction=keep, progress=False,
@@ -217,7 +250,7 @@ def noise(shards: Path, work: Path, steps: int, brief_steps: int, keep: float, l
     res["filtered_samples"] = r["samples_out"]
     res["noise_rate_after_filter"] = kept_noisy / max(1, r["samples_out"])
     for name, data in (("a_noisy", f"{noisy}/*.tar"), ("b_filtered", f"{out}/*.tar"), ("c_clean", f"{clean}/*.tar")):
-        res[f"top1_{name}"] = train(data, work / f"run-{name}", steps, log)
+        res[f"top1_{name}"] = train(data, work / f"run-{name}", steps, log, seed)
         print(f"noise: {name}: zero-shot top-1 {res[f'top1_{name}']:.4f}", flush=True)
     gap = res["top1_c_clean"] - res["top1_a_noisy"]
     res["gap_recovered"] = (res["top1_b_filtered"] - res["top1_a_noisy"]) / gap if gap > 0 else None
@@ -238,9 +271,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps of each noise run (demo: 300)")
     p.add_argument("--brief-steps", type=int, default=60, help="training steps of the filtering model")
     p.add_argument("--keep", type=float, default=0.5, help="top fraction the filter keeps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise experiment: which captions are swapped, and the runs' weights and data order")
     p.add_argument("--limit", type=int, help="use only the first N demo samples in the noise experiment")
     p.add_argument("--quick", action="store_true", help="100 steps, 30 brief steps, 20,000 samples")
-    p.add_argument("--only", choices=("contamination", "speed", "noise"), action="append",
+    p.add_argument("--only", choices=("contamination", "neardedup", "speed", "noise"), action="append",
                    help="run only these parts (repeatable)")
     a = p.parse_args()
     limit = a.limit
@@ -249,12 +284,15 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     shards = ensure_demo_shards(Path(a.shards))
-    parts = a.only or ["contamination", "speed", "noise"]
+    parts = a.only or ["contamination", "neardedup", "speed", "noise"]
     path = work / "curation_bench.json"
     figures = json.loads(path.read_text()) if path.is_file() else {}
     figures["machine"] = f"{os.cpu_count()} CPU cores (shared)"
     if "contamination" in parts:
         figures["contamination"] = contamination(shards, work, None)
+        path.write_text(json.dumps(figures, indent=1))
+    if "neardedup" in parts:
+        figures["neardedup"] = near_dedup_speed(shards, work)
         path.write_text(json.dumps(figures, indent=1))
     if "speed" in parts:
         if Path(a.model).is_file():
@@ -263,7 +301,8 @@ def main() -> None:
             print(f"speed: skipped, no model at {a.model} (make demo, or --model)")
         path.write_text(json.dumps(figures, indent=1))
     if "noise" in parts:
-        figures["noise"] = noise(shards, work, a.steps, a.brief_steps, a.keep, limit)
+        figures["noise" if a.seed == 0 else f"noise_seed{a.seed}"] = noise(shards, work, a.steps, a.brief_steps,
+                                                                           a.keep, limit, a.seed)
         path.write_text(json.dumps(figures, indent=1))
     print(f"figures: {path}")
 

@@ -16,7 +16,8 @@ from PIL import Image
 from vlpretrain.cli import main
 from vlpretrain.curation import CaptionRules, Scorer, apply_rules, curate, embed_shards, load_embeddings
 from vlpretrain.curation import decontaminate as decon
-from vlpretrain.curation.embed import thumbnail
+from vlpretrain.curation import dedup as dedup_module
+from vlpretrain.curation.embed import NEAR_COSINE, thumbnail
 from vlpretrain.data.writer import ShardSink
 from vlpretrain.errors import ConfigError
 from vlpretrain.formats import MANIFEST
@@ -26,6 +27,13 @@ def smooth_image(seed: int, side: int = 28) -> Image.Image:
     """A random smooth RGB image (a 7x7 field upscaled): distinct per seed, with structure that survives resizing."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8))
+    return small.resize((side, side), Image.Resampling.BICUBIC)
+
+
+def detailed_image(seed: int, side: int = 28) -> Image.Image:
+    """A random grey image with detail near its own resolution (a 14x14 field upscaled), as Fashion-MNIST has."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (14, 14), dtype=np.uint8)).convert("RGB")
     return small.resize((side, side), Image.Resampling.BICUBIC)
 
 
@@ -145,6 +153,26 @@ def test_exact_and_near_duplicates_are_removed_keeping_the_first(dataset, tmp_pa
     assert r["removed"]["near duplicate"] == 2 and r["near_groups"] == 1
 
 
+def test_approximate_near_duplicate_search_finds_the_groups_brute_force_finds(monkeypatch):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1500, 64)).astype(np.float32)
+    groups = [(int(i), 1 + int(k)) for i, k in zip(rng.choice(1500, 60, replace=False), rng.integers(1, 4, 60))]
+    copies = [base[i] + 0.05 * rng.standard_normal(64).astype(np.float32) for i, k in groups for _ in range(k)]
+    x = np.concatenate([base, np.stack(copies)])
+    x = x[rng.permutation(len(x))]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    every = np.ones(len(x), dtype=bool)
+    used: list[bool] = []
+    real_index = dedup_module.similarity_index
+    monkeypatch.setattr(dedup_module, "similarity_index", lambda v, approximate: used.append(approximate) or
+                        real_index(v, approximate))
+    exact, exact_groups = dedup_module.near_duplicates(x, every, 0.99, approximate_above=len(x))
+    approx, approx_groups = dedup_module.near_duplicates(x, every, 0.99, approximate_above=0)
+    assert used == [False, True]
+    assert exact_groups == approx_groups == 60 and exact.sum() == sum(k for _, k in groups)
+    assert np.array_equal(exact, approx)
+
+
 def test_decontamination_finds_planted_test_images(dataset, tmp_path, monkeypatch):
     _, _, images = dataset
     test_images = [smooth_image(1000 + i) for i in range(20)]
@@ -162,6 +190,22 @@ def test_decontamination_finds_planted_test_images(dataset, tmp_path, monkeypatc
     r = curate(str(tmp_path / "in2"), tmp_path / "out", decontaminate=("fake",), benchmark_root=str(tmp_path),
                remove_contaminated=True, progress=False, report=False)
     assert set(read_output(tmp_path / "out")) == set(keys[:10]) and r["removed"]["contaminated:fake"] == 3
+
+
+def test_decontamination_finds_copies_resized_down_below_the_test_images(tmp_path, monkeypatch):
+    # 28 px test images with fine detail, copied at 20-23 px as JPEG q60: 16x16 thumbnails scored the 20-21 px
+    # copies 0.975-0.982 (missed at the old default 0.985); 12x12 ones score them >= 0.993
+    test_images = [detailed_image(i) for i in range(6)]
+    monkeypatch.setattr(decon, "benchmark_images", lambda name, root: test_images)
+    others = [(encoded(detailed_image(100 + i)), "png", "other") for i in range(6)]
+    copies = [(resized_jpeg(test_images[i], 20 + i, 60), "jpg", "copy") for i in range(4)]
+    keys = write_dataset(tmp_path / "in", others + copies)
+    r = curate(str(tmp_path / "in"), tmp_path / "out", decontaminate=("fake",), benchmark_root=str(tmp_path),
+               remove_contaminated=True, progress=False, report=False)
+    found = r["contamination"]["fake"]
+    assert found["flagged"] == 4
+    assert sorted((e["key"], e["test_index"]) for e in found["examples"]) == [(keys[6 + i], i) for i in range(4)]
+    assert set(read_output(tmp_path / "out")) == set(keys[:6])
 
 
 def test_benchmark_images_come_from_the_registry_by_entry_point(tmp_path):
@@ -196,6 +240,35 @@ def test_an_interrupted_embedding_pass_resumes_to_identical_embeddings(scorer, d
     assert resumed.keys == whole.keys and resumed.captions == whole.captions
     for name in ("hashes", "thumbs", "image", "text"):
         assert np.array_equal(getattr(resumed, name), getattr(whole, name)), name
+
+
+def test_a_pass_killed_within_a_shard_resumes_from_its_saved_rows(scorer, dataset, tmp_path, monkeypatch):
+    folder, _, _ = dataset  # shards of 4, 4 and 2 samples
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    embed_shards(urls, tmp_path / "whole", scorer, progress=False, save_every=0)
+    whole = load_embeddings(urls, tmp_path / "whole", scorer)
+    encode, calls = scorer.encode, []
+
+    def counted(images, captions, stop_at: int | None = None):
+        calls.append(len(images))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return encode(images, captions)
+
+    # batches of 2, rows saved every 2: killed in the second shard after its first two rows were saved
+    monkeypatch.setattr(scorer, "encode", lambda i, c: counted(i, c, stop_at=4))
+    with pytest.raises(KeyboardInterrupt):
+        embed_shards(urls, tmp_path / "cut", scorer, progress=False, batch_size=2, save_every=2)
+    assert len(list((tmp_path / "cut").rglob("*.partial.safetensors"))) == 1
+    calls.clear()
+    monkeypatch.setattr(scorer, "encode", lambda i, c: counted(i, c))
+    assert embed_shards(urls, tmp_path / "cut", scorer, progress=False, batch_size=2, save_every=2) == 2
+    assert calls == [2, 2]  # the second shard's last two samples and the third shard's two, nothing again
+    assert not list((tmp_path / "cut").rglob("*.partial.safetensors"))
+    resumed = load_embeddings(urls, tmp_path / "cut", scorer)
+    assert resumed.keys == whole.keys and resumed.captions == whole.captions
+    for name in ("hashes", "thumbs", "image", "text"):
+        assert np.allclose(getattr(resumed, name), getattr(whole, name), atol=1e-6), name
 
 
 def test_output_manifest_appears_only_when_the_whole_dataset_is_written(dataset, tmp_path, monkeypatch):
@@ -259,7 +332,7 @@ def test_cli_end_to_end_with_a_corrupt_sample_and_bad_input(scorer, dataset, tmp
 def test_thumbnail_descriptor_matches_copies_not_other_images():
     a, b = smooth_image(1), smooth_image(2)
     copy = Image.open(io.BytesIO(resized_jpeg(a, 80, 75)))
-    assert float(thumbnail(a) @ thumbnail(copy)) > 0.985 > float(thumbnail(a) @ thumbnail(b))
+    assert float(thumbnail(a) @ thumbnail(copy)) > NEAR_COSINE > float(thumbnail(a) @ thumbnail(b))
 
 
 def test_overlap_split_metrics_by_hand():

@@ -265,15 +265,18 @@ def _curate(p: argparse.ArgumentParser):
                    help="drop captions where more than this fraction of the words repeat an earlier one")
     p.add_argument("--exact-dedup", action="store_true", help="keep one sample per decoded image (pixel hash)")
     p.add_argument("--near-dedup", type=float, metavar="COSINE",
-                   help="keep one sample per group of images this similar or more (e.g. 0.985)")
+                   help="keep one sample per group of images this similar or more (e.g. 0.99)")
     p.add_argument("--near-space", choices=("pixels", "model"), default="pixels",
-                   help="near duplicates and decontamination compare the differences of 16x16 grey thumbnails "
+                   help="near duplicates and decontamination compare the differences of 12x12 grey thumbnails "
                         "(pixels, default) or the model's image embeddings")
+    p.add_argument("--near-approximate-above", type=int, metavar="N",
+                   help="near duplicates among more than N images are searched with an approximate faiss index "
+                        "(IVF; default 10000), fewer by brute force")
     p.add_argument("--decontaminate", metavar="BENCHMARKS",
                    help="comma-separated benchmarks (see `zeroshot list`) whose test images are looked for")
     p.add_argument("--benchmark-root", help="folder with the benchmarks' data (as `zeroshot eval --root`)")
-    p.add_argument("--decontam-threshold", type=float, default=0.985, metavar="COSINE",
-                   help="cosine at or above which a training image counts as a test image (default 0.985)")
+    p.add_argument("--decontam-threshold", type=float, metavar="COSINE",
+                   help="cosine at or above which a training image counts as a test image (default 0.99)")
     p.add_argument("--remove-contaminated", action="store_true",
                    help="drop the samples decontamination finds (default: report them only)")
     p.add_argument("--cache-dir", help="embedding cache (default: OUTDIR/.curate-cache)")
@@ -292,13 +295,15 @@ def _curate(p: argparse.ArgumentParser):
         def names(arg: str | None) -> tuple[str, ...] | None:
             return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
 
+        unset_means_default = {"decontam_threshold": a.decontam_threshold,
+                               "near_approximate_above": a.near_approximate_above}
         opts = CurationOptions(
             threshold=a.threshold, fraction=a.fraction, min_words=a.min_words, max_words=a.max_words,
             languages=names(a.languages), max_repeats=a.max_repeats, boilerplate=a.boilerplate,
             max_repeated_words=a.max_repeated_words, exact_dedup=a.exact_dedup, near_dedup=a.near_dedup,
             near_space=a.near_space, decontaminate=names(a.decontaminate) or (), benchmark_root=a.benchmark_root,
-            decontam_threshold=a.decontam_threshold, remove_contaminated=a.remove_contaminated,
-            shard_size=a.shard_size, prefix=a.prefix)
+            remove_contaminated=a.remove_contaminated, shard_size=a.shard_size, prefix=a.prefix,
+            **{k: v for k, v in unset_means_default.items() if v is not None})
         r = curate(a.shards, a.outdir, a.model, pretrained=a.pretrained, options=opts, cache_dir=a.cache_dir,
                    workers=a.workers, batch_size=a.batch_size, device=a.device, replace=a.overwrite,
                    report=not a.no_report, progress=not a.no_progress)

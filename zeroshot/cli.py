@@ -177,9 +177,9 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--overlap-with", metavar="SHARDS",
                    help="also report accuracy on the test images that have a near duplicate in these training "
                         "shards (a folder or pattern) and on the clean rest (CLIP paper, section 5)")
-    p.add_argument("--overlap-threshold", type=float, default=0.985,
+    p.add_argument("--overlap-threshold", type=float,
                    help="thumbnail cosine at or above which a training image duplicates a test image "
-                        "(default 0.985)")
+                        "(default 0.99, as curate's --decontam-threshold)")
     p.add_argument("--overlap-cache", help="cache of the shards' thumbnails (default: ~/.cache/vlpretrain/curation)")
 
     def run(a: argparse.Namespace) -> int:

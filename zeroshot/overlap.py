@@ -1,9 +1,8 @@
 """Accuracy on the test images that overlap the training data and on the clean rest (CLIP paper, section 5).
 
 A test image overlaps when a training image is a near duplicate of it: the cosine of their thumbnail descriptors
-(vlpretrain.curation's: differences of a 16x16 grey image, robust to resizing and re-encoding) is at least a
-threshold. The training
-shards' thumbnails come from curation's embedding cache, so a second evaluation against the same shards reads them.
+(vlpretrain.curation's: differences of a 12x12 grey image, robust to resizing and re-encoding) is at least a
+threshold (by default curation's, `NEAR_COSINE`). The training shards' thumbnails come from curation's embedding cache, so a second evaluation against the same shards reads them.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from vlpretrain.curation.decontaminate import overlapping, test_set
-from vlpretrain.curation.embed import embed_shards, load_embeddings
+from vlpretrain.curation.embed import NEAR_COSINE, embed_shards, load_embeddings
 from vlpretrain.curation.read import input_shards
 from vlpretrain.errors import ConfigError
 from vlpretrain.stopping import StopCheck
@@ -32,7 +31,7 @@ from zeroshot.results import ResultEntry
 DEFAULT_CACHE = Path.home() / ".cache" / "vlpretrain" / "curation"
 
 
-def overlap_mask(benchmark: str, root: str | Path, shards: str, *, threshold: float = 0.985,
+def overlap_mask(benchmark: str, root: str | Path, shards: str, *, threshold: float | None = None,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> np.ndarray:
     """bool [test images]: which test images of `benchmark` have a near duplicate in the shards `shards` names."""
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
@@ -41,7 +40,7 @@ def overlap_mask(benchmark: str, root: str | Path, shards: str, *, threshold: fl
     train = load_embeddings(urls, cache, None)
     assert train is not None
     test = test_set(benchmark, root, None, cache)
-    return overlapping(test.thumbs, train.thumbs[train.valid], threshold)
+    return overlapping(test.thumbs, train.thumbs[train.valid], NEAR_COSINE if threshold is None else threshold)
 
 
 def split_metrics(logits: torch.Tensor, labels: torch.Tensor, overlap: torch.Tensor,
@@ -58,7 +57,7 @@ def split_metrics(logits: torch.Tensor, labels: torch.Tensor, overlap: torch.Ten
 
 
 def evaluate_overlap(model: nn.Module, benchmark: str, root: str | Path, shards: str, *, tokenizer=None,
-                     transform: Callable | None = None, threshold: float = 0.985, batch_size: int = 256,
+                     transform: Callable | None = None, threshold: float | None = None, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device | None = None, max_images: int | None = None,
                      format: str | None = None, progress: bool = False, cache_dir: str | os.PathLike | None = None,
                      overlap_cache: str | os.PathLike | None = None,

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vlpretrain.curation.dedup import exact_duplicates, near_duplicates
-from vlpretrain.curation.embed import Embeddings
+from vlpretrain.curation.dedup import APPROXIMATE_ABOVE, exact_duplicates, near_duplicates
+from vlpretrain.curation.embed import NEAR_COSINE, Embeddings
 from vlpretrain.curation.rules import CaptionRules, apply_rules
 from vlpretrain.errors import ConfigError
 
@@ -38,9 +38,10 @@ class CurationOptions:
     exact_dedup: bool = False
     near_dedup: float | None = None  # cosine at or above which two images are near duplicates
     near_space: str = "pixels"  # "pixels" (thumbnails: resizes, re-encodings) or "model" (image embeddings)
+    near_approximate_above: int = APPROXIMATE_ABOVE  # more candidates than this: an approximate (IVF) search
     decontaminate: tuple[str, ...] = ()  # benchmark names of the registry
     benchmark_root: str | None = None
-    decontam_threshold: float = 0.985
+    decontam_threshold: float = NEAR_COSINE
     remove_contaminated: bool = False
     shard_size: int = 10000
     prefix: str = "curated"
@@ -60,6 +61,8 @@ class CurationOptions:
             raise ConfigError(f"near_space: 'pixels' or 'model', got {self.near_space!r}")
         if self.decontaminate and not self.benchmark_root:
             raise ConfigError("decontaminate: also give the benchmarks' data root (--benchmark-root)")
+        if self.near_approximate_above < 0:
+            raise ConfigError(f"near_approximate_above: must be >= 0, got {self.near_approximate_above}")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1, got {self.shard_size}")
         self.rules()  # checks the caption rules' values
@@ -151,6 +154,6 @@ def decide(emb: Embeddings, opts: CurationOptions,
         vectors = emb.thumbs if opts.near_space == "pixels" else emb.image
         if vectors is None:
             raise ConfigError("near-duplicates in model space need a model (--model)")
-        mask, near_groups = near_duplicates(vectors, alive, opts.near_dedup)
+        mask, near_groups = near_duplicates(vectors, alive, opts.near_dedup, opts.near_approximate_above)
         drop(mask, "near duplicate")
     return Decision(reasons, removed, flagged, threshold, near_groups, report)

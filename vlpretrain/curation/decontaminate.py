@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from vlpretrain.curation.embed import Scorer, cache_tag, embed_images
+from vlpretrain.curation.embed import CACHE_FORMAT, Scorer, cache_tag, embed_images
 from vlpretrain.errors import ConfigError, VLPretrainError
 
 ENTRY_POINT_GROUP = "vlpretrain.benchmark_images"
@@ -61,7 +61,7 @@ class TestSet:
 def test_set(name: str, root: str | os.PathLike, scorer: Scorer | None, cache_dir: str | os.PathLike | None,
              batch_size: int = 256) -> TestSet:
     """The vectors of a benchmark's test images, cached beside the dataset's embeddings."""
-    key = hashlib.sha256(f"{name}|{Path(root).resolve()}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{name}|{Path(root).resolve()}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / cache_tag(scorer) / f"benchmark-{name}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         try:

@@ -1,7 +1,7 @@
 """One pass over the images and captions of a dataset, cached per shard, so that every later decision is cheap.
 
 For each sample the pass keeps: a hash of its decoded pixels (exact duplicates), a thumbnail descriptor (the
-differences of a 16x16 grey image, of unit length: near duplicates, robust to resizing and re-encoding), and, with
+differences of a 12x12 grey image, of unit length: near duplicates, robust to resizing and re-encoding), and, with
 a model, its image and caption embeddings (unit length; their dot product is the CLIP score DataComp filters on). A sample that
 cannot be read keeps its reason instead.
 
@@ -42,9 +42,13 @@ from vlpretrain.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "vlpretrain-curation-v1"
-THUMB_SIDE = 16
+CACHE_FORMAT = "vlpretrain-curation-v2"  # v2: 12x12 thumbnails (v1's were 16x16)
+THUMB_SIDE = 12
 THUMB_DIM = 2 * (THUMB_SIDE - 1) ** 2
+# Thumbnail cosine at or above which two images count as copies (decontamination's and the overlap's default; the
+# value benchmarks/curation.py measured: every planted Fashion-MNIST test copy found, 0.3% of training images flagged)
+NEAR_COSINE = 0.99
+SAVE_EVERY = 2048  # samples of a shard between saves of its rows so far (a killed pass resumes from the last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,10 +56,13 @@ THUMB_DIM = 2 * (THUMB_SIDE - 1) ** 2
 
 
 def thumbnail(img: Image.Image) -> np.ndarray:
-    """A near-duplicate descriptor: the image as 16x16 grey (Lanczos), its horizontal and vertical differences,
-    unit length (float32 [450]). Differences, not grey levels: on Fashion-MNIST, grey thumbnails of different
-    garments reach a cosine of 0.95 at the median (a silhouette on black), their differences 0.84, while a copy
-    resized and re-encoded as JPEG stays above 0.997 (benchmarks/curation.py)."""
+    """A near-duplicate descriptor: the image as 12x12 grey (Lanczos), its horizontal and vertical differences,
+    unit length (float32 [242]). Differences, not grey levels: on Fashion-MNIST, grey thumbnails of different
+    garments are near each other (a silhouette on black), their differences much less. 12, not more: a copy
+    resized down to 20 px and saved as JPEG keeps block noise and resampling phase near its own resolution, and a
+    16x16 thumbnail (close to 20 px) kept enough of it to miss 18% of such copies at 0.985, and 8.5% even at the
+    threshold that flags 1% of other images; well below the copy's resolution, the Lanczos filter averages that
+    noise away (benchmarks/curation.py: copies of 20-112 px all at cosine >= 0.99)."""
     g = np.asarray(img.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS), dtype=np.float32)
     x = np.concatenate([np.diff(g, axis=1)[:-1].reshape(-1), np.diff(g, axis=0)[:, :-1].reshape(-1)])
     norm = float(np.linalg.norm(x))
@@ -201,8 +208,11 @@ def embed_images(images: Sequence[Image.Image], scorer: Scorer | None,
     return thumbs, np.concatenate(feats) if feats else None
 
 
-def embed_shard(url: str, scorer: Scorer | None, batch_size: int = 256) -> Embeddings:
-    """Read, decode and embed every sample of one shard."""
+def embed_shard(url: str, scorer: Scorer | None, batch_size: int = 256, *, done: Embeddings | None = None,
+                save_every: int = 0, save: Callable[[Embeddings], None] | None = None) -> Embeddings:
+    """Read, decode and embed every sample of one shard. `done` holds the results of the shard's first rows (what a
+    killed pass saved): those samples are read past, not decoded or embedded again. With `save`, every
+    `save_every` rows the results so far are handed to it."""
     keys: list[str] = []
     captions: list[str] = []
     hashes: list[bytes] = []
@@ -212,7 +222,13 @@ def embed_shard(url: str, scorer: Scorer | None, batch_size: int = 256) -> Embed
     rows: list[int] = []
     image: list[np.ndarray] = []
     text: list[np.ndarray] = []
-    dim = THUMB_DIM
+    if done is not None:
+        keys, captions, bad = list(done.keys), list(done.captions), dict(done.bad)
+        hashes, thumbs = [h.tobytes() for h in done.hashes], list(done.thumbs)
+        if scorer is not None and done.image is not None and done.text is not None and done.valid.any():
+            rows = [int(r) for r in np.flatnonzero(done.valid)]
+            image, text = [done.image[rows]], [done.text[rows]]
+    skip, saved = len(keys), len(keys)
 
     def flush() -> None:
         if scorer is not None and pending:
@@ -222,7 +238,20 @@ def embed_shard(url: str, scorer: Scorer | None, batch_size: int = 256) -> Embed
             text.append(t)
         pending.clear()
 
-    for s in read_samples(url):
+    def so_far() -> Embeddings:
+        out = Embeddings(list(keys), list(captions), np.frombuffer(b"".join(hashes), np.uint8).reshape(-1, 16).copy(),
+                         np.stack(thumbs) if thumbs else np.zeros((0, THUMB_DIM), np.float32), bad=dict(bad))
+        if scorer is not None:
+            out.image, out.text = _scatter(image, rows, len(keys)), _scatter(text, rows, len(keys))
+        return out
+
+    for index, s in enumerate(read_samples(url)):
+        if index < skip:
+            if s.key != keys[index]:  # not the shard the saved rows came from: start it over
+                log.warning("%s: sample %d is %s, not %s as saved; embedding the shard from its start", url, index,
+                            s.key, keys[index])
+                return embed_shard(url, scorer, batch_size, save_every=save_every, save=save)
+            continue
         row = len(keys)
         keys.append(s.key)
         captions.append("" if isinstance(s, Bad) else s.caption)
@@ -236,19 +265,19 @@ def embed_shard(url: str, scorer: Scorer | None, batch_size: int = 256) -> Embed
         except _Unusable as u:
             bad[row] = (u.reason, u.detail)
             hashes.append(bytes(16))
-            thumbs.append(np.zeros(dim, np.float32))
-            continue
-        hashes.append(pixel_hash(img))
-        thumbs.append(thumbnail(img))
-        pending.append((row, img, s.caption))
-        if len(pending) >= batch_size:
+            thumbs.append(np.zeros(THUMB_DIM, np.float32))
+        else:
+            hashes.append(pixel_hash(img))
+            thumbs.append(thumbnail(img))
+            pending.append((row, img, s.caption))
+            if len(pending) >= batch_size:
+                flush()
+        if save is not None and save_every > 0 and len(keys) - saved >= save_every:
             flush()
+            save(so_far())
+            saved = len(keys)
     flush()
-    out = Embeddings(keys, captions, np.frombuffer(b"".join(hashes), np.uint8).reshape(-1, 16).copy(),
-                     np.stack(thumbs) if thumbs else np.zeros((0, dim), np.float32), bad=bad)
-    if scorer is not None:
-        out.image, out.text = _scatter(image, rows, len(keys)), _scatter(text, rows, len(keys))
-    return out
+    return so_far()
 
 
 class _Unusable(Exception):
@@ -278,6 +307,11 @@ def cache_file(cache_dir: str | os.PathLike, tag: str, url: str) -> Path:
     """Where the embeddings of shard `url` live (a readable name plus a hash of the full url)."""
     name = storage.basename(url).removesuffix(".tar")
     return Path(cache_dir) / tag / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}.safetensors"
+
+
+def partial_file(path: Path) -> Path:
+    """Where the first rows of a shard being embedded are saved (`embed_shards`' save_every)."""
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.partial.safetensors")
 
 
 def _identity(url: str) -> dict[str, Any]:
@@ -322,10 +356,12 @@ def write_cached(path: Path, emb: Embeddings, tag: str, url: str) -> None:
 
 def embed_shards(urls: Sequence[str], cache_dir: str | os.PathLike, scorer: Scorer | None, *, rank: int = 0,
                  world: int = 1, workers: int = 1, batch_size: int = 256, progress: bool = True,
-                 after_shard: Callable[[str], None] | None = None) -> int:
+                 after_shard: Callable[[str], None] | None = None, save_every: int = SAVE_EVERY) -> int:
     """Make sure this rank's share of shards (rank, rank + world, ...) has cached embeddings; returns how many
     shards were embedded now (the others were cached). `workers` > 1 splits the share over that many processes,
-    each loading the model from `scorer.spec`. `after_shard(url)` is called after each shard is stored."""
+    each loading the model from `scorer.spec`. `after_shard(url)` is called after each shard is stored. Every
+    `save_every` samples of a shard, the rows so far are saved beside its cache file, so a killed pass continues
+    within the shard (0: whole shards only)."""
     tag = cache_tag(scorer)
     share = [u for u in list(urls)[rank::world] if read_cached(cache_file(cache_dir, tag, u), tag, u) is None]
     if not share:
@@ -335,7 +371,8 @@ def embed_shards(urls: Sequence[str], cache_dir: str | os.PathLike, scorer: Scor
             raise ConfigError("--workers > 1 needs a model given by path or name (each process loads its own)")
         ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started can hang the children
         spec = None if scorer is None else (*scorer.spec, str(scorer.device))  # type: ignore[misc]
-        procs = [ctx.Process(target=_worker, args=(share[w::workers], str(cache_dir), spec, batch_size, workers))
+        procs = [ctx.Process(target=_worker, args=(share[w::workers], str(cache_dir), spec, batch_size, workers,
+                                                   save_every))
                  for w in range(workers)]
         for p in procs:
             p.start()
@@ -347,7 +384,12 @@ def embed_shards(urls: Sequence[str], cache_dir: str | os.PathLike, scorer: Scor
         return len(share)
     with progress_bar(len(share), f"embed {tag}", "shard", enabled=progress) as bar:
         for url in share:
-            write_cached(cache_file(cache_dir, tag, url), embed_shard(url, scorer, batch_size), tag, url)
+            path = cache_file(cache_dir, tag, url)
+            part = partial_file(path)
+            emb = embed_shard(url, scorer, batch_size, done=read_cached(part, tag, url), save_every=save_every,
+                              save=lambda e, part=part, url=url: write_cached(part, e, tag, url))
+            write_cached(path, emb, tag, url)
+            part.unlink(missing_ok=True)
             bar.update(1)
             if after_shard is not None:
                 after_shard(url)
@@ -355,10 +397,10 @@ def embed_shards(urls: Sequence[str], cache_dir: str | os.PathLike, scorer: Scor
 
 
 def _worker(urls: list[str], cache_dir: str, spec: tuple[str, str | None, str] | None, batch_size: int,
-            workers: int) -> None:
+            workers: int, save_every: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     scorer = None if spec is None else load_scorer(spec[0], spec[1], spec[2])
-    embed_shards(urls, cache_dir, scorer, batch_size=batch_size, progress=False)
+    embed_shards(urls, cache_dir, scorer, batch_size=batch_size, progress=False, save_every=save_every)
 
 
 def load_embeddings(urls: Sequence[str], cache_dir: str | os.PathLike, scorer: Scorer | None) -> Embeddings | None:
