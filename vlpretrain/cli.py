@@ -297,7 +297,7 @@ def _curate(p: argparse.ArgumentParser):
 
         unset_means_default = {"decontam_threshold": a.decontam_threshold,
                                "near_approximate_above": a.near_approximate_above}
-        opts = CurationOptions(
+        opts = CurationOptions.from_flat(
             threshold=a.threshold, fraction=a.fraction, min_words=a.min_words, max_words=a.max_words,
             languages=names(a.languages), max_repeats=a.max_repeats, boilerplate=a.boilerplate,
             max_repeated_words=a.max_repeated_words, exact_dedup=a.exact_dedup, near_dedup=a.near_dedup,

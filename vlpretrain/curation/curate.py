@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +105,7 @@ def curate(shards: str, outdir: str | os.PathLike, model: str | Scorer | None = 
     _manifest.json (each kept sample's json member gains its `clip_score`), and curation_report.json / .png.
     """
     if options is None:
-        names = {f.name for f in fields(CurationOptions)}
-        unknown = sorted(set(filters) - names)
-        if unknown:
-            raise ConfigError(f"curate: unknown option {unknown[0]!r} (options: {', '.join(sorted(names))})")
-        options = CurationOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in filters.items()})
+        options = CurationOptions.from_flat(**filters)
     elif filters:
         raise ConfigError("curate: give options= or keyword filters, not both")
     if workers < 1:

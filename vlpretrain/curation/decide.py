@@ -12,7 +12,7 @@ samples the other steps kept, and each group keeps its first sample.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -29,12 +29,7 @@ class CurationOptions:
 
     threshold: float | None = None  # keep pairs whose CLIP score is at least this
     fraction: float | None = None  # or keep this top fraction of pairs by CLIP score
-    min_words: int | None = None
-    max_words: int | None = None
-    languages: tuple[str, ...] | None = None
-    max_repeats: int | None = None
-    boilerplate: bool = False
-    max_repeated_words: float | None = None
+    rules: CaptionRules = field(default_factory=CaptionRules)  # the caption rules (each off unless set)
     exact_dedup: bool = False
     near_dedup: float | None = None  # cosine at or above which two images are near duplicates
     near_space: str = "pixels"  # "pixels" (thumbnails: resizes, re-encodings) or "model" (image embeddings)
@@ -65,12 +60,19 @@ class CurationOptions:
             raise ConfigError(f"near_approximate_above: must be >= 0, got {self.near_approximate_above}")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1, got {self.shard_size}")
-        self.rules()  # checks the caption rules' values
 
-    def rules(self) -> CaptionRules:
-        """The caption rules these options turn on."""
-        return CaptionRules(self.min_words, self.max_words, self.languages, self.max_repeats, self.boilerplate,
-                            self.max_repeated_words)
+    @classmethod
+    def from_flat(cls, **values: Any) -> CurationOptions:
+        """Options from one flat set of names, the caption rules' among them (min_words=2, fraction=0.3, ...), as
+        `curate` and the CLI take them; an unknown name is a ConfigError listing the known ones."""
+        rule_names = {f.name for f in fields(CaptionRules)}
+        names = ({f.name for f in fields(cls)} - {"rules"}) | rule_names
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"curate: unknown option {unknown[0]!r} (options: {', '.join(sorted(names))})")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        rules = CaptionRules(**{k: v for k, v in values.items() if k in rule_names})
+        return cls(rules=rules, **{k: v for k, v in values.items() if k not in rule_names})
 
     @property
     def needs_model(self) -> bool:
@@ -121,7 +123,7 @@ def decide(emb: Embeddings, opts: CurationOptions,
     for i, (reason, _) in emb.bad.items():
         reasons[i] = reason
         removed[reason] = removed.get(reason, 0) + 1
-    for name, mask in apply_rules(emb.captions, opts.rules(), valid).items():
+    for name, mask in apply_rules(emb.captions, opts.rules, valid).items():
         flagged[name] = int(mask.sum())
         drop(mask, name)
     report: dict[str, dict[str, Any]] = {}
