@@ -1,6 +1,6 @@
 """A tiny CoCa trained briefly on captioned Fashion-MNIST shards (written here from Debian's training idx files, as
 `make demo-coca` writes them, but fewer) names the right class in its captions of the test images far more often
-than chance: with its own 256-token tokenizer in `make test`, with open_clip's 49,408-token one in `make test-long`;
+than chance: with its own 512-token tokenizer in `make test`, with open_clip's 49,408-token one in `make test-long`;
 and the class-matching rule of `names_class_rate`, by hand."""
 
 import importlib
@@ -26,7 +26,7 @@ captioning = importlib.import_module("zeroshot.captioning")  # the package expor
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 PROCESSES, TEST_IMAGES = 2, 300
-# make test: the demo's CoCa with its own 256-token tokenizer (configs/models/tiny-coca-demo.json) on fewer samples
+# make test: the demo's CoCa with its own 512-token tokenizer (configs/models/tiny-coca-demo.json) on fewer samples
 SMALL_IMAGES, SMALL_STEPS, SMALL_BATCH, SMALL_SEED = 12800, 100, 64, 0
 # make test-long: tiny-coca with open_clip's 49,408-token BPE tokenizer on make demo-coca's 25,600 samples
 LONG_IMAGES, LONG_STEPS, LONG_BATCH, LONG_SEED = 25600, 200, 64, 0

@@ -1,4 +1,4 @@
-"""What a user sees (issue #17): quiet CPU runs, progress without a terminal, globs, wandb offline, clean output."""
+"""What a user sees on the console: quiet CPU runs, progress without a terminal, globs, wandb offline, clean output."""
 
 import json
 import subprocess
