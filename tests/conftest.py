@@ -11,14 +11,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-
-
-@pytest.fixture
-def repo_root() -> str:
-    return REPO
-
 
 class S3Server:
     """A real S3 API on 127.0.0.1 (moto's server mode), for object-storage tests: `env` holds the variables a

@@ -25,6 +25,7 @@ from vlpretrain.models import load_state_dict
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SCRIPT = str(HERE / "train_synthetic.py")
+FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, which the Makefile installs
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, free_port, subprocess_env, write_idx
+from helpers import FMNIST, REPO, free_port, subprocess_env, write_idx
 
 from vlpretrain.data import write_shards
 from vlpretrain.data.plan import expand_shards
@@ -23,7 +23,6 @@ from vlpretrain.tokenizer import shard_captions, train_tokenizer
 
 captioning = importlib.import_module("zeroshot.captioning")  # the package exports a function of the same name
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 PROCESSES, TEST_IMAGES = 2, 300
 # make test: the demo's CoCa with its own 512-token tokenizer (configs/models/tiny-coca-demo.json) on fewer samples

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, drawn_image, write_coco_karpathy
+from helpers import FMNIST, REPO, drawn_image, write_coco_karpathy
 
 import zeroshot
 from vlpretrain.config import ModelConfig, RunConfig, TrainConfig
@@ -25,7 +25,6 @@ from zeroshot.cli import main
 captioning = importlib.import_module("zeroshot.captioning")  # the package exports a function of the same name
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CAPTION = "a sandal on a plain background"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FMNIST, REPO
 from PIL import Image
 
 from vlpretrain.cli import main as cli_main
@@ -18,7 +19,6 @@ from vlpretrain.data.sources import detect_format, fill_template, load_classes
 from vlpretrain.errors import ConfigError, DataError
 from vlpretrain.formats import read_idx
 
-FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = Path(__file__).resolve().parent.parent / "configs" / "captions" / "fashion_classes.txt"
 
 
@@ -202,12 +202,12 @@ def test_labelled_idx_files(tmp_path, layout):
     assert decoded.shape == (28, 28) and (decoded == imgs[2]).all()  # raw arrays stored losslessly
 
 
-@pytest.mark.skipif(not (FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(), reason="no Fashion-MNIST")
+@pytest.mark.skipif(not (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file(), reason="no Fashion-MNIST")
 def test_idx_reader_matches_torchvision_on_real_fashion_mnist():
     from torchvision.datasets.mnist import read_label_file
 
-    ours = read_idx(FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz")
-    raw = gzip.decompress((FMNIST_ROOT / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    ours = read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
+    raw = gzip.decompress((FMNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"fm-labels-{os.getpid()}"
     tmp.write_bytes(raw)
     try:
@@ -224,8 +224,8 @@ def test_fill_template_article():
     assert fill_template("what a {c}", "t-shirt") == "what a t-shirt"
 
 
-def test_training_templates_are_not_the_evaluation_ones(repo_root):
-    path = Path(repo_root) / "configs" / "captions" / "fashion_train.txt"
+def test_training_templates_are_not_the_evaluation_ones():
+    path = REPO / "configs" / "captions" / "fashion_train.txt"
     lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
     assert 20 <= len(lines) <= 40 and all("{c}" in line for line in lines)
     evaluation = {"a photo of a {c}.", "a photo of the {c}.", "a blurry photo of a {c}.", "a photo of a small {c}."}

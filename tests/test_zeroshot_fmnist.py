@@ -8,12 +8,11 @@ evaluation prompts. Chance is 0.1.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import FMNIST, REPO, subprocess_env
 from PIL import Image
 
 import zeroshot
@@ -21,7 +20,6 @@ from vlpretrain.data import write_shards
 from vlpretrain.formats import read_idx
 from vlpretrain.models import load_model
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 STEPS = 150
 
 
