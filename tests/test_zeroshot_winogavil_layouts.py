@@ -7,11 +7,13 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import (
     PRIMARIES,
     ColourClip,
+    winogavil_table,
     write_winogavil,
     write_winogavil_parquet,
     write_winogavil_saved,
@@ -149,6 +151,13 @@ def test_broken_files_are_one_line_errors_naming_file_and_row(tmp_path, capsys):
     with pytest.raises(DataError, match=r"data-00000-of-00001.arrow: row 1: 5 candidate_images for 6 "
                                                  "candidates$"):
         get_benchmark("winogavil").load(tmp_path / "short")
+    # image paths where the Image values should be (an early loading script's column of file names)
+    paths = pa.array([[f"{n}.jpg" for n in names] for _, names, _, _ in data], pa.list_(pa.string()))
+    (tmp_path / "paths" / "test").mkdir(parents=True)
+    pq.write_table(winogavil_table(data).set_column(3, "candidate_images", paths), tmp_path / "paths/test/0.parquet")
+    with pytest.raises(DataError, match=r"paths/test/0.parquet: column 'candidate_images' is list<element: string>, "
+                                        r"expected a list of images \(struct<bytes: binary, path: string>\)$"):
+        get_benchmark("winogavil").load(tmp_path / "paths")
     assert torch.equal(get_benchmark("winogavil").load(tmp_path / "saved").truths[0], torch.tensor(
         [n in data[0][2] for n in data[0][1]]))
 

@@ -132,7 +132,7 @@ class WinogavilTableLayout(Layout):
         for f, table in enumerate(tables):
             table.require(COLUMNS, "WinoGAViL")
             text = {c: table.column(c) for c in COLUMNS[:3]}
-            counts = table.list_lengths("candidate_images")
+            counts = table.image_counts("candidate_images")
             for row in range(table.num_rows):
                 where = f"{table.path}: row {row}"
                 cue, candidates, truth = _instance(where, *(text[c][row] for c in COLUMNS[:3]))

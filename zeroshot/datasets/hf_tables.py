@@ -134,10 +134,15 @@ class SplitTable:
         table = handle.read(columns=[name]) if self.path.suffix == ".parquet" else handle
         return table.column(name).to_pylist()
 
-    def list_lengths(self, name: str) -> list[int | None]:
-        """The length of each row's list in column `name` (None for a null list), without reading a parquet
-        file's image bytes: only its list's `path` leaf is read where the column has one."""
+    def image_counts(self, name: str) -> list[int | None]:
+        """The number of images in each row of column `name`, a list of `Image` values (None for a null list),
+        read without a parquet file's image bytes (only the images' `path` leaf is read)."""
         pa = _pyarrow()
+        kind = self.schema.field(name).type
+        listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if not (listed and pa.types.is_struct(kind.value_type) and kind.value_type.get_field_index("bytes") >= 0):
+            raise DataError(f"{self.path}: column {name!r} is {kind}, expected a list of images "
+                            "(struct<bytes: binary, path: string>)")
         handle = self._open()
         if self.path.suffix == ".parquet":
             leaves = [handle.schema.column(i).path for i in range(len(handle.schema))]
@@ -145,8 +150,6 @@ class SplitTable:
             column = handle.read(columns=paths[:1] or [name]).column(name)
         else:
             column = handle.column(name)
-        if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
-            raise DataError(f"{self.path}: column {name!r} is {column.type}, expected a list")
         return pa.compute.list_value_length(column).to_pylist()
 
     def cell(self, name: str, row: int) -> Any:
