@@ -101,8 +101,8 @@ class WinogavilLayout(Layout):
         return AssociationSet(ShardSamples(images, transform), cues, truths, self.name, root)
 
 
-def _instance(where: str, cue: object, candidates: object, associations: object) -> tuple[str, list[str],
-                                                                                        torch.Tensor]:
+def _instance(where: str, cue: object, candidates: object,
+              associations: object) -> tuple[str, list[str], torch.Tensor]:
     """One instance's cue, candidate names and 0/1 truth over the candidates, checked; errors name `where`."""
     if not isinstance(cue, str) or not cue.strip():
         raise DataError(f"{where}: missing 'cue'")
@@ -164,8 +164,8 @@ def _instances(shard: Path):
 WILDS = "DataComp eval_utils/wilds_eval.py"
 FAIRNESS = "DataComp eval_utils/fairness_eval.py"
 
-register(Benchmark("winogavil", (WinogavilTableLayout(), WinogavilLayout()), metric="jaccard_score_10-12", task="association",
-                   datacomp="misc/winogavil",
+register(Benchmark("winogavil", (WinogavilTableLayout(), WinogavilLayout()), metric="jaccard_score_10-12",
+                   task="association", datacomp="misc/winogavil",
                    notes="WinoGAViL (nlphuji/winogavil test split, 3,563 cues) as DataComp's eval_utils/wino_eval.py "
                          "scores it; cue prompt 'A/An <cue>'"))
 register(Benchmark("iwildcam", metric="F1-macro_all", datacomp="wilds/iwildcam", notes=WILDS,
