@@ -32,7 +32,7 @@ $(STAMPS)/install: setup.cfg pyproject.toml $(STAMPS)/system
 	@mkdir -p $(STAMPS)
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --disable-pip-version-check -e '.[dev,multilingual]'
+	$(PIP) install -q --disable-pip-version-check -e '.[dev,multilingual,datacomp]'
 	@touch $@
 
 # Fashion-MNIST's 60k training images as 12 captioned shards; a second run finds them intact and writes nothing.

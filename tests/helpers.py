@@ -364,7 +364,8 @@ def write_wds_grouped(root: Path, classnames: list[str], templates: list[str], i
 
 
 def write_winogavil(root: Path, instances: list[tuple[str, list[str], list[str], list[Image.Image]]]) -> Path:
-    """The WinoGAViL export: per instance <key>.json (cue, candidates, associations) and <key>.<i>.png images."""
+    """WinoGAViL in our webdataset layout: per instance <key>.json (cue, candidates, associations) and <key>.<i>.png
+    images."""
     (root / "test").mkdir(parents=True, exist_ok=True)
     with tarfile.open(root / "test" / "0.tar", "w") as tar:
         for n, (cue, candidates, associations, images) in enumerate(instances):
@@ -375,4 +376,71 @@ def write_winogavil(root: Path, instances: list[tuple[str, list[str], list[str],
                 im.save(buf, format="PNG")
                 _add(tar, f"w{n:05d}.{i}.png", buf.getvalue())
     (root / "test" / "nshards.txt").write_text("1\n")
+    return root
+
+
+# nlphuji/winogavil's features as `datasets` writes them into a file's schema metadata (cue, lists of names, images)
+WINOGAVIL_FEATURES = {"cue": {"dtype": "string", "_type": "Value"},
+                      "candidates": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                      "associations": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                      "candidate_images": {"feature": {"_type": "Image"}, "_type": "Sequence"}}
+
+
+def winogavil_table(instances: list[tuple[str, list[str], list[str], list[Image.Image | bytes]]],
+                    drop: tuple[str, ...] = ()):
+    """nlphuji/winogavil's rows as a pyarrow table in the `datasets` storage types: cue string, candidates and
+    associations lists of strings, candidate_images a list of Image values, struct<bytes: binary, path: string>
+    (images given as bytes are stored as they are); the columns in `drop` left out."""
+    import pyarrow as pa
+
+    def encoded(im: Image.Image | bytes) -> bytes:
+        if isinstance(im, bytes):
+            return im
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {"cue": pa.array([c for c, *_ in instances], pa.string()),
+               "candidates": pa.array([list(n) for _, n, _, _ in instances], pa.list_(pa.string())),
+               "associations": pa.array([list(a) for _, _, a, _ in instances], pa.list_(pa.string())),
+               "candidate_images": pa.array([[{"bytes": encoded(im), "path": f"{i}.png"} for i, im in enumerate(images)]
+                                             for *_, images in instances], pa.list_(image))}
+    table = pa.table({k: v for k, v in columns.items() if k not in drop})
+    features = {k: v for k, v in WINOGAVIL_FEATURES.items() if k not in drop}
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def write_winogavil_parquet(root: Path, instances: list, files: int = 2, row_group_size: int = 2,
+                            drop: tuple[str, ...] = ()) -> Path:
+    """The hub's parquet files of nlphuji/winogavil's test split: <root>/data/test-0000i-of-0000n.parquet, each
+    in row groups of `row_group_size` rows."""
+    import pyarrow.parquet as pq
+
+    table = winogavil_table(instances, drop)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    per = -(-len(instances) // files)
+    for f in range(files):
+        pq.write_table(table.slice(f * per, per), root / "data" / f"test-{f:05d}-of-{files:05d}.parquet",
+                       row_group_size=row_group_size)
+    return root
+
+
+def write_winogavil_saved(root: Path, instances: list, files: int = 2, drop: tuple[str, ...] = ()) -> Path:
+    """A `DatasetDict.save_to_disk` folder of nlphuji/winogavil's test split: <root>/test/data-0000i-of-0000n.arrow
+    (Arrow IPC streams, as `datasets` writes them), dataset_info.json and state.json, beside dataset_dict.json."""
+    import pyarrow as pa
+
+    table = winogavil_table(instances, drop)
+    folder = root / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(instances) // files)
+    names = [f"data-{f:05d}-of-{files:05d}.arrow" for f in range(files)]
+    for f, name in enumerate(names):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(f * per, per), max_chunksize=2)
+    (folder / "dataset_info.json").write_text(json.dumps({"features": WINOGAVIL_FEATURES}))
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                   "_split": "test"}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
     return root

@@ -1,17 +1,21 @@
 """DataComp's six tasks beyond CLIP_benchmark's: the WILDS sets, the fairness sets and WinoGAViL.
 
-Each is read from the webdataset export DataComp's `download_evalsets.py` writes (`wds_<key>_test`, see
-`base.datacomp_folder`). The WILDS and fairness exports are CLIP_benchmark's layout (wds.py) whose samples also
-carry `<key>.npy`, the row of WILDS metadata fields the group metrics need; their class names and templates are
-the export's own. Metric definitions: zeroshot/group_metrics.py.
+The WILDS and fairness sets are read from the webdataset exports DataComp's `download_evalsets.py` writes
+(`wds_<key>_test`, see `base.datacomp_folder`): CLIP_benchmark's layout (wds.py) whose samples also carry
+`<key>.npy`, the row of WILDS metadata fields the group metrics need; their class names and templates are the
+export's own. Metric definitions: zeroshot/group_metrics.py.
 
-WinoGAViL (association task: pick the k candidate images a cue word is associated with). DataComp reads it with
-Hugging Face `datasets` (nlphuji/winogavil: cue, candidates, associations, candidate_images); its export here
-holds the same fields, one instance per sample:
+WinoGAViL (association task: pick the k candidate images a cue word is associated with) has two layouts:
+- "hf": the dataset as DataComp gets it. DataComp's eval_utils/wino_eval.py loads nlphuji/winogavil (test split,
+  3,563 cues) with Hugging Face `datasets`; read here from its files with pyarrow (hf_tables.py): the hub's parquet
+  files or a `save_to_disk` folder, one instance a row with columns cue (str), candidates (list of str),
+  associations (list of str) and candidate_images (a list of `Image` values, struct<bytes, path>, in the order of
+  candidates). The images are decoded when the model reads them.
+- "wds": a webdataset layout of our own (DataComp exports no WinoGAViL shards), one instance per sample:
     <root>/test/*.tar      <key>.json  {"cue": "...", "candidates": ["bison", ...], "associations": ["beard", ...]}
                            <key>.<i>.webp|png|jpg|jpeg   candidate image i, in the order of "candidates"
     <root>/test/nshards.txt  optional, as in CLIP_benchmark's exports
-"associations" may also be the JSON text of a list (as the dataset's CSV holds it).
+In both, "candidates" and "associations" may also be the JSON text of a list (as the dataset's CSV holds them).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlpretrain.errors import DataError
+from zeroshot.datasets import hf_tables
 from zeroshot.datasets.base import Benchmark, Grouping, Layout, register
 from zeroshot.datasets.wds import IMAGE_EXTS, ShardSamples, list_shards, shard_groups
 from zeroshot.group_metrics import (
@@ -64,7 +69,8 @@ def _names(value: object, where: str, key: str) -> list[str]:
 
 
 class WinogavilLayout(Layout):
-    """The WinoGAViL webdataset export: per instance a .json (cue, candidates, associations) and its images."""
+    """WinoGAViL as webdataset shards of our own design: per instance a .json (cue, candidates, associations) and
+    its images."""
 
     name = "wds"
 
@@ -81,20 +87,64 @@ class WinogavilLayout(Layout):
                 where = f"{shard}: sample {key!r}"
                 if info is None:
                     raise DataError(f"{where} has no .json (cue, candidates, associations)")
-                if not isinstance(info.get("cue"), str) or not info["cue"].strip():
-                    raise DataError(f"{where}: missing 'cue'")
-                candidates = _names(info.get("candidates"), where, "candidates")
-                associations = set(_names(info.get("associations"), where, "associations"))
+                cue, candidates, truth = _instance(where, info.get("cue"), info.get("candidates"),
+                                                   info.get("associations"))
                 for i in range(len(candidates)):
                     member = next((files[f"{i}.{e}"] for e in IMAGE_EXTS if f"{i}.{e}" in files), None)
                     if member is None:
                         raise DataError(f"{where}: candidate {i} ({candidates[i]!r}) has no image <key>.{i}.jpg|png|webp")
                     images.append((shard, member.offset_data, member.size, len(cues)))
-                cues.append(info["cue"])
-                truths.append(torch.tensor([c in associations for c in candidates], dtype=torch.bool))
+                cues.append(cue)
+                truths.append(truth)
         if not cues:
             raise DataError(f"{root / split}: the shards hold no WinoGAViL instances")
         return AssociationSet(ShardSamples(images, transform), cues, truths, self.name, root)
+
+
+def _instance(where: str, cue: object, candidates: object,
+              associations: object) -> tuple[str, list[str], torch.Tensor]:
+    """One instance's cue, candidate names and 0/1 truth over the candidates, checked; errors name `where`."""
+    if not isinstance(cue, str) or not cue.strip():
+        raise DataError(f"{where}: missing 'cue'")
+    names = _names(candidates, where, "candidates")
+    chosen = set(_names(associations, where, "associations"))
+    return cue, names, torch.tensor([c in chosen for c in names], dtype=torch.bool)
+
+
+COLUMNS = ("cue", "candidates", "associations", "candidate_images")
+
+
+class WinogavilTableLayout(Layout):
+    """nlphuji/winogavil as Hugging Face `datasets` stores it (what DataComp evaluates): parquet or save_to_disk
+    files, one instance a row, read with pyarrow."""
+
+    name = "hf"
+
+    def expected(self, bench: Benchmark, split: str) -> str:
+        return f"{hf_tables.expected(split)} with columns {', '.join(COLUMNS)}"
+
+    def detect(self, bench: Benchmark, root: Path, split: str) -> bool:
+        return bool(hf_tables.split_files(root, split))
+
+    def open(self, bench: Benchmark, root: Path, split: str, transform: Callable | None) -> AssociationSet:
+        tables = [hf_tables.SplitTable(path) for path in hf_tables.split_files(root, split)]
+        images, cues, truths = [], [], []
+        for f, table in enumerate(tables):
+            table.require(COLUMNS, "WinoGAViL")
+            text = {c: table.column(c) for c in COLUMNS[:3]}
+            counts = table.image_counts("candidate_images")
+            for row in range(table.num_rows):
+                where = f"{table.path}: row {row}"
+                cue, candidates, truth = _instance(where, *(text[c][row] for c in COLUMNS[:3]))
+                if counts[row] != len(candidates):
+                    raise DataError(f"{where}: {counts[row] or 0} candidate_images for {len(candidates)} candidates")
+                images.extend((f, row, i, len(cues)) for i in range(len(candidates)))
+                cues.append(cue)
+                truths.append(truth)
+        if not cues:
+            raise DataError(f"{root}: the {split} files hold no WinoGAViL instances")
+        return AssociationSet(hf_tables.TableImages(tables, "candidate_images", images, transform), cues, truths,
+                              self.name, root)
 
 
 def _instances(shard: Path):
@@ -114,8 +164,8 @@ def _instances(shard: Path):
 WILDS = "DataComp eval_utils/wilds_eval.py"
 FAIRNESS = "DataComp eval_utils/fairness_eval.py"
 
-register(Benchmark("winogavil", (WinogavilLayout(),), metric="jaccard_score_10-12", task="association",
-                   datacomp="misc/winogavil",
+register(Benchmark("winogavil", (WinogavilTableLayout(), WinogavilLayout()), metric="jaccard_score_10-12",
+                   task="association", datacomp="misc/winogavil",
                    notes="WinoGAViL (nlphuji/winogavil test split, 3,563 cues) as DataComp's eval_utils/wino_eval.py "
                          "scores it; cue prompt 'A/An <cue>'"))
 register(Benchmark("iwildcam", metric="F1-macro_all", datacomp="wilds/iwildcam", notes=WILDS,
