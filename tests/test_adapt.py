@@ -1,4 +1,5 @@
-"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter) on the real tiny open_clip model:
+"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter, the zero-shot-initialised linear head,
+augmented views) on the real tiny open_clip model:
 exact zero-step heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
 
 import json
@@ -186,7 +187,8 @@ def test_adapt_cli_end_to_end_then_eval_with_the_adapter(exported, mnist_root, t
     (entry,) = json.loads(out.read_text())["results"]
     assert entry["task"] == "adapt_prompt" and entry["metric"] == "top1"
     assert entry["metrics"]["shots"] == 4 and entry["metrics"]["num_train"] == 40 and entry["metrics"]["images"] == 30
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the probe's train and test features
+    # the probe's train and test features, and the 10 default views of each of the 40 shots
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3
 
     assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
     (again,) = json.loads(out.read_text())["results"]  # same task and benchmark: the entry is replaced
@@ -404,7 +406,8 @@ def test_clap_strengths_are_each_classes_mean_zero_shot_probability():
 
 def test_cross_validation_holds_out_whole_shots_with_their_views():
     """Folds are whole shots (the i-th shot of each class in fold i mod folds); a held-out shot's views never train;
-    the reported score of the chosen strength is its cross-validated top-1, recomputed here fold by fold."""
+    the reported score of the chosen strength is its cross-validated top-1 over the held-out shots (and their views),
+    recomputed here fold by fold."""
     from zeroshot.adapt import _with_views, choose_linear_l2, fit_linear, shot_folds
 
     y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
@@ -417,14 +420,17 @@ def test_cross_validation_holds_out_whole_shots_with_their_views():
     assert torch.equal(tx, torch.cat([x[keep], views[0][keep.repeat_interleave(2)]]))
     assert torch.equal(ty, torch.cat([y[keep], y[keep].repeat_interleave(2)]))
     w0 = torch.randn(6, 2, generator=g)
-    l2, top1, trials = choose_linear_l2(x, y, w0, 5.0, views=views, folds=4, grid=(1e-2, 1.0), refine=False)
-    assert [t[0] for t in trials] == [1.0, 1e-2] and l2 in (1.0, 1e-2)
     fold = shot_folds(y, 4)
-    hits = 0
-    for f in range(4):
-        w = fit_linear(*_with_views(x, y, views, fold != f), w0, 5.0, l2)
-        hits += int(((F.normalize(x[fold == f], dim=-1) @ w).argmax(1) == y[fold == f]).sum())
-    assert top1 == pytest.approx(hits / 8) and top1 == max(t[1] for t in trials)
+    for score_views in (False, True):
+        l2, top1, trials = choose_linear_l2(x, y, w0, 5.0, views=views, folds=4, grid=(1e-2, 1.0), refine=False,
+                                            score_views=score_views)
+        assert [t[0] for t in trials] == [1.0, 1e-2] and l2 in (1.0, 1e-2)
+        hits = 0
+        for f in range(4):
+            w = fit_linear(*_with_views(x, y, views, fold != f), w0, 5.0, l2)
+            vx, vy = _with_views(x, y, views, fold == f) if score_views else (x[fold == f], y[fold == f])
+            hits += int(((F.normalize(vx, dim=-1) @ w).argmax(1) == vy).sum())
+        assert top1 == pytest.approx(hits / (24 if score_views else 8)) and top1 == max(t[1] for t in trials)
 
 
 def test_augmented_views_are_seeded_and_differ_from_the_image(model, mnist_root, tmp_path):

@@ -1,4 +1,4 @@
-"""Few-shot adaptation of zero-shot heads: learned prompts, (IA)^3 vectors or a Tip-Adapter cache, towers frozen.
+"""Few-shot adaptation of zero-shot heads: learned prompts, (IA)^3 vectors, a Tip-Adapter cache or a linear head.
 
 `adapt` takes k labelled training images per class of a benchmark (seeded, as the few-shot probe draws them), their
 frozen image features (from the probe's feature cache), and fits an adapter (`zeroshot.adapters`) by cross-entropy of
@@ -18,8 +18,9 @@ class-wise strengths are used (Silva-Rodriguez et al. 2024: each class's mean ze
 so a class the zero-shot head already gets right stays near it).
 
 `augment` (`--augment N`) adds N random-resized-crop views of each shot (`zeroshot.views`, features cached) to the
-training rows of prompt, ia3 and linear, and averages them into each shot's Tip-Adapter key; held-out shots are scored
-on their unaugmented features only, and a held-out shot's views never train.
+training rows of prompt, ia3 and linear, and averages them into each shot's Tip-Adapter key. A held-out shot's views
+never train; early stopping scores held-out shots on their own features, the linear head's cross-validation on those
+and their views.
 
 "tip" (Tip-Adapter) trains nothing: its cache is the shots' features and labels, and its alpha and beta are picked
 on a grid by leave-one-out accuracy over the shots (each shot scored by the cache of the others); with one shot
@@ -57,7 +58,7 @@ DEFAULT_LR = {"prompt": 2e-3, "ia3": 1e-2}
 class AdaptConfig:
     """Hyperparameters of few-shot adaptation; the defaults are the README's."""
 
-    steps: int = 200  # most optimizer steps (early stopping may choose fewer)
+    steps: int = 200  # most optimizer steps (early stopping may choose fewer); linear: L-BFGS iterations per fit
     lr: float | None = None  # AdamW learning rate; None: DEFAULT_LR of the method
     weight_decay: float = 0.01  # decoupled decay of the learned change, towards the zero-shot head
     n_ctx: int = 4  # prompt: context tokens after the start token that get learned offsets
@@ -70,7 +71,7 @@ class AdaptConfig:
     min_val_per_class: int = 2  # held-out shots per class needed for early stopping; fewer: run all steps
     tip_alpha: float = 1.0  # tip, one shot: weight of the cache logits (Tip-Adapter's default)
     tip_beta: float = 5.5  # tip, one shot: sharpness of the cache affinity (Tip-Adapter's default)
-    augment: int = 0  # random-resized-crop views per shot added to the training rows (0: the shots only)
+    augment: int = 10  # random-resized-crop views per shot added to the training rows (0: the shots only)
     augment_scale: float = 0.5  # smallest share of an image's area a view keeps
     augment_flip: bool = False  # also flip views left-right at random (not for digits or text)
     l2: float | None = None  # linear: penalty strength towards the zero-shot head; None: chosen (see fit_linear)
@@ -272,10 +273,10 @@ def fit_tip(train_x: torch.Tensor, train_y: torch.Tensor, zero_shot: torch.Tenso
     return Fit(tensors, 0, best[0][0], history)
 
 
-# Strengths of the linear head's pull towards the zero-shot head tried by cross-validation: 1e-4 .. 10 by decades,
+# Strengths of the linear head's pull towards the zero-shot head tried by cross-validation: 1e-5 .. 10 by decades,
 # then infinity (the zero-shot head itself), so the choice includes "do not move"; the best finite one is then
 # refined by half a decade either side.
-LINEAR_L2S: tuple[float, ...] = tuple(10.0 ** e for e in range(-4, 2)) + (math.inf,)
+LINEAR_L2S: tuple[float, ...] = tuple(10.0 ** e for e in range(-5, 2)) + (math.inf,)
 
 
 def linear_objective(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, zero_shot: torch.Tensor,
@@ -347,31 +348,33 @@ def shot_folds(y: torch.Tensor, folds: int) -> torch.Tensor:
 
 def choose_linear_l2(x: torch.Tensor, y: torch.Tensor, zero_shot: torch.Tensor, logit_scale: float, *,
                      views: tuple[torch.Tensor, torch.Tensor] | None = None, folds: int = 4,
-                     grid: Sequence[float] = LINEAR_L2S, refine: bool = True,
+                     grid: Sequence[float] = LINEAR_L2S, refine: bool = True, score_views: bool = True,
                      max_iter: int = 200) -> tuple[float, float, list]:
     """(l2, cross-validated top-1, [(l2, top-1, loss)]) of the grid strength with the best top-1 over folds of
     whole shots (lower mean cross-entropy breaks ties); each fold trains on the other shots and their `views`
-    (features [V, D], shot of each [V]) and is scored on its shots' own features."""
+    (features [V, D], shot of each [V]) and is scored on its own shots and, with `score_views`, their views too
+    (unseen in that fold's training; ten times the held-out rows make the choice less coarse at 2-4 shots)."""
     per_class = int(torch.bincount(y.long()).min())
     n_folds = min(folds, per_class)
     if n_folds < 2:
         raise ConfigError("choosing l2 by cross-validation needs at least 2 shots of every class")
     fold = shot_folds(y, n_folds)
-    xn = F.normalize(x.float(), dim=-1)
     trials: list[tuple[float, float, float]] = []
     warm: dict[int, torch.Tensor] = {}
 
     def score(l2: float) -> None:
-        correct, loss = 0.0, 0.0
+        correct, loss, count = 0.0, 0.0, 0
         for f in range(n_folds):
             tx, ty = _with_views(x, y, views, fold != f)
             w = fit_linear(tx, ty, zero_shot, logit_scale, l2, max_iter=max_iter, init=warm.get(f))
             if math.isfinite(l2):
                 warm[f] = w
-            logits = logit_scale * xn[fold == f] @ w
-            correct += float((logits.argmax(1) == y[fold == f]).sum())
-            loss += float(F.cross_entropy(logits, y[fold == f], reduction="sum"))
-        trials.append((l2, correct / len(y), loss / len(y)))
+            vx, vy = _with_views(x, y, views, fold == f) if score_views else (x[fold == f], y[fold == f])
+            logits = logit_scale * F.normalize(vx.float(), dim=-1) @ w
+            correct += float((logits.argmax(1) == vy).sum())
+            loss += float(F.cross_entropy(logits, vy, reduction="sum"))
+            count += len(vy)
+        trials.append((l2, correct / count, loss / count))
 
     def key(t: tuple[float, float, float]) -> tuple[float, float]:
         return t[1], -t[2]
@@ -401,12 +404,13 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
           templates: Source = None) -> AdaptResult:
     """Adapt the zero-shot head of `benchmark` to `shots` training images per class and score it on its test split.
 
-    `method` is "prompt" (learned context offsets), "ia3" (learned (IA)^3 scales) or "tip" (a Tip-Adapter cache
-    of the shots' features, nothing trained); `config` holds the
-    hyperparameters (AdaptConfig's defaults otherwise). Image features come from the probe's cache (`cache_dir`,
+    `method` is "prompt" (learned context offsets), "ia3" (learned (IA)^3 scales), "tip" (a Tip-Adapter cache
+    of the shots' features, nothing trained) or "linear" (the head itself, from the zero-shot head, see
+    `fit_linear`); `config` holds the hyperparameters (AdaptConfig's defaults otherwise), `config.augment` the
+    cropped views per shot added to the training rows. Image features come from the probe's cache (`cache_dir`,
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
-    zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps and, with
-    early stopping, val_top1. `language` picks the class names and templates the head starts from (default
+    zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps, augment
+    and, with early stopping or cross-validation, val_top1 (linear: l2 when finite and chosen or given). `language` picks the class names and templates the head starts from (default
     English); the adapter records it. `classnames` and `templates` replace the benchmark's own (see
     zeroshot.prompts; templates with {c}), and are needed again by `adapt_head`. The model's weights are left as
     they were.

@@ -383,7 +383,8 @@ def _adapt(p: argparse.ArgumentParser):
                                             "there; default: cross-validated over the shots, CLAP's at one shot)")
     p.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
     p.add_argument("--save", help="write the learned vectors here (safetensors), for `zeroshot eval --adapter`")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"most training steps (default: {d.steps})")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"most training steps; linear: most L-BFGS iterations per fit (default: {d.steps})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {DEFAULT_LR['prompt']} for prompt, "
                                             f"{DEFAULT_LR['ia3']} for ia3)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
