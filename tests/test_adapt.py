@@ -1,6 +1,6 @@
 """Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter, the zero-shot-initialised linear head,
-augmented views) on the real tiny open_clip model:
-exact zero-step heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
+augmented views) on the real tiny open_clip model: exact zero-step heads, learning, frozen weights, adapter files,
+early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
 
 import json
 

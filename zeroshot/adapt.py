@@ -20,8 +20,8 @@ so a class the zero-shot head already gets right stays near it).
 `augment` (`--augment N`) adds N random-resized-crop views of each shot (`zeroshot.views`, features cached) to the
 training rows of prompt, ia3 and linear. Tip-Adapter, which trains nothing, keeps the shots' own features as keys:
 keys averaged over 10 views (Tip-Adapter's own recipe) scored lower on the digits benchmark of benchmarks/fewshot.py
-at every k (16 shots: 47.8% against 64.7%). A held-out shot's views never train; early stopping scores held-out shots on their own features, the linear head's cross-validation on those
-and their views.
+at every k (16 shots: 47.8% against 64.7%). A held-out shot's views never train; early stopping scores held-out
+shots on their own features, the linear head's cross-validation on those and their views.
 
 "tip" (Tip-Adapter) trains nothing: its cache is the shots' features and labels, and its alpha and beta are picked
 on a grid by leave-one-out accuracy over the shots (each shot scored by the cache of the others); with one shot
@@ -404,8 +404,8 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     cropped views per shot added to the training rows. Image features come from the probe's cache (`cache_dir`,
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
     zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps, augment
-    and, with early stopping or cross-validation, val_top1 (linear: l2 when finite and chosen or given). `language` picks the class names and templates the head starts from (default
-    English); the adapter records it. `classnames` and `templates` replace the benchmark's own (see
+    and, with early stopping or cross-validation, val_top1 (linear: l2 when finite and chosen or given).
+    `language` picks the class names and templates the head starts from (default English); the adapter records it. `classnames` and `templates` replace the benchmark's own (see
     zeroshot.prompts; templates with {c}), and are needed again by `adapt_head`. The model's weights are left as
     they were.
     """
