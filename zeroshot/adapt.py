@@ -405,9 +405,9 @@ def adapt(model: nn.Module, benchmark: str, root: str | os.PathLike, *, shots: i
     default ~/.cache/vlpretrain/features; `max_images` caps each split, evenly spaced). The metrics are the
     zero-shot ones (top1, top5, mean_per_class_recall, headline, images) plus shots, num_train, steps, augment
     and, with early stopping or cross-validation, val_top1 (linear: l2 when finite and chosen or given).
-    `language` picks the class names and templates the head starts from (default English); the adapter records it. `classnames` and `templates` replace the benchmark's own (see
-    zeroshot.prompts; templates with {c}), and are needed again by `adapt_head`. The model's weights are left as
-    they were.
+    `language` picks the class names and templates the head starts from (default English); the adapter records it.
+    `classnames` and `templates` replace the benchmark's own (see zeroshot.prompts; templates with {c}), and are
+    needed again by `adapt_head`. The model's weights are left as they were.
     """
     cfg = config or AdaptConfig()
     bench = get_benchmark(benchmark, language)
