@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--cache-dir", help="feature cache (default: a temporary folder)")
     p.add_argument("--probe-l2", type=float, default=1.0, help="the probe's fixed l2 at one shot")
     p.add_argument("--steps", type=int, default=AdaptConfig().steps, help="adaptation's most steps")
-    p.add_argument("--augment", type=int, default=AdaptConfig().augment, help="views per shot for adapted methods")
+    p.add_argument("--augment", type=int, help="views per shot for adapted methods (default: each method's)")
     p.add_argument("--methods", default="prompt,ia3,tip,linear,linear@0",
                    help="adapted methods, METHOD or METHOD@VIEWS (views per shot instead of --augment)")
     p.add_argument("--threads", type=int, default=2)
@@ -95,7 +95,7 @@ def main() -> None:
     zs_time = time.perf_counter() - t
     zs_top1 = float(((F.normalize(test_x, dim=-1) @ head).argmax(1) == test_y).float().mean())
 
-    methods = [(m.partition("@")[0], int(m.partition("@")[2] or a.augment)) for m in a.methods.split(",")]
+    methods = [(m, int(v) if v else a.augment) for m, _, v in (x.partition("@") for x in a.methods.split(","))]
     rows: list[tuple[int, str, float, float, str]] = []
     for k in shots:
         rows.append((k, "zero-shot", zs_top1, zs_time, "no labels"))
@@ -103,6 +103,7 @@ def main() -> None:
         for seed in seeds:
             for method, views in methods:
                 cfg = AdaptConfig(steps=a.steps, augment=views)
+                views = cfg.views_for(method)
                 t = time.perf_counter()
                 r = adapt(model, a.benchmark, a.root, shots=k, method=method, config=cfg, seed=seed,
                           max_images=a.max_images, cache_dir=cache)

@@ -187,8 +187,8 @@ def test_adapt_cli_end_to_end_then_eval_with_the_adapter(exported, mnist_root, t
     (entry,) = json.loads(out.read_text())["results"]
     assert entry["task"] == "adapt_prompt" and entry["metric"] == "top1"
     assert entry["metrics"]["shots"] == 4 and entry["metrics"]["num_train"] == 40 and entry["metrics"]["images"] == 30
-    # the probe's train and test features, and the 10 default views of each of the 40 shots
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the probe's train and test features: prompt
+    # trains on the shots alone by default (no views)
 
     assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
     (again,) = json.loads(out.read_text())["results"]  # same task and benchmark: the entry is replaced
@@ -466,6 +466,8 @@ def test_linear_adapter_with_views_round_trips_through_eval_adapter(exported, mn
     saved = Adapter.load(adapter)
     assert saved.method == "linear" and tuple(saved.tensors["weight"].shape) == (128, 10)
     assert saved.info["augment"] == "2" and float(saved.info["l2"]) > 0
+    assert AdaptConfig().views_for("linear") == 10 and AdaptConfig().views_for("prompt") == 0
+    assert AdaptConfig(augment=5).views_for("tip") == 0  # Tip-Adapter's keys are the shots' own features
     assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
     (again,) = json.loads(out.read_text())["results"]
     for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):

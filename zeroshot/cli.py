@@ -365,7 +365,7 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
 @command("adapt", "few-shot adaptation of a zero-shot head: learned prompts, (IA)^3 vectors, a Tip-Adapter "
                   "cache or a zero-shot-initialised linear head, towers frozen")
 def _adapt(p: argparse.ArgumentParser):
-    from zeroshot.adapt import DEFAULT_LR, AdaptConfig
+    from zeroshot.adapt import DEFAULT_AUGMENT, DEFAULT_LR, AdaptConfig
 
     d = AdaptConfig()
     _model_and_data_args(p, "results JSON to write or update (task adapt_prompt, adapt_ia3, adapt_tip or "
@@ -374,8 +374,9 @@ def _adapt(p: argparse.ArgumentParser):
                    help="prompt: learned context offsets; ia3: learned key/value/MLP scales; tip: Tip-Adapter cache "
                         "of the shots' features, alpha and beta by leave-one-out; linear: the head itself, from the "
                         "zero-shot head, pulled towards it by --l2 (default: prompt)")
-    p.add_argument("--augment", type=int, default=d.augment,
-                   help=f"random-resized-crop views per shot added to the training rows (default: {d.augment})")
+    p.add_argument("--augment", type=int,
+                   help="random-resized-crop views per shot added to the training rows of prompt, ia3 and linear "
+                        f"(default: {DEFAULT_AUGMENT['linear']} for linear, 0 for the others)")
     p.add_argument("--augment-scale", type=float, default=d.augment_scale,
                    help=f"smallest share of an image's area a view keeps (default: {d.augment_scale})")
     p.add_argument("--augment-flip", action="store_true", help="also flip views left-right (not for digits, text)")
