@@ -1,4 +1,4 @@
-"""Few-shot top-1 on a benchmark's test split: zero-shot head, linear probe, learned prompts, (IA)^3 and Tip-Adapter.
+"""Few-shot top-1 on a benchmark's test split: zero-shot head, linear probe and the adapted heads of `zeroshot adapt`.
 
 The default benchmark is one where zero-shot is weak, as the demo model is on CIFAR-10 (issue 26): the demo model
 (trained on Fashion-MNIST captions) on scikit-learn's 8x8 handwritten digits, scaled to 28 px (bilinear) and written
@@ -8,7 +8,10 @@ Its text tower never learned the digit class names, so its zero-shot head is nea
 Image features are extracted once into the feature cache (shared by every method, as in `zeroshot adapt` and
 `zeroshot probe`), so each fit time is the method's own work on cached features: building the zero-shot head, an
 adaptation run (early stopping, then a refit on all shots), or a probe fit (its l2 swept on held-out shots; at one
-shot there is nothing to hold out, so the probe uses a fixed l2).
+shot there is nothing to hold out, so the probe uses a fixed l2). The adapted methods train on `--augment` views per
+shot (cropped views, features cached once: the first run at each k includes encoding them); the probe keeps the CLIP
+paper's protocol, one unaugmented feature per image. `--methods` picks the adapted methods; `linear@0` is the linear
+head without views, so the table shows what the views alone bring.
 
     PYTHONPATH=. python benchmarks/fewshot.py --model runs/demo/model.safetensors        # digits as mnist, k = 1..16
     PYTHONPATH=. python benchmarks/fewshot.py --model M --benchmark fashion-mnist --root /usr/share/datasets/fashion-mnist
@@ -66,6 +69,9 @@ def main() -> None:
     p.add_argument("--cache-dir", help="feature cache (default: a temporary folder)")
     p.add_argument("--probe-l2", type=float, default=1.0, help="the probe's fixed l2 at one shot")
     p.add_argument("--steps", type=int, default=AdaptConfig().steps, help="adaptation's most steps")
+    p.add_argument("--augment", type=int, help="views per shot for adapted methods (default: each method's)")
+    p.add_argument("--methods", default="prompt,ia3,tip,linear,linear@0",
+                   help="adapted methods, METHOD or METHOD@VIEWS (views per shot instead of --augment)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -89,19 +95,27 @@ def main() -> None:
     zs_time = time.perf_counter() - t
     zs_top1 = float(((F.normalize(test_x, dim=-1) @ head).argmax(1) == test_y).float().mean())
 
-    cfg = AdaptConfig(steps=a.steps)
+    methods = [(m, int(v) if v else a.augment) for m, _, v in (x.partition("@") for x in a.methods.split(","))]
     rows: list[tuple[int, str, float, float, str]] = []
     for k in shots:
         rows.append((k, "zero-shot", zs_top1, zs_time, "no labels"))
-        runs: dict[str, list[tuple[float, float, str]]] = {"linear probe": [], "prompt": [], "ia3": [], "tip": []}
+        runs: dict[str, list[tuple[float, float, str]]] = {"linear probe": []}
         for seed in seeds:
-            for method in ("prompt", "ia3", "tip"):
+            for method, views in methods:
+                cfg = AdaptConfig(steps=a.steps, augment=views)
+                views = cfg.views_for(method)
                 t = time.perf_counter()
                 r = adapt(model, a.benchmark, a.root, shots=k, method=method, config=cfg, seed=seed,
                           max_images=a.max_images, cache_dir=cache)
-                note = (f"alpha={r.adapter.tensors['alpha'].item():.3g}, beta={r.adapter.tensors['beta'].item():.3g}"
-                        if method == "tip" else f"{int(r.metrics['steps'])} steps")
-                runs[method].append((r.metrics["top1"], time.perf_counter() - t, note))
+                if method == "tip":
+                    note = f"alpha={r.adapter.tensors['alpha'].item():.3g}, beta={r.adapter.tensors['beta'].item():.3g}"
+                elif method == "linear":
+                    l2 = r.adapter.info["l2"]
+                    note = f"l2={l2}" if l2 == "clap" else f"l2={float(l2):.3g}"
+                else:
+                    note = f"{int(r.metrics['steps'])} steps"
+                runs.setdefault(f"{method} ({views} views)", []).append((r.metrics["top1"], time.perf_counter() - t,
+                                                                        note))
             t = time.perf_counter()
             m = linear_probe(model, a.benchmark, a.root, shots=k, l2=a.probe_l2 if k < 2 else None, seed=seed,
                              max_images=a.max_images, cache_dir=cache)

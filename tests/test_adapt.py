@@ -1,5 +1,6 @@
-"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter) on the real tiny open_clip model:
-exact zero-step heads, learning, frozen weights, adapter files, early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
+"""Few-shot adaptation of zero-shot heads (learned prompts, (IA)^3, Tip-Adapter, the zero-shot-initialised linear head,
+augmented views) on the real tiny open_clip model: exact zero-step heads, learning, frozen weights, adapter files,
+early stopping and the `zeroshot adapt` / `eval --adapter` CLI."""
 
 import json
 
@@ -186,7 +187,8 @@ def test_adapt_cli_end_to_end_then_eval_with_the_adapter(exported, mnist_root, t
     (entry,) = json.loads(out.read_text())["results"]
     assert entry["task"] == "adapt_prompt" and entry["metric"] == "top1"
     assert entry["metrics"]["shots"] == 4 and entry["metrics"]["num_train"] == 40 and entry["metrics"]["images"] == 30
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the probe's train and test features
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the probe's train and test features: prompt
+    # trains on the shots alone by default (no views)
 
     assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
     (again,) = json.loads(out.read_text())["results"]  # same task and benchmark: the entry is replaced
@@ -319,3 +321,158 @@ def test_early_stopping_is_off_with_one_held_out_shot_per_class(model, mnist_roo
     cfg = AdaptConfig(steps=3, eval_every=1, patience=1)
     result = adapt(model, "mnist", mnist_root, shots=4, method="ia3", config=cfg, cache_dir=tmp_path)
     assert result.metrics["steps"] == 3 and "val_top1" not in result.metrics
+
+
+# ---- the zero-shot-initialised linear head and augmented views -----------------------------------------------------
+
+def test_linear_objective_value_and_gradient_on_a_hand_worked_case():
+    """Two orthogonal images of classes 0 and 1, head = zero-shot head = I, logit scale 2, l2 0.5: mean CE is
+    log(1 + e^-2), the penalty 0, and the gradient s/N X^T (P - Y) + l2 (W - W0) has entries -+s/2 sigmoid(-2)."""
+    import math
+
+    from zeroshot.adapt import linear_objective
+
+    x, y, w0 = torch.eye(2, dtype=torch.float64), torch.tensor([0, 1]), torch.eye(2, dtype=torch.float64)
+    w = w0.clone().requires_grad_(True)
+    value = linear_objective(w, x, y, w0, 2.0, 0.5)
+    value.backward()
+    assert value.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-12)
+    q = 1 / (1 + math.exp(2))  # sigmoid(-2)
+    torch.testing.assert_close(w.grad, torch.tensor([[-q, q], [q, -q]], dtype=torch.float64), atol=1e-12, rtol=0)
+    w2 = (w0 + 1).requires_grad_(True)  # off the prior: the penalty is 0.5 * 0.5 * 4 and its gradient l2 * 1
+    value = linear_objective(w2, x, y, w0, 2.0, 0.5)
+    value.backward()
+    assert value.item() == pytest.approx(math.log(1 + math.exp(-2)) + 1.0, abs=1e-12)
+    torch.testing.assert_close(w2.grad, torch.tensor([[-q, q], [q, -q]], dtype=torch.float64) + 0.5, atol=1e-12,
+                               rtol=0)
+
+
+def test_fit_linear_reaches_the_closed_form_optimum():
+    """On the case above the optimum is W0 + a [[1, -1], [-1, 1]], a solving 4 l2 a = 2 s sigmoid(-s (1 + 2a))
+    (stationarity in a; solved here by bisection)."""
+    import math
+
+    from zeroshot.adapt import fit_linear
+
+    s, l2 = 2.0, 0.05
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        a = (lo + hi) / 2
+        if 4 * l2 * a - 2 * s / (1 + math.exp(s * (1 + 2 * a))) > 0:
+            hi = a
+        else:
+            lo = a
+    w = fit_linear(torch.eye(2) * 3, torch.tensor([0, 1]), torch.eye(2), s, l2)  # rows are normalised inside
+    expected = torch.eye(2) + a * torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    torch.testing.assert_close(w, expected, atol=1e-5, rtol=0)
+
+
+def test_infinite_penalty_or_no_iterations_give_the_zero_shot_head_exactly(model, mnist_root, tmp_path):
+    import math
+
+    from zeroshot.adapt import fit_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, y, w0 = torch.randn(20, 8, generator=g), torch.arange(20) % 4, torch.randn(8, 4, generator=g)
+    assert torch.equal(fit_linear(x, y, w0, 10.0, math.inf), w0)
+    assert torch.equal(fit_linear(x, y, w0, 10.0, 1e-3, max_iter=0), w0)
+    assert not torch.equal(fit_linear(x, y, w0, 10.0, 1e-3), w0)
+    result = adapt(model, "mnist", mnist_root, shots=4, method="linear", config=AdaptConfig(l2=math.inf),
+                   cache_dir=tmp_path)
+    data = zeroshot.get_benchmark("mnist").load(mnist_root, transform=image_transform(model, train=False))
+    plain = run_zeroshot(model, data)
+    for key in ("top1", "top5", "mean_per_class_recall", "images"):
+        assert result.metrics[key] == plain[key]
+    torch.testing.assert_close(result.adapter.tensors["weight"], build_classifier(model, None, *_mnist_prompts()),
+                               atol=1e-6, rtol=0)
+
+
+def _mnist_prompts():
+    bench = zeroshot.get_benchmark("mnist")
+    return bench.classnames, bench.templates
+
+
+def test_clap_strengths_are_each_classes_mean_zero_shot_probability():
+    from zeroshot.adapt import clap_l2
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    w0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # logits (scale 3): [3, 0], [0, 3], [3/sqrt2, 3/sqrt2]; own-class probabilities: sigmoid(3), sigmoid(3), 1/2
+    sig = 1 / (1 + torch.exp(torch.tensor(-3.0)))
+    expected = torch.stack([sig, (sig + 0.5) / 2]) * 2 / 2
+    torch.testing.assert_close(clap_l2(x, y, w0, 3.0, 2), expected)
+
+
+def test_cross_validation_holds_out_whole_shots_with_their_views():
+    """Folds are whole shots (the i-th shot of each class in fold i mod folds); a held-out shot's views never train;
+    the reported score of the chosen strength is its cross-validated top-1 over the held-out shots (and their views),
+    recomputed here fold by fold."""
+    from zeroshot.adapt import _with_views, choose_linear_l2, fit_linear, shot_folds
+
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    assert shot_folds(y, 2).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=g) + 2 * F.one_hot(y, 6).float()
+    views = (torch.randn(16, 6, generator=g), torch.arange(8).repeat_interleave(2))
+    keep = torch.tensor([True, False, True, True, False, False, True, True])
+    tx, ty = _with_views(x, y, views, keep)
+    assert torch.equal(tx, torch.cat([x[keep], views[0][keep.repeat_interleave(2)]]))
+    assert torch.equal(ty, torch.cat([y[keep], y[keep].repeat_interleave(2)]))
+    w0 = torch.randn(6, 2, generator=g)
+    fold = shot_folds(y, 4)
+    for score_views in (False, True):
+        l2, top1, trials = choose_linear_l2(x, y, w0, 5.0, views=views, folds=4, grid=(1e-2, 1.0), refine=False,
+                                            score_views=score_views)
+        assert [t[0] for t in trials] == [1.0, 1e-2] and l2 in (1.0, 1e-2)
+        hits = 0
+        for f in range(4):
+            w = fit_linear(*_with_views(x, y, views, fold != f), w0, 5.0, l2)
+            vx, vy = _with_views(x, y, views, fold == f) if score_views else (x[fold == f], y[fold == f])
+            hits += int(((F.normalize(vx, dim=-1) @ w).argmax(1) == vy).sum())
+        assert top1 == pytest.approx(hits / (24 if score_views else 8)) and top1 == max(t[1] for t in trials)
+
+
+def test_augmented_views_are_seeded_and_differ_from_the_image(model, mnist_root, tmp_path):
+    import numpy as np
+
+    from zeroshot.probe import split_features
+    from zeroshot.views import Augment, crop_box, view_features
+
+    for seed in range(20):
+        left, top, w, h = crop_box(np.random.default_rng(seed), 28, 20)
+        assert 0 <= left and left + w <= 28 and 0 <= top and top + h <= 20 and 0.5 * 560 * 0.9 <= w * h <= 560
+    bench = zeroshot.get_benchmark("mnist")
+    keep = torch.tensor([0, 3, 7])
+    aug = Augment(views=3)
+    a = view_features(model, bench, mnist_root, keep, aug, tmp_path / "a", seed=0)
+    b = view_features(model, bench, mnist_root, keep, aug, tmp_path / "b", seed=0)
+    c = view_features(model, bench, mnist_root, keep, aug, tmp_path / "c", seed=1)
+    assert a[0].shape == (9, 128) and torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    train_x, train_y = split_features(model, bench, mnist_root, ("train",), cache_dir=tmp_path / "a")["train"]
+    assert torch.equal(a[1], train_y[keep].repeat_interleave(3))
+    plain = train_x[keep].repeat_interleave(3, dim=0)
+    assert (a[0] - plain).abs().amax(dim=1).min() > 1e-4  # every view is another image than the shot itself
+
+
+def test_linear_adapter_with_views_round_trips_through_eval_adapter(exported, mnist_root, tmp_path, capsys):
+    out, adapter = tmp_path / "results.json", tmp_path / "linear.safetensors"
+    common = ["--model", str(exported[0]), "--benchmark", "mnist", "--root", str(mnist_root), "--out", str(out)]
+    assert main(["adapt", *common, "--shots", "4", "--method", "linear", "--augment", "2", "--save", str(adapter),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["task"] == "adapt_linear" and entry["metrics"]["augment"] == 2
+    assert entry["metrics"]["num_train"] == 40 and "val_top1" in entry["metrics"]
+    saved = Adapter.load(adapter)
+    assert saved.method == "linear" and tuple(saved.tensors["weight"].shape) == (128, 10)
+    assert saved.info["augment"] == "2" and float(saved.info["l2"]) > 0
+    assert AdaptConfig().views_for("linear") == 10 and AdaptConfig().views_for("prompt") == 0
+    assert AdaptConfig(augment=5).views_for("tip") == 0  # Tip-Adapter's keys are the shots' own features
+    assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
+    (again,) = json.loads(out.read_text())["results"]
+    for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):
+        assert again["metrics"][key] == entry["metrics"][key]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(exported[1]), "--benchmark", "mnist", "--root", str(mnist_root),
+                 "--adapter", str(adapter), "--no-progress"]) == 2
+    assert "adapter was fitted on other model weights" in capsys.readouterr().err

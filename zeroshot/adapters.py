@@ -12,6 +12,10 @@ tensors are at their initial values gives exactly the zero-shot head.
   activations of every text block, starting at one. They are applied by scaling the rows of `in_proj_weight` and
   the columns of `mlp.c_proj.weight` through `torch.func.functional_call`: the same function as scaling the
   activations, while the model's own parameters are never written.
+- "linear" (a zero-shot-initialised linear head, as CLAP, Silva-Rodriguez et al. 2024, and LP++, Huang et al. 2024):
+  the (embed_dim, classes) head itself, starting at the zero-shot ensemble head and trained on the shots' image
+  features with a penalty that keeps it near that head (`zeroshot.adapt.fit_linear`); the text tower only gives
+  its starting point.
 - "tip" (Tip-Adapter, Zhang et al. 2022): training-free. A cache whose keys are the shots' normalised image
   features and whose values are their one-hot labels; an image feature f scores
   `logit_scale * f W + alpha * exp(-beta * (1 - f keys^T)) values`, W the zero-shot head. alpha and beta are
@@ -42,8 +46,8 @@ from vlpretrain.errors import CheckpointError, ConfigError
 from zeroshot.classifier import ClassName, Template, default_tokenizer, ensemble_head, expand_prompts
 from zeroshot.features import weights_digest
 
-Method = Literal["prompt", "ia3", "tip"]
-METHODS: tuple[str, ...] = ("prompt", "ia3", "tip")
+Method = Literal["prompt", "ia3", "tip", "linear"]
+METHODS: tuple[str, ...] = ("prompt", "ia3", "tip", "linear")
 ADAPTER_FORMAT = "vlpretrain-adapter-v1"
 _TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
 
@@ -99,9 +103,12 @@ def prompt_set(model: nn.Module, tokenizer, classnames: Sequence[ClassName],
 
 def initial_tensors(model: nn.Module, method: str, prompts: PromptSet, *, n_ctx: int = 4,
                     class_specific: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter tensors that reproduce the zero-shot head: zero prompt offsets, (IA)^3 scales of one, or an
-    empty Tip-Adapter cache (alpha 0)."""
+    """The adapter tensors that reproduce the zero-shot head: zero prompt offsets, (IA)^3 scales of one, an
+    empty Tip-Adapter cache (alpha 0), or the zero-shot head itself (linear)."""
     check_text_tower(model, method)
+    if method == "linear":
+        with torch.no_grad():
+            return {"weight": adapted_head(model, "tip", {}, prompts, batch_size=256).detach().cpu()}
     if method == "tip":
         dim = image_embed_dim(model)
         return {"keys": torch.zeros(0, dim), "values": torch.zeros(0, prompts.num_classes),
@@ -203,6 +210,8 @@ def adapted_head(model: nn.Module, method: str, tensors: dict[str, torch.Tensor]
     device; differentiable in `tensors`. `batch_size` embeds that many prompts at a time (all at once if None)."""
     device = model.token_embedding.weight.device
     tensors = {k: v.to(device) for k, v in tensors.items()}
+    if method == "linear":  # the head is the adapter's own tensor
+        return tensors["weight"].float()
     if method == "tip":  # the cache acts on image features; the head is the zero-shot ensemble
         tensors = {}
     overrides = _ia3_overrides(model, tensors) if method == "ia3" else None
@@ -310,6 +319,9 @@ class Adapter:
             n = shapes.get("keys", (0,))[0]
             wanted = {"keys": (n, image_embed_dim(model)), "values": (n, prompts.num_classes), "alpha": (1,),
                       "beta": (1,)}
+            fits = True
+        elif self.method == "linear":
+            wanted = {"weight": (image_embed_dim(model), prompts.num_classes)}
             fits = True
         else:
             wanted = {k: tuple(v.shape) for k, v in initial_tensors(model, "ia3", prompts).items()}

@@ -362,19 +362,30 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
                        language=bench.language)
 
 
-@command("adapt", "few-shot adaptation of a zero-shot head: learned prompts, (IA)^3 vectors or a Tip-Adapter "
-                  "cache, towers frozen")
+@command("adapt", "few-shot adaptation of a zero-shot head: learned prompts, (IA)^3 vectors, a Tip-Adapter "
+                  "cache or a zero-shot-initialised linear head, towers frozen")
 def _adapt(p: argparse.ArgumentParser):
-    from zeroshot.adapt import DEFAULT_LR, AdaptConfig
+    from zeroshot.adapt import DEFAULT_AUGMENT, DEFAULT_LR, AdaptConfig
 
     d = AdaptConfig()
-    _model_and_data_args(p, "results JSON to write or update (task adapt_prompt, adapt_ia3 or adapt_tip)")
-    p.add_argument("--method", choices=("prompt", "ia3", "tip"), default="prompt",
+    _model_and_data_args(p, "results JSON to write or update (task adapt_prompt, adapt_ia3, adapt_tip or "
+                            "adapt_linear)")
+    p.add_argument("--method", choices=("prompt", "ia3", "tip", "linear"), default="prompt",
                    help="prompt: learned context offsets; ia3: learned key/value/MLP scales; tip: Tip-Adapter cache "
-                        "of the shots' features, alpha and beta by leave-one-out (default: prompt)")
+                        "of the shots' features, alpha and beta by leave-one-out; linear: the head itself, from the "
+                        "zero-shot head, pulled towards it by --l2 (default: prompt)")
+    p.add_argument("--augment", type=int,
+                   help="random-resized-crop views per shot added to the training rows of prompt, ia3 and linear "
+                        f"(default: {DEFAULT_AUGMENT['linear']} for linear, 0 for the others)")
+    p.add_argument("--augment-scale", type=float, default=d.augment_scale,
+                   help=f"smallest share of an image's area a view keeps (default: {d.augment_scale})")
+    p.add_argument("--augment-flip", action="store_true", help="also flip views left-right (not for digits, text)")
+    p.add_argument("--l2", type=float, help="linear: strength of the pull towards the zero-shot head (inf: stay "
+                                            "there; default: cross-validated over the shots, CLAP's at one shot)")
     p.add_argument("--shots", type=int, default=16, help="training images per class (default: 16)")
     p.add_argument("--save", help="write the learned vectors here (safetensors), for `zeroshot eval --adapter`")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"most training steps (default: {d.steps})")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"most training steps; linear: most L-BFGS iterations per fit (default: {d.steps})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {DEFAULT_LR['prompt']} for prompt, "
                                             f"{DEFAULT_LR['ia3']} for ia3)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -400,7 +411,8 @@ def _adapt(p: argparse.ArgumentParser):
         if len(names) != 1:
             raise ConfigError("--benchmark: adapt fits one benchmark at a time (an adapter belongs to one)")
         cfg = AdaptConfig(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, n_ctx=a.n_ctx,
-                          class_specific=a.class_specific, batch_size=a.train_batch, val_fraction=a.val_fraction)
+                          class_specific=a.class_specific, batch_size=a.train_batch, val_fraction=a.val_fraction,
+                          augment=a.augment, augment_scale=a.augment_scale, augment_flip=a.augment_flip, l2=a.l2)
         model, tokenizer = _model_and_tokenizer(a.model, a.pretrained)
         bench = get_benchmark(names[0], a.language)
         result = adapt(model, bench.name, a.root, shots=a.shots, method=a.method, config=cfg, tokenizer=tokenizer,
