@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 import zeroshot
 from vlpretrain.models import load_model
-from zeroshot.adapt import AdaptConfig, adapt
 from zeroshot.classifier import build_classifier
+from zeroshot.fewshot import AdaptConfig, adapt
 from zeroshot.probe import linear_probe, split_features
 
 

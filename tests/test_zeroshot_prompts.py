@@ -207,8 +207,8 @@ def test_cli_recall_k_and_classnames_end_to_end(mnist, tmp_path, capsys):
 def test_adapt_fits_with_your_class_names_and_its_adapter_needs_them_again(tmp_path):
     from vlpretrain.errors import CheckpointError
     from vlpretrain.models import build_model, image_transform
-    from zeroshot.adapt import AdaptConfig, adapt, adapt_head
     from zeroshot.evaluate import run_zeroshot
+    from zeroshot.fewshot import AdaptConfig, adapt, adapt_head
 
     torch.manual_seed(0)
     model = build_model("tiny-vit").eval()

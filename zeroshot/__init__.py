@@ -17,7 +17,6 @@
     run = zeroshot.run_suite(model, "datacomp", "/data/datacomp")              # DataComp's 38 tasks and its score
 """
 
-from zeroshot.adapt import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.adapters import Adapter
 from zeroshot.caption_scorers import caption_metrics
 from zeroshot.captioning import Generation, caption, caption_benchmark, captioning, names_class_rate
@@ -25,6 +24,7 @@ from zeroshot.classifier import DEFAULT_TEMPLATES, build_classifier, classify, e
 from zeroshot.datasets import Benchmark, get_benchmark, list_benchmarks
 from zeroshot.evaluate import evaluate, evaluate_suite, run_zeroshot
 from zeroshot.features import encode_images
+from zeroshot.fewshot import AdaptConfig, AdaptResult, adapt, adapt_head
 from zeroshot.metrics import (
     caption_selection_metrics,
     classification_metrics,

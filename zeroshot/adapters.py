@@ -14,7 +14,7 @@ tensors are at their initial values gives exactly the zero-shot head.
   activations, while the model's own parameters are never written.
 - "linear" (a zero-shot-initialised linear head, as CLAP, Silva-Rodriguez et al. 2024, and LP++, Huang et al. 2024):
   the (embed_dim, classes) head itself, starting at the zero-shot ensemble head and trained on the shots' image
-  features with a penalty that keeps it near that head (`zeroshot.adapt.fit_linear`); the text tower only gives
+  features with a penalty that keeps it near that head (`zeroshot.fewshot.fit_linear`); the text tower only gives
   its starting point.
 - "tip" (Tip-Adapter, Zhang et al. 2022): training-free. A cache whose keys are the shots' normalised image
   features and whose values are their one-hot labels; an image feature f scores

@@ -332,10 +332,10 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
     """The results entry of the adapted head of `--adapter` on its benchmark's test split."""
     from vlpretrain.errors import CheckpointError
     from vlpretrain.models import image_transform
-    from zeroshot.adapt import adapt_head, task_name
     from zeroshot.adapters import Adapter
     from zeroshot.datasets import get_benchmark
     from zeroshot.features import encode_images, spread_subset
+    from zeroshot.fewshot import adapt_head, task_name
     from zeroshot.metrics import classification_metrics
     from zeroshot.results import ResultEntry
 
@@ -365,7 +365,7 @@ def _eval_adapter(a: argparse.Namespace, names: list[str]):
 @command("adapt", "few-shot adaptation of a zero-shot head: learned prompts, (IA)^3 vectors, a Tip-Adapter "
                   "cache or a zero-shot-initialised linear head, towers frozen")
 def _adapt(p: argparse.ArgumentParser):
-    from zeroshot.adapt import DEFAULT_AUGMENT, DEFAULT_LR, AdaptConfig
+    from zeroshot.fewshot import DEFAULT_AUGMENT, DEFAULT_LR, AdaptConfig
 
     d = AdaptConfig()
     _model_and_data_args(p, "results JSON to write or update (task adapt_prompt, adapt_ia3, adapt_tip or "
@@ -403,8 +403,8 @@ def _adapt(p: argparse.ArgumentParser):
     _prompt_args(p)
 
     def run(a: argparse.Namespace) -> int:
-        from zeroshot.adapt import adapt
         from zeroshot.datasets import get_benchmark
+        from zeroshot.fewshot import adapt
         from zeroshot.results import ResultEntry
 
         names = _checked_benchmarks(a, "train")

@@ -13,11 +13,11 @@ import zeroshot
 from vlpretrain.config import ModelConfig
 from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models import build_model, export_model, image_transform
-from zeroshot.adapt import AdaptConfig, adapt, fit_adapter, fit_tip
 from zeroshot.adapters import Adapter, adapted_head, initial_tensors, prompt_set, tip_logits
 from zeroshot.classifier import build_classifier, default_tokenizer
 from zeroshot.cli import main
 from zeroshot.evaluate import run_zeroshot
+from zeroshot.fewshot import AdaptConfig, adapt, fit_adapter, fit_tip
 
 METHODS = [("prompt", False), ("prompt", True), ("ia3", False)]
 
@@ -273,7 +273,7 @@ def initial_tensors_tip(classes: int, dim: int) -> dict[str, torch.Tensor]:
 def test_tip_alpha_and_beta_are_the_best_leave_one_out_pair():
     """With two or more shots per class, the chosen (alpha, beta) scores the shots, each against the cache of the
     others, at least as well as every pair of the grid (brute force over the grid here)."""
-    from zeroshot.adapt import TIP_ALPHAS, TIP_BETAS
+    from zeroshot.fewshot import TIP_ALPHAS, TIP_BETAS
 
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(3, 8, generator=g)
@@ -330,7 +330,7 @@ def test_linear_objective_value_and_gradient_on_a_hand_worked_case():
     log(1 + e^-2), the penalty 0, and the gradient s/N X^T (P - Y) + l2 (W - W0) has entries -+s/2 sigmoid(-2)."""
     import math
 
-    from zeroshot.adapt import linear_objective
+    from zeroshot.fewshot import linear_objective
 
     x, y, w0 = torch.eye(2, dtype=torch.float64), torch.tensor([0, 1]), torch.eye(2, dtype=torch.float64)
     w = w0.clone().requires_grad_(True)
@@ -352,7 +352,7 @@ def test_fit_linear_reaches_the_closed_form_optimum():
     (stationarity in a; solved here by bisection)."""
     import math
 
-    from zeroshot.adapt import fit_linear
+    from zeroshot.fewshot import fit_linear
 
     s, l2 = 2.0, 0.05
     lo, hi = 0.0, 100.0
@@ -370,7 +370,7 @@ def test_fit_linear_reaches_the_closed_form_optimum():
 def test_infinite_penalty_or_no_iterations_give_the_zero_shot_head_exactly(model, mnist_root, tmp_path):
     import math
 
-    from zeroshot.adapt import fit_linear
+    from zeroshot.fewshot import fit_linear
 
     g = torch.Generator().manual_seed(0)
     x, y, w0 = torch.randn(20, 8, generator=g), torch.arange(20) % 4, torch.randn(8, 4, generator=g)
@@ -393,7 +393,7 @@ def _mnist_prompts():
 
 
 def test_clap_strengths_are_each_classes_mean_zero_shot_probability():
-    from zeroshot.adapt import clap_l2
+    from zeroshot.fewshot import clap_l2
 
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     y = torch.tensor([0, 1, 1])
@@ -408,7 +408,7 @@ def test_cross_validation_holds_out_whole_shots_with_their_views():
     """Folds are whole shots (the i-th shot of each class in fold i mod folds); a held-out shot's views never train;
     the reported score of the chosen strength is its cross-validated top-1 over the held-out shots (and their views),
     recomputed here fold by fold."""
-    from zeroshot.adapt import _with_views, choose_linear_l2, fit_linear, shot_folds
+    from zeroshot.fewshot import _with_views, choose_linear_l2, fit_linear, shot_folds
 
     y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
     assert shot_folds(y, 2).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
