@@ -12,6 +12,9 @@ speed          samples per second of each stage (embedding pass without and with
 noise          40% of the demo captions replaced by captions of another class. The demo config trains at equal steps
                on (a) the noisy set, (b) the noisy set filtered by a model trained briefly on a small clean slice
                (top --keep fraction by CLIP score), (c) the clean set; zero-shot top-1 on the 10k test images.
+               (a) and (c) do not depend on the filter: a finished run of the same seed and settings is reused
+               (WORK/noise_baselines.json), as are the noisy shards, the filtering model and its embeddings, so
+               trying another --keep costs one training, another --brief-steps one filtering model more.
 
     python benchmarks/curation.py --shards shards --work runs/curation-bench            # everything (~30 min)
     python benchmarks/curation.py --quick                                               # fewer steps and samples
