@@ -383,3 +383,22 @@ def test_ranks_split_the_embedding_and_rank_0_writes(dataset, tmp_path):
     r0 = curate(str(folder), tmp_path / "out", exact_dedup=True, cache_dir=cache, rank=0, world_size=2,
                 progress=False, report=False)
     assert r0["embedded_shards"] == 2 and set(read_output(tmp_path / "out")) == set(keys)
+
+
+def test_a_repeated_caption_is_encoded_once_and_embeds_as_when_alone(scorer):
+    sent: list[str] = []
+
+    def tokenizer(captions: list[str]) -> torch.Tensor:
+        sent.extend(captions)
+        return scorer.tokenizer(captions)
+
+    fresh = Scorer(scorer.model, tokenizer, scorer.transform, digest="test")
+    first = fresh.encode_captions(["two cats", "a shoe", "two cats", "a shoe", "two cats"])
+    second = fresh.encode_captions(["a shoe", "an old car", "two cats"])
+    assert sent == ["two cats", "a shoe", "an old car"]
+    with torch.no_grad():
+        alone = {c: F.normalize(scorer.model.encode_text(scorer.tokenizer([c])), dim=-1)[0].numpy()
+                 for c in ("two cats", "a shoe", "an old car")}
+    np.testing.assert_allclose(first, np.stack([alone[c] for c in ["two cats", "a shoe", "two cats", "a shoe",
+                                                                    "two cats"]]), atol=1e-5)
+    np.testing.assert_allclose(second, np.stack([alone[c] for c in ["a shoe", "an old car", "two cats"]]), atol=1e-5)

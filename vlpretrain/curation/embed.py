@@ -48,6 +48,7 @@ THUMB_DIM = 2 * (THUMB_SIDE - 1) ** 2
 # Thumbnail cosine at or above which two images count as copies (decontamination's and the overlap's default; the
 # value benchmarks/curation.py measured: every planted Fashion-MNIST test copy found, 0.3% of training images flagged)
 NEAR_COSINE = 0.99
+CAPTION_MEMO = 50_000  # distinct captions a Scorer keeps the embeddings of (100 MB at width 512)
 SAVE_EVERY = 2048  # samples of a shard between saves of its rows so far (a killed pass resumes from the last)
 
 
@@ -97,6 +98,7 @@ class Scorer:
     spec: tuple[str, str | None] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     digest: str = ""
+    _captions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # caption -> embedding, seen so far
 
     def __post_init__(self) -> None:
         if not self.digest:
@@ -111,8 +113,19 @@ class Scorer:
         """Unit-length image and caption embeddings (float32 [n, D] each)."""
         x = torch.stack([self.transform(im) for im in images]).to(self.device)
         image = F.normalize(self.model.encode_image(x).float(), dim=-1)
-        text = F.normalize(self.model.encode_text(self.tokenizer(captions).to(self.device)).float(), dim=-1)
-        return image.cpu().numpy(), text.cpu().numpy()
+        return image.cpu().numpy(), self.encode_captions(captions)
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> np.ndarray:
+        """Unit-length caption embeddings (float32 [n, D]); a caption seen before is not encoded again (templated and
+        boilerplate captions repeat: on the demo shards the text tower would otherwise cost a third of the pass)."""
+        new = [c for c in dict.fromkeys(captions) if c not in self._captions]
+        if new:
+            text = F.normalize(self.model.encode_text(self.tokenizer(new).to(self.device)).float(), dim=-1)
+            if len(self._captions) + len(new) > CAPTION_MEMO:
+                self._captions.clear()
+            self._captions.update(zip(new, text.cpu().numpy()))
+        return np.stack([self._captions[c] for c in captions]) if captions else np.zeros((0, 0), np.float32)
 
 
 def load_scorer(model: str, pretrained: str | None = None, device: str | None = None) -> Scorer:
