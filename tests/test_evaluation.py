@@ -64,7 +64,7 @@ def test_the_installed_entry_point_builds_zeroshots_evaluator(tmp_path):
     write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8))
     write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))
     (evaluator,) = build_evaluators(config("eval.benchmarks=[mnist]", f"eval.root={tmp_path}"))
-    assert isinstance(evaluator, ZeroShotEvaluator) and evaluator.planned() == [("zeroshot", "mnist")]
+    assert isinstance(evaluator, ZeroShotEvaluator) and evaluator.planned() == [("zeroshot", "mnist", "en")]
 
 
 def test_make_shards_classes_by_benchmark_name_through_the_entry_point():
