@@ -172,23 +172,17 @@ def speed(shards: Path, work: Path, model: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     n = json.loads((shards / MANIFEST).read_text())["samples"]
     res: dict = {"samples": n}
-    t = time.perf_counter()
-    r = curate(str(shards), out, exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=False,
-               cache_dir=work / "speed-cache")
-    res["pixels_only_first_run_s"] = round(time.perf_counter() - t, 2)
-    res["pixels_only_timings"] = r["timings"]
-    t = time.perf_counter()
-    r = curate(str(shards), out, model, fraction=0.5, min_words=2, max_repeats=1000000, boilerplate=True,
-               exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
-               cache_dir=work / "speed-cache")
-    res["with_model_first_run_s"] = round(time.perf_counter() - t, 2)
-    res["with_model_timings"] = r["timings"]
-    t = time.perf_counter()
-    r2 = curate(str(shards), out, model, fraction=0.3, min_words=2, max_repeats=1000000, boilerplate=True,
-                exact_dedup=True, near_dedup=NEAR_COSINE, progress=False, report=True, replace=True,
-                cache_dir=work / "speed-cache")
-    res["second_threshold_s"] = round(time.perf_counter() - t, 2)
-    res["second_threshold_timings"] = r2["timings"]
+
+    def timed(seconds: str, timings: str, *args, **filters) -> None:
+        t = time.perf_counter()
+        r = curate(str(shards), out, *args, exact_dedup=True, near_dedup=NEAR_COSINE, progress=False,
+                   cache_dir=work / "speed-cache", **filters)
+        res[seconds], res[timings] = round(time.perf_counter() - t, 2), r["timings"]
+
+    rules = {"min_words": 2, "max_repeats": 1000000, "boilerplate": True, "report": True, "replace": True}
+    timed("pixels_only_first_run_s", "pixels_only_timings", report=False)
+    timed("with_model_first_run_s", "with_model_timings", model, fraction=0.5, **rules)
+    timed("second_threshold_s", "second_threshold_timings", model, fraction=0.3, **rules)
     tm = res["with_model_timings"]
     res["samples_per_s"] = {"embed pixels": round(n / res["pixels_only_timings"]["embed_s"]),
                             "embed with model": round(n / tm["embed_s"]), "decide": round(n / tm["decide_s"]),

@@ -92,6 +92,18 @@ def assert_same_run(a: Path, b: Path, steps: int, rel: float = 1e-5) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def moe_zero3_follows_zero0(out: Path, *settings: str) -> dict:
+    """Train `settings` (an MoE model, 2 steps) under ZeRO-0 and ZeRO-3 into out/z0 and out/z3; the losses agree
+    within 1e-5 and training moved. Returns ZeRO-3's first metrics row (its MoE statistics)."""
+    run(out / "z0", *settings)
+    run(out / "z3", *settings, "train.zero_stage=3")
+    a, b = losses(out / "z0"), losses(out / "z3")
+    assert sorted(a) == sorted(b) == [1, 2] and a[2] != a[1]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    return json.loads((out / "z3" / "metrics.jsonl").read_text().splitlines()[0])
+
+
 class TorchEngine:
     """The Engine calls an accumulation makes, over a plain module: gradients accumulate in .grad, step counts."""
 

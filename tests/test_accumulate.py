@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import COMMON, TorchEngine, assert_same_run, free_port, grads, losses, run
+from helpers import (
+    COMMON,
+    TorchEngine,
+    assert_same_run,
+    free_port,
+    grads,
+    losses,
+    moe_zero3_follows_zero0,
+    run,
+)
 
 from vlpretrain.accumulate import ExactAccumulation, IndependentMicroBatches
 from vlpretrain.config import ModelConfig, MoEConfig, RunConfig, TrainConfig, load_config
@@ -193,14 +202,8 @@ def test_trainer_exact_bf16_follows_the_big_batch(tmp_path):
 def test_trainer_exact_with_moe_towers_zero3_follows_zero0(tmp_path):
     moe = ["model.moe.num_experts=4", "model.moe.towers=both", "model.moe.jitter=0.1", "model.moe.capacity_factor=8.0",
            "train.grad_accum=2", "train.steps=2", "train.warmup_steps=1", "train.eps=0.01"]
-    run(tmp_path / "z0", *moe)
-    run(tmp_path / "z3", *moe, "train.zero_stage=3")
-    a, b = losses(tmp_path / "z0"), losses(tmp_path / "z3")
-    assert sorted(a) == sorted(b) == [1, 2] and a[2] != a[1]
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5), s
-    rows = [json.loads(x) for x in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["moe/image/dropped"] == 0.0 and "moe/text/balance" in rows[0]
+    row = moe_zero3_follows_zero0(tmp_path, *moe)
+    assert row["moe/image/dropped"] == 0.0 and "moe/text/balance" in row
 
 
 @pytest.mark.slow

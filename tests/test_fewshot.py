@@ -305,14 +305,7 @@ def test_tip_adapter_round_trips_through_eval_adapter(exported, mnist_root, tmp_
     assert entry["task"] == "adapt_tip" and entry["metrics"]["num_train"] == 40 and entry["metrics"]["steps"] == 0
     saved = Adapter.load(adapter)
     assert saved.method == "tip" and tuple(saved.tensors["keys"].shape) == (40, 128)
-    assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
-    (again,) = json.loads(out.read_text())["results"]
-    for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):
-        assert again["metrics"][key] == entry["metrics"][key]
-    capsys.readouterr()
-    assert main(["eval", "--model", str(exported[1]), "--benchmark", "mnist", "--root", str(mnist_root),
-                 "--adapter", str(adapter), "--no-progress"]) == 2
-    assert "adapter was fitted on other model weights" in capsys.readouterr().err
+    _evaluates_as_fitted_and_only_on_its_model(common, out, entry, adapter, exported[1], mnist_root, capsys)
 
 
 def test_early_stopping_is_off_with_one_held_out_shot_per_class(model, mnist_root, tmp_path):
@@ -468,11 +461,16 @@ def test_linear_adapter_with_views_round_trips_through_eval_adapter(exported, mn
     assert saved.info["augment"] == "2" and float(saved.info["l2"]) > 0
     assert AdaptConfig().views_for("linear") == 10 and AdaptConfig().views_for("prompt") == 0
     assert AdaptConfig(augment=5).views_for("tip") == 0  # Tip-Adapter's keys are the shots' own features
+    _evaluates_as_fitted_and_only_on_its_model(common, out, entry, adapter, exported[1], mnist_root, capsys)
+
+
+def _evaluates_as_fitted_and_only_on_its_model(common, out, entry, adapter, other_model, mnist_root, capsys) -> None:
+    """`zeroshot eval --adapter` gives the metrics the fit reported; another model's weights are refused in a line."""
     assert main(["eval", *common, "--adapter", str(adapter), "--no-progress"]) == 0
     (again,) = json.loads(out.read_text())["results"]
     for key in ("top1", "top5", "mean_per_class_recall", "images", "shots"):
         assert again["metrics"][key] == entry["metrics"][key]
     capsys.readouterr()
-    assert main(["eval", "--model", str(exported[1]), "--benchmark", "mnist", "--root", str(mnist_root),
+    assert main(["eval", "--model", str(other_model), "--benchmark", "mnist", "--root", str(mnist_root),
                  "--adapter", str(adapter), "--no-progress"]) == 2
     assert "adapter was fitted on other model weights" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import COMMON, assert_same_run, losses, run
+from helpers import COMMON, assert_same_run, losses, moe_zero3_follows_zero0, run
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.models import build_model, get_tokenizer
@@ -264,14 +264,8 @@ def test_trainer_hf_moe_tower_zero3_follows_zero0(tmp_path, tok_dir):
     moe = [f"model.name={arch}", "model.moe.num_experts=4", "model.moe.towers=text", "model.moe.layers=all",
            "model.moe.jitter=0.1", "model.moe.capacity_factor=8.0", "train.grad_accum=2", "train.steps=2",
            "train.warmup_steps=1", "train.eps=0.01"]
-    run(tmp_path / "z0", *moe)
-    run(tmp_path / "z3", *moe, "train.zero_stage=3")
-    a, b = losses(tmp_path / "z0"), losses(tmp_path / "z3")
-    assert sorted(a) == sorted(b) == [1, 2] and a[2] != a[1]
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5), s
-    rows = [json.loads(x) for x in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["moe/text/dropped"] == 0.0 and "moe/text/b1/e3" in rows[0] and "moe/image/balance" not in rows[0]
+    row = moe_zero3_follows_zero0(tmp_path, *moe)
+    assert row["moe/text/dropped"] == 0.0 and "moe/text/b1/e3" in row and "moe/image/balance" not in row
 
 
 # ---- folders named in the model JSON --------------------------------------------------------------------------------
