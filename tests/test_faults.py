@@ -32,6 +32,13 @@ def train(out: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=600, cwd=REPO)
 
 
+def trained(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`train`, which must succeed: a failure shows the run's last error lines, not a truncated repr."""
+    r = train(out, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def cli(*args: str, module: str = "vlpretrain.cli") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True,
                           timeout=600, cwd=REPO)
@@ -64,7 +71,7 @@ class Boom:
 
 def test_fresh_run_in_a_used_folder_is_refused_then_overwritten(tmp_path):
     out = tmp_path / "run"
-    assert train(out, "train.steps=4", "train.save_every=2").returncode == 0
+    trained(out, "train.steps=4", "train.save_every=2")
     assert checkpoints(out) == ["step_00000002", "step_00000004"]
     msg = one_line_error(train(out, "train.steps=2"))
     assert "--resume latest" in msg and "--overwrite" in msg and "step_00000004" in msg
@@ -128,7 +135,7 @@ def test_two_runs_started_together_into_one_folder(tmp_path):
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     out = tmp_path / "run"
-    assert train(out, "train.steps=6", "train.save_every=2", "train.keep_last=1").returncode == 0
+    trained(out, "train.steps=6", "train.save_every=2", "train.keep_last=1")
     assert checkpoints(out) == ["step_00000006"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
@@ -137,7 +144,7 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
 
 def test_crafted_checkpoint_is_refused_on_resume_export_and_upcycle(tmp_path):
     out = tmp_path / "run"
-    assert train(out, "train.steps=2").returncode == 0
+    trained(out, "train.steps=2")
     ckpt = out / "checkpoints" / "step_00000002"
     marker = tmp_path / "pwned"
     state = ckpt / "mp_rank_00_model_states.pt"
@@ -161,7 +168,7 @@ def test_crafted_checkpoint_is_refused_on_resume_export_and_upcycle(tmp_path):
 
 def test_truncated_state_file_names_it(tmp_path):
     out = tmp_path / "run"
-    assert train(out, "train.steps=2").returncode == 0
+    trained(out, "train.steps=2")
     state = out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
     state.write_bytes(state.read_bytes()[:1000])
     msg = one_line_error(train(out, "train.steps=4", "--resume", "latest"))
@@ -170,7 +177,7 @@ def test_truncated_state_file_names_it(tmp_path):
 
 def test_resume_with_another_architecture_is_one_line(tmp_path):
     out = tmp_path / "run"
-    assert train(out, "train.steps=2").returncode == 0
+    trained(out, "train.steps=2")
     msg = one_line_error(train(out, "train.steps=4", "model.moe.num_experts=2", "model.moe.top_k=1",
                                "model.moe.normalize_weights=false", "--resume", "latest"))
     assert "step_00000002" in msg
