@@ -1,6 +1,7 @@
 """Package boundaries: zeroshot stands alone on low-level vlpretrain modules; DeepSpeed lives in the engine."""
 
 import ast
+import json
 import subprocess
 import sys
 
@@ -45,3 +46,46 @@ def test_no_test_module_imports_another():
             imported += [(path.name, n) for n in names if n.split(".")[0].startswith("test_")]
     assert sorted((REPO / "tests").glob("test_*.py")), "the walk found the test modules"
     assert imported == [], imported
+
+
+def test_open_clip_is_imported_through_one_module():
+    """open_clip comes from vlpretrain/models/openclip.py, which defers its `transformers` import (2 s per process)."""
+    importers = []
+    for path in sorted((REPO / "vlpretrain").rglob("*.py")) + sorted((REPO / "zeroshot").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n.split(".")[0] == "open_clip" for n in names):
+                importers.append(path.relative_to(REPO).as_posix())
+    assert sorted(set(importers)) == ["vlpretrain/models/openclip.py"], importers
+
+
+# what open_clip's two transformers-using modules hold, by name: classes and functions by where they are defined
+_NAMESPACE = """
+import json, sys
+def describe(v):
+    if isinstance(v, dict):
+        return {str(k): describe(x) for k, x in v.items()}
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return repr(v)
+    return f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', type(v).__name__)}"
+out = {}
+for name in ("open_clip.hf_model", "open_clip.coca_model"):
+    out[name] = {k: describe(v) for k, v in vars(sys.modules[name]).items() if not k.startswith("__")}
+print(json.dumps(out))
+"""
+
+
+def test_open_clip_without_transformers_then_with_it_equals_a_plain_import():
+    """Imported through vlpretrain, open_clip loads no transformers; once a tower or a caption needs it,
+    `need_transformers()` leaves open_clip's modules binding exactly what a plain `import open_clip` binds."""
+    deferred = ("import sys; from vlpretrain.models import openclip; assert 'transformers' not in sys.modules; "
+                "assert openclip.transformers_deferred(); assert not openclip.open_clip.coca_model._has_transformers; "
+                "assert openclip.open_clip.hf_model.transformers is None; openclip.need_transformers(); "
+                "assert not openclip.transformers_deferred()\n")
+    got, want = (json.loads(subprocess.run([sys.executable, "-c", code + _NAMESPACE], capture_output=True, text=True,
+                                           cwd=REPO, check=True).stdout)
+                 for code in (deferred, "import open_clip\n"))
+    assert want["open_clip.coca_model"]["_has_transformers"] == "True"
+    assert want["open_clip.hf_model"]["AutoModel"].startswith("transformers.")
+    assert got == want

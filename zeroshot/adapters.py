@@ -36,13 +36,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
 from vlpretrain.errors import CheckpointError, ConfigError
+from vlpretrain.models.openclip import open_clip
 from zeroshot.classifier import ClassName, Template, default_tokenizer, ensemble_head, expand_prompts
 from zeroshot.features import weights_digest
 
@@ -197,7 +197,7 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, *, offsets: torch.Tens
     else:
         x = model.transformer(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = open_clip.transformer.text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     projection = model.text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection

@@ -101,9 +101,10 @@ def check_captioner(model: nn.Module) -> None:
     if not (callable(getattr(model, "generate", None)) and hasattr(model, "text_decoder")):
         raise ConfigError(f"model: {type(model).__name__} has no text decoder and cannot caption images; captioning "
                           "needs a CoCa model (e.g. coca_ViT-B-32, tiny-coca)")
-    from open_clip import coca_model
+    from vlpretrain.models.openclip import need_transformers, open_clip
 
-    if not coca_model._has_transformers:
+    need_transformers()
+    if not open_clip.coca_model._has_transformers:
         raise ConfigError("captioning needs transformers<4.57 for open_clip's generate (its beam search scorer): "
                           "pip install 'vlpretrain[caption]'")
 

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -22,6 +21,7 @@ from torch import nn
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.models.hf_text import hf_text_tower
+from vlpretrain.models.openclip import open_clip
 from vlpretrain.progress import progress as progress_bar
 from vlpretrain.stopping import StopCheck, check_stop
 from zeroshot.features import encode_images, eval_mode, resolve_device, weights_digest

@@ -138,7 +138,7 @@ def load_scorer(model: str, pretrained: str | None = None, device: str | None = 
     try:
         tokenizer = get_tokenizer(cfg.name if cfg is not None else model)
     except VLPretrainError:
-        import open_clip
+        from vlpretrain.models.openclip import open_clip
 
         tokenizer = open_clip.get_tokenizer("ViT-B-32")  # an unknown architecture: open_clip's default BPE
     return Scorer(m, tokenizer, image_transform(m, train=False), spec=(model, pretrained),

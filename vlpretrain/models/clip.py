@@ -16,9 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from torch import nn
 
 from vlpretrain.config import ModelConfig
@@ -26,6 +24,7 @@ from vlpretrain.errors import CheckpointError, ConfigError
 from vlpretrain.models.hf_text import hf_text_options, resolve_hf_paths, set_hf_context
 from vlpretrain.models.lock import lock_towers
 from vlpretrain.models.moe import convert_to_moe
+from vlpretrain.models.openclip import open_clip
 from vlpretrain.models.patch_dropout import enable_patch_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -104,7 +103,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
-        state = _open_clip_load_state_dict(path, device="cpu", weights_only=True)
+        state = open_clip.factory.load_state_dict(path, device="cpu", weights_only=True)
     except Exception as e:  # corrupt files and pickles that are not plain tensors
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not state:

@@ -103,6 +103,9 @@ def require_transformers(what: str) -> None:
     except ImportError:
         raise ConfigError(f"{what} needs Hugging Face transformers and tokenizers: "
                           "pip install 'vlpretrain[multilingual]'") from None
+    from vlpretrain.models.openclip import need_transformers
+
+    need_transformers()  # open_clip's HF tower was imported without it
 
 
 def _local_folder(name: str, key: str, must_hold: str | None) -> Path:

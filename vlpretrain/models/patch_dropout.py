@@ -9,10 +9,12 @@ change its fraction.
 
 from __future__ import annotations
 
-from open_clip.transformer import PatchDropout
 from torch import nn
 
 from vlpretrain.errors import ConfigError
+from vlpretrain.models.openclip import open_clip
+
+PatchDropout = open_clip.transformer.PatchDropout
 
 
 def enable_patch_dropout(model: nn.Module, fraction: float) -> None:

@@ -65,7 +65,7 @@ class Distill(Objective):
         if image_size(teacher) != student_size:
             raise ConfigError(f"train.objective_options.teacher: {o.teacher} reads {image_size(teacher)} px images, "
                               f"the student {student_size} px; both see the same batch, so they must match")
-        import open_clip
+        from vlpretrain.models.openclip import open_clip
 
         t_pp, s_pp = open_clip.get_model_preprocess_cfg(teacher), open_clip.get_model_preprocess_cfg(model)
         if tuple(t_pp["mean"]) != tuple(s_pp["mean"]) or tuple(t_pp["std"]) != tuple(s_pp["std"]):
