@@ -97,22 +97,15 @@ demo-multilingual: install shards
 lint: install
 	$(VENV)/bin/ruff check vlpretrain zeroshot tests benchmarks
 
-# These machines' image sets PYTHONDONTWRITEBYTECODE=1, so each of the suite's ~200 Python processes would compile
-# our ~17k lines again (about 2 s of CPU each). Compiled once here (changed files only), the processes read the .pyc.
-PYC = $(VENV)/bin/python -m compileall -q vlpretrain zeroshot tests > /dev/null
-
 test: install lint
-	$(PYC)
 	$(VENV)/bin/pytest -q -x --timeout 900 --durations=15 tests
 
 # tests too long for `make test` (tens of minutes on 2 cores): the tiny CoCa on open_clip's 49,408-token tokenizer that
 # learns to name classes (`make test` runs the one on its own 512-token tokenizer)
 test-long: install
-	$(PYC)
 	VLPRETRAIN_LONG_TESTS=1 $(VENV)/bin/pytest -q --timeout 3600 tests/test_coca_captions.py
 
 test-fast: install
-	$(PYC)
 	$(VENV)/bin/pytest -q -m "not slow" tests
 
 clean:

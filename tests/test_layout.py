@@ -89,3 +89,10 @@ def test_open_clip_without_transformers_then_with_it_equals_a_plain_import():
     assert want["open_clip.coca_model"]["_has_transformers"] == "True"
     assert want["open_clip.hf_model"]["AutoModel"].startswith("transformers.")
     assert got == want
+
+
+def test_the_suite_keeps_only_failed_tests_folders(pytestconfig):
+    """A whole run writes ~16 GB of checkpoints into tmp_path; kept for every test (pytest's default) they filled
+    CI's disk before the run ended. Only a failed test's folder, and one session's, are kept."""
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) == 1
