@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, subprocess_env
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -76,19 +76,42 @@ print(json.dumps(out))
 """
 
 
+_DEFERRED = """
+import sys
+from vlpretrain.models import openclip
+import open_clip
+assert openclip.open_clip is open_clip and 'transformers' not in sys.modules and openclip.transformers_deferred()
+assert open_clip.hf_model.transformers is None and not open_clip.coca_model._has_transformers
+assert hasattr(open_clip.coca_model.CoCa.generate, '__wrapped__')
+"""
+
+
 def test_open_clip_without_transformers_then_with_it_equals_a_plain_import():
-    """Imported through vlpretrain, open_clip loads no transformers; once a tower or a caption needs it,
-    `need_transformers()` leaves open_clip's modules binding exactly what a plain `import open_clip` binds."""
-    deferred = ("import sys; from vlpretrain.models import openclip; assert 'transformers' not in sys.modules; "
-                "assert openclip.transformers_deferred(); assert not openclip.open_clip.coca_model._has_transformers; "
-                "assert openclip.open_clip.hf_model.transformers is None; openclip.need_transformers(); "
-                "assert not openclip.transformers_deferred()\n")
-    got, want = (json.loads(subprocess.run([sys.executable, "-c", code + _NAMESPACE], capture_output=True, text=True,
-                                           cwd=REPO, check=True).stdout)
-                 for code in (deferred, "import open_clip\n"))
+    """Imported through vlpretrain, open_clip loads no transformers. Once something needs it (our code calls
+    `need_transformers()`; open_clip used directly builds an HF tower or generates) open_clip's modules bind exactly
+    what a plain `import open_clip` binds, and the guarded methods are open_clip's own again."""
+    folder = REPO / "configs" / "models" / "tiny-xlmr-text"
+    ways = {
+        "ours": "openclip.need_transformers()\n",
+        "hf tower": f"tower = open_clip.hf_model.HFTextEncoder({str(folder)!r}, output_dim=8, pretrained=False)\n"
+                    "assert tower.transformer.config.model_type == 'xlm-roberta'\n",
+        # generate() on no model: the guard runs first, then open_clip's own code fails on the missing model
+        "generate": "try:\n    open_clip.coca_model.CoCa.generate(None, None)\nexcept AttributeError:\n    pass\n"}
+    after = ("assert not openclip.transformers_deferred() and 'transformers' in sys.modules\n"
+             "assert not hasattr(open_clip.coca_model.CoCa.generate, '__wrapped__')\n"
+             "assert not hasattr(open_clip.hf_model.HFTextEncoder.__init__, '__wrapped__')\n")
+
+    def namespace(code: str) -> dict:
+        r = subprocess.run([sys.executable, "-c", code + _NAMESPACE], capture_output=True, text=True, cwd=REPO,
+                           env=subprocess_env())
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout)
+
+    want = namespace("import open_clip\n")
     assert want["open_clip.coca_model"]["_has_transformers"] == "True"
     assert want["open_clip.hf_model"]["AutoModel"].startswith("transformers.")
-    assert got == want
+    for way, code in ways.items():
+        assert namespace(_DEFERRED + code + after) == want, way
 
 
 def test_the_suite_keeps_only_failed_tests_folders(pytestconfig):

@@ -12,6 +12,7 @@ test_layout checks this. Where open_clip was imported before us (a user's script
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import inspect
 import sys
@@ -19,7 +20,11 @@ import types
 
 DEFERRED = ("open_clip.hf_model", "open_clip.coca_model")  # open_clip's modules whose top level imports transformers
 
+# (class, method name) that call need_transformers() first while it is deferred
+GUARDED = (("open_clip.hf_model", "HFTextEncoder", "__init__"), ("open_clip.coca_model", "CoCa", "generate"))
+
 _deferred = False
+_originals: list[tuple[type, str, object]] = []
 
 
 def _try_blocks(module: types.ModuleType) -> list[ast.Try]:
@@ -44,14 +49,31 @@ def _import_open_clip() -> types.ModuleType:
         if sys.modules.get("transformers", 0) is None:
             del sys.modules["transformers"]
     try:
-        _deferred = all(_try_blocks(sys.modules[name]) for name in DEFERRED)
+        _deferred = all(_try_blocks(sys.modules[name]) for name in DEFERRED) and all(
+            callable(vars(getattr(sys.modules[m], c, object)).get(f)) for m, c, f in GUARDED)
     except (KeyError, OSError, TypeError):  # a module missing, or no source to read: cannot run its block again
         _deferred = False
-    if not _deferred:  # an open_clip laid out otherwise: import it again, whole
+    if _deferred:
+        for module, cls_name, name in GUARDED:
+            _guard(getattr(sys.modules[module], cls_name), name)
+    else:  # an open_clip laid out otherwise: import it again, whole
         for name in [n for n in sys.modules if n == "open_clip" or n.startswith("open_clip.")]:
             del sys.modules[name]
         import open_clip
     return open_clip
+
+
+def _guard(cls: type, name: str) -> None:
+    """Make `cls.name` call need_transformers() before it runs (undone by need_transformers)."""
+    original = cls.__dict__[name]
+
+    @functools.wraps(original)
+    def guarded(*args, **kwargs):
+        need_transformers()
+        return original(*args, **kwargs)
+
+    _originals.append((cls, name, original))
+    setattr(cls, name, guarded)
 
 
 def need_transformers() -> None:
@@ -65,6 +87,9 @@ def need_transformers() -> None:
     if not _deferred:
         return
     _deferred = False
+    while _originals:
+        cls, name, original = _originals.pop()
+        setattr(cls, name, original)
     for name in DEFERRED:
         module = sys.modules[name]
         for block in _try_blocks(module):
